@@ -1,0 +1,496 @@
+"""ESM-2 loading, batching, pooling and normalisation: one code path for database and queries.
+
+A database sequence and a query with the same residues get the same vector, because
+the indexer and the server both call :meth:`Embedder.embed`.
+
+Method
+------
+* Tokens: fair-esm's ESM-2 alphabet, ``<cls>`` (BOS) + residues + ``<eos>``, padded
+  with ``<pad>`` (as ``esm.data.BatchConverter`` does).
+* Batches: work items sorted by length (longest first) and packed under a token
+  budget ``toks_per_batch`` counting ``n_items * (max_len + 2)`` tokens, as in
+  fair-esm's ``FastaBatchedDataset.get_batch_indices``; input order is restored.
+* Pooling: mean over residue positions only (no BOS/EOS/padding) of one
+  representation layer (default: the last, which fair-esm returns after the final
+  layer norm), then L2 normalisation. Inner product of two vectors is then their
+  cosine similarity in [-1, 1], higher = closer.
+* Long sequences: ESM-2 was trained with at most 1024 tokens (1022 residues + BOS +
+  EOS). Longer sequences are never truncated: they are cut into windows of
+  :data:`WINDOW_RESIDUES` residues overlapping by at least :data:`WINDOW_OVERLAP`;
+  every residue takes its representation from the window in which it lies
+  furthest from an edge (the overlap is split at its midpoint), and the mean runs
+  over all residues of the sequence. A sequence that fits is one window, so its
+  vector is identical to the direct embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from esmsearch.errors import ConfigError, IndexMismatchError, ModelLoadError
+from esmsearch.sequences import validate_sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from esmsearch.store import Manifest
+
+__all__ = [
+    "POOLING",
+    "NORMALISATION",
+    "WINDOW_OVERLAP",
+    "WINDOW_RESIDUES",
+    "EmbedStats",
+    "Embedder",
+    "LoadedModel",
+    "load_model",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+#: Residues per window: ESM-2's 1024-token context minus BOS and EOS (fair-esm's
+#: ``truncation_seq_length=1022`` in ``scripts/extract.py``).
+WINDOW_RESIDUES = 1022
+#: Minimum residues shared by consecutive windows of a long sequence; each residue
+#: is then at least WINDOW_OVERLAP / 2 = 128 residues from the edge of the window
+#: it is taken from (except at the sequence ends).
+WINDOW_OVERLAP = 256
+#: Pooling recorded in manifests: mean over residue positions (no BOS/EOS/padding).
+POOLING = "mean_residues"
+#: Normalisation recorded in manifests.
+NORMALISATION = "l2"
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class LoadedModel:
+    """A fair-esm ESM-2 model with what the index manifest records about it."""
+
+    model: Any  # esm.model.esm2.ESM2
+    alphabet: Any  # esm.data.Alphabet
+    model_name: str
+    model_source: str
+    checkpoint_sha256: str
+
+
+@contextlib.contextmanager
+def _allow_namespace_unpickling() -> Iterator[None]:
+    # fair-esm checkpoints pickle argparse.Namespace in their config; torch >= 2.6
+    # loads with weights_only=True and rejects it unless allow-listed.
+    import torch
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        yield
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith(".pt") or "/" in spec or "\\" in spec or Path(spec).exists()
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load an ESM-2 model through fair-esm from a pretrained name or a local checkpoint.
+
+    Args:
+        spec: a fair-esm ESM-2 pretrained name (``esm2_t6_8M_UR50D`` ...
+            ``esm2_t36_3B_UR50D``; downloaded by fair-esm into torch's hub cache on
+            first use), or a path to a local fair-esm ``.pt`` checkpoint whose
+            ``<stem>-contact-regression.pt`` may lie beside it (optional: pooling
+            does not use the contact head).
+
+    Returns:
+        The model in eval mode on the CPU, its alphabet, name (file stem for
+        paths), source (pretrained name or absolute path) and checkpoint sha256.
+
+    Raises:
+        ModelLoadError: unknown name, missing or corrupt file, a non-ESM-2
+            checkpoint, or a download that fails (the message says how to pass a
+            local checkpoint instead).
+    """
+    import esm
+    import torch
+
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ModelLoadError(f"model checkpoint not found: {path}")
+        try:
+            with _allow_namespace_unpickling():
+                model_data = torch.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot read model checkpoint {path}: not a fair-esm .pt file or corrupt ({exc})"
+            ) from exc
+        if not isinstance(model_data, dict) or "cfg" not in model_data or "model" not in model_data:
+            raise ModelLoadError(
+                f"{path} is not a fair-esm ESM-2 checkpoint (expected keys 'cfg' and 'model')"
+            )
+        regression_path = path.with_name(path.stem + "-contact-regression.pt")
+        regression_data = None
+        if regression_path.is_file():
+            try:
+                with _allow_namespace_unpickling():
+                    regression_data = torch.load(str(regression_path), map_location="cpu")
+            except Exception as exc:
+                raise ModelLoadError(f"cannot read {regression_path}: corrupt ({exc})") from exc
+        name = path.stem
+        # fair-esm chooses its ESM-2 loader by the name prefix.
+        core_name = name if name.startswith("esm2") else f"esm2_{name}"
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Regression weights not found")
+                model, alphabet = esm.pretrained.load_model_and_alphabet_core(
+                    core_name, model_data, regression_data
+                )
+        except Exception as exc:
+            raise ModelLoadError(f"cannot build an ESM-2 model from {path}: {exc}") from exc
+        source, sha = str(path), _sha256(path)
+    else:
+        if not spec.startswith("esm2_") or not hasattr(esm.pretrained, spec):
+            known = sorted(n for n in dir(esm.pretrained) if n.startswith("esm2_"))
+            raise ModelLoadError(
+                f"unknown model {spec!r}: give an ESM-2 pretrained name ({', '.join(known)}) "
+                "or a path to a local fair-esm .pt checkpoint"
+            )
+        try:
+            with _allow_namespace_unpickling(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Regression weights not found")
+                model, alphabet = esm.pretrained.load_model_and_alphabet_hub(spec)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot download pretrained model {spec!r} ({type(exc).__name__}: {exc}). "
+                f"Without internet access, fetch https://dl.fbaipublicfiles.com/fair-esm/models/{spec}.pt "
+                f"elsewhere and pass its local path: --model /path/to/{spec}.pt"
+            ) from exc
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{spec}.pt"
+        source, name = spec, spec
+        sha = _sha256(cached) if cached.is_file() else "unknown"
+    model.eval()
+    return LoadedModel(model, alphabet, name, source, sha)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto|cpu|cuda|cuda:N`` to a torch device (``auto`` picks CUDA when available).
+
+    Raises:
+        ConfigError: an unknown device string, or CUDA asked for but not available.
+    """
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        return torch.device(device)
+    raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class EmbedStats:
+    """Counters over the lifetime of an :class:`Embedder` (all calls to ``embed``)."""
+
+    sequences: int = 0
+    residues: int = 0
+    windowed_sequences: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def residues_per_s(self) -> float:
+        return self.residues / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _WorkItem:
+    seq_index: int
+    start: int  # window start in the sequence (0-based residue)
+    stop: int  # window end (exclusive)
+    keep_from: int  # residues [keep_from, keep_to) of the sequence are taken from this window
+    keep_to: int
+
+
+def plan_windows(length: int, window: int = WINDOW_RESIDUES, overlap: int = WINDOW_OVERLAP) -> list[tuple[int, int, int, int]]:
+    """Cut a sequence of ``length`` residues into overlapping windows.
+
+    Returns:
+        ``[(start, stop, keep_from, keep_to), ...]`` in residue coordinates (0-based,
+        end-exclusive): window ``[start, stop)`` contributes residues
+        ``[keep_from, keep_to)``; the keep ranges tile ``[0, length)`` exactly.
+        A sequence of at most ``window`` residues is one window.
+    """
+    if length <= window:
+        return [(0, length, 0, length)]
+    if not 0 <= overlap < window:
+        raise ConfigError(f"window overlap {overlap} must be in [0, {window})")
+    stride = window - overlap
+    n = math.ceil((length - window) / stride) + 1
+    # Spread the windows evenly so every overlap is >= `overlap`.
+    starts = [round(i * (length - window) / (n - 1)) for i in range(n)]
+    out = []
+    for i, s in enumerate(starts):
+        e = s + window
+        keep_from = 0 if i == 0 else (s + starts[i - 1] + window) // 2
+        keep_to = length if i == n - 1 else (starts[i + 1] + e) // 2
+        out.append((s, e, keep_from, keep_to))
+    return out
+
+
+class Embedder:
+    """Embed protein sequences with an ESM-2 model into L2-normalised vectors.
+
+    Args:
+        model: fair-esm ESM-2 pretrained name or path to a local ``.pt`` checkpoint
+            (see :func:`load_model`).
+        layer: representation layer, 0 (token embeddings) .. num_layers; ``None`` or
+            ``-1`` means the last layer. Negative values count from the end.
+        toks_per_batch: token budget per forward pass (fair-esm's ``scripts/extract.py``
+            default is 4096): ``n_items * (longest + 2) <= toks_per_batch``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32`` (default), ``bf16`` or ``fp16`` (CUDA only) compute.
+
+    Raises:
+        ModelLoadError: see :func:`load_model`.
+        ConfigError: bad layer, budget, device or precision.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        layer: int | None = None,
+        toks_per_batch: int = 4096,
+        device: str = "auto",
+        precision: str = "fp32",
+    ) -> None:
+        if toks_per_batch < WINDOW_RESIDUES + 2:
+            raise ConfigError(
+                f"toks_per_batch={toks_per_batch} must be at least {WINDOW_RESIDUES + 2} "
+                "(one full-length window plus BOS and EOS)"
+            )
+        if precision not in _PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(_PRECISIONS)}")
+        self.device = resolve_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision fp16 is only supported on CUDA; use fp32 or bf16 on CPU")
+        loaded = load_model(model)
+        esm_model = loaded.model
+        num_layers = int(esm_model.num_layers)
+        if layer is None:
+            layer = num_layers
+        if layer < 0:
+            layer = num_layers + 1 + layer
+        if not 0 <= layer <= num_layers:
+            raise ConfigError(f"layer {layer} out of range for a {num_layers}-layer model (0..{num_layers})")
+        self.model_name = loaded.model_name
+        self.model_source = loaded.model_source
+        self.checkpoint_sha256 = loaded.checkpoint_sha256
+        self.layer = layer
+        self.num_layers = num_layers
+        self.dim = int(esm_model.embed_dim)
+        self.toks_per_batch = toks_per_batch
+        self.precision = precision
+        self.stats = EmbedStats()
+        self._alphabet = loaded.alphabet
+        self._model = esm_model.to(self.device)
+        self._encoder = self._make_encoder()
+        table = np.full(256, -1, dtype=np.int64)
+        for ch in "ACDEFGHIKLMNPQRSTVWYXBZUO":
+            table[ord(ch)] = loaded.alphabet.get_idx(ch)
+        self._token_table = table
+
+    def _make_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        try:
+            from esmsearch.esm2_fast import Esm2Encoder
+        except ImportError:  # pragma: no cover - fast path not available
+            Esm2Encoder = None  # noqa: N806
+        if Esm2Encoder is not None:
+            return Esm2Encoder(self._model, self.layer, precision=self.precision).to(self.device)  # type: ignore[no-any-return]
+        if self.precision != "fp32":
+            raise ConfigError("reduced precision needs esmsearch.esm2_fast")
+        layer = self.layer
+
+        def reference(tokens: torch.Tensor) -> torch.Tensor:
+            return self._model(tokens, repr_layers=[layer])["representations"][layer]  # type: ignore[no-any-return]
+
+        return reference
+
+    # -- properties recorded in manifests -------------------------------------------------
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The model settings an index records and a server must match."""
+        return {
+            "model_name": self.model_name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "layer": self.layer,
+            "pooling": POOLING,
+            "normalisation": NORMALISATION,
+            "dim": self.dim,
+        }
+
+    def check_manifest(self, manifest: Manifest) -> None:
+        """Raise :class:`IndexMismatchError` unless this model matches ``manifest``.
+
+        Compared: checkpoint sha256, layer, pooling, normalisation and dimension (the
+        model name is informative only: a renamed copy of the same file matches).
+        """
+        diffs = []
+        for key in ("checkpoint_sha256", "layer", "pooling", "normalisation", "dim"):
+            mine, theirs = self.settings[key], getattr(manifest, key)
+            if mine != theirs:
+                diffs.append(f"{key}: index has {theirs!r}, model has {mine!r}")
+        if diffs:
+            raise IndexMismatchError(
+                f"model {self.model_source} does not match the index built with "
+                f"{manifest.model_source or manifest.model_name}: " + "; ".join(diffs)
+            )
+
+    @classmethod
+    def for_manifest(
+        cls,
+        manifest: Manifest,
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        toks_per_batch: int = 4096,
+        precision: str = "fp32",
+    ) -> Embedder:
+        """Load the model an index was built with (or ``model``) and check it matches.
+
+        Raises:
+            ModelLoadError: the model cannot be loaded.
+            IndexMismatchError: the model's checkpoint/layer/pooling/dim differ from the manifest.
+        """
+        emb = cls(
+            model or manifest.model_source or manifest.model_name,
+            layer=manifest.layer,
+            toks_per_batch=toks_per_batch,
+            device=device,
+            precision=precision,
+        )
+        emb.check_manifest(manifest)
+        return emb
+
+    # -- embedding --------------------------------------------------------------------------
+    def _plan(self, lengths: Sequence[int]) -> list[list[_WorkItem]]:
+        items: list[_WorkItem] = []
+        for i, n in enumerate(lengths):
+            for s, e, kf, kt in plan_windows(n):
+                items.append(_WorkItem(i, s, e, kf, kt))
+        items.sort(key=lambda it: it.stop - it.start, reverse=True)
+        batches: list[list[_WorkItem]] = []
+        current: list[_WorkItem] = []
+        longest = 0
+        for it in items:
+            n = it.stop - it.start
+            width = max(longest, n) + 2
+            if current and width * (len(current) + 1) > self.toks_per_batch:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(it)
+            longest = max(longest, n)
+        if current:
+            batches.append(current)
+        return batches
+
+    def embed(
+        self,
+        sequences: Sequence[str],
+        *,
+        progress: bool = False,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Embed sequences into L2-normalised vectors, in input order.
+
+        Args:
+            sequences: residue strings (upper or lower case; one trailing ``*`` allowed).
+            progress: show a tqdm bar in residues/s on stderr.
+            on_batch: called after each forward pass with the number of residues it
+                completed (for callers that keep their own progress bar).
+
+        Returns:
+            float32 ``[len(sequences), dim]``, each row of unit L2 norm; 2-D even for
+            one or zero sequences.
+
+        Raises:
+            InvalidSequenceError: a sequence is empty or has an invalid residue
+                (record id ``#<1-based index>``).
+        """
+        import torch
+
+        seqs = [validate_sequence(f"#{i + 1}", s) for i, s in enumerate(sequences)]
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        if not seqs:
+            return out
+        lengths = [len(s) for s in seqs]
+        batches = self._plan(lengths)
+        sums = torch.zeros((len(seqs), self.dim), dtype=torch.float64)
+        counts = torch.zeros(len(seqs), dtype=torch.float64)
+        windowed = sum(1 for n in lengths if n > WINDOW_RESIDUES)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(lengths), unit="res", unit_scale=True, desc="embedding", leave=False)
+        alphabet = self._alphabet
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    width = max(it.stop - it.start for it in batch) + 2
+                    tokens = np.full((len(batch), width), alphabet.padding_idx, dtype=np.int64)
+                    keep = np.zeros((len(batch), width), dtype=np.float32)
+                    for b, it in enumerate(batch):
+                        window = seqs[it.seq_index][it.start : it.stop]
+                        n = it.stop - it.start
+                        tokens[b, 0] = alphabet.cls_idx
+                        tokens[b, 1 : n + 1] = self._token_table[np.frombuffer(window.encode("ascii"), dtype=np.uint8)]
+                        tokens[b, n + 1] = alphabet.eos_idx
+                        keep[b, 1 + it.keep_from - it.start : 1 + it.keep_to - it.start] = 1.0
+                    tok = torch.from_numpy(tokens).to(self.device, non_blocking=True)
+                    reps = self._encoder(tok)  # (B, T, E)
+                    mask = torch.from_numpy(keep).to(reps.device)
+                    pooled = torch.einsum("bte,bt->be", reps.float(), mask)  # (B, E) sums
+                    idx = torch.tensor([it.seq_index for it in batch], dtype=torch.long)
+                    sums.index_add_(0, idx, pooled.double().cpu())
+                    counts.index_add_(0, idx, mask.sum(1).double().cpu())
+                    done = int(keep.sum())
+                    if bar is not None:
+                        bar.update(done)
+                    if on_batch is not None:
+                        on_batch(done)
+        finally:
+            if bar is not None:
+                bar.close()
+        means = sums / counts[:, None]
+        norms = means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out[:] = (means / norms).numpy().astype(np.float32)
+        self.stats.sequences += len(seqs)
+        self.stats.residues += sum(lengths)
+        self.stats.windowed_sequences += windowed
+        self.stats.batches += len(batches)
+        self.stats.seconds += time.perf_counter() - t0
+        return out

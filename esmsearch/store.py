@@ -1,0 +1,456 @@
+"""The index directory format: write atomically, open, verify.
+
+One index version is a directory::
+
+    manifest.json     the contract between indexer and server (see :class:`Manifest`)
+    index.faiss       FAISS index over the vectors, row i = database sequence i
+    embeddings.npy    float32 [count, dim], L2-normalised (kept for rebuilds)
+    metadata.sqlite   table ``sequences(row, record_id, description, length, sha256)``
+
+:class:`IndexWriter` writes into a temporary sibling directory and renames it into
+place only after every file is written, fsynced, checksummed and re-opened: an
+interrupted or failed build leaves nothing at the destination and an existing
+index there untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esmsearch.errors import IndexFormatError, IndexNotFoundError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "Index",
+    "IndexWriter",
+    "Manifest",
+    "Target",
+    "new_version_id",
+    "publish_directory",
+]
+
+#: Version of the on-disk layout; bumped on incompatible changes.
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FAISS_FILE = "index.faiss"
+EMBEDDINGS_FILE = "embeddings.npy"
+METADATA_FILE = "metadata.sqlite"
+DATA_FILES = (FAISS_FILE, EMBEDDINGS_FILE, METADATA_FILE)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Contents of ``manifest.json``.
+
+    Attributes:
+        format_version: on-disk layout version (:data:`FORMAT_VERSION`).
+        version: id of this index version (UTC build time + random suffix).
+        model_name: ESM-2 model name (pretrained name or checkpoint file stem).
+        model_source: what loads the model: pretrained name or absolute ``.pt`` path.
+        checkpoint_sha256: sha256 of the model checkpoint file.
+        layer: representation layer pooled (0 = token embeddings .. num_layers).
+        pooling: ``mean_residues`` (mean over residue positions, no BOS/EOS/padding).
+        normalisation: ``l2``.
+        metric: ``inner_product`` (= cosine on L2-normalised vectors; higher = closer).
+        dim: embedding dimension.
+        count: number of database sequences (rows).
+        index_factory: FAISS index factory string.
+        search_params: FAISS search-time parameters (``nprobe``, ``ef_search``).
+        source_fasta: path of the source FASTA as given at build time.
+        source_fasta_sha256: sha256 of the source FASTA file's bytes.
+        files: file name -> sha256 of every data file.
+        built_at: ISO-8601 UTC build time.
+        tool_version: esmsearch version that built it.
+        build: informative build statistics (seconds, residues/s, windowed sequences, ...).
+    """
+
+    format_version: int
+    version: str
+    model_name: str
+    model_source: str
+    checkpoint_sha256: str
+    layer: int
+    pooling: str
+    normalisation: str
+    metric: str
+    dim: int
+    count: int
+    index_factory: str
+    search_params: dict[str, Any]
+    source_fasta: str
+    source_fasta_sha256: str
+    files: dict[str, str]
+    built_at: str
+    tool_version: str
+    build: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "manifest") -> Manifest:
+        """Build from parsed JSON.
+
+        Raises:
+            IndexFormatError: missing or unknown keys, or an unsupported format version.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = required - data.keys()
+        if missing:
+            raise IndexFormatError(f"{source}: missing keys {sorted(missing)}")
+        if data["format_version"] != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{source}: format version {data['format_version']} is not supported "
+                f"(this esmsearch reads version {FORMAT_VERSION}); rebuild the index"
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike[str]) -> Manifest:
+        """Read ``<directory>/manifest.json``.
+
+        Raises:
+            IndexNotFoundError: no manifest there.
+            IndexFormatError: the manifest is not valid JSON or lacks keys.
+        """
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise IndexNotFoundError(f"no esmsearch index at {directory}: {MANIFEST} not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"{path}: unreadable manifest ({exc})") from exc
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"{path}: manifest is not a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Metadata of one database sequence (a hit's target)."""
+
+    row: int
+    record_id: str
+    description: str
+    length: int
+
+
+def new_version_id(now: datetime | None = None) -> str:
+    """A sortable, unique index version id such as ``20261122T031500Z-1a2b3c``."""
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_SCHEMA = """
+CREATE TABLE sequences (
+    row INTEGER PRIMARY KEY,
+    record_id TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+
+class IndexWriter:
+    """Write one index version into a temporary directory, then publish it atomically.
+
+    Usage::
+
+        with IndexWriter(parent_dir) as w:      # temp dir created inside parent_dir
+            w.add_metadata(records)              # in row order
+            w.write_embeddings(array_or_path)
+            w.write_faiss(index)
+            manifest = w.finish(**manifest_fields)   # checksums, fsync, verify
+        publish_directory(w.directory, out_dir)  # rename into place
+
+    If the ``with`` block raises, the temporary directory is deleted.
+    """
+
+    def __init__(self, parent: str | os.PathLike[str], *, prefix: str = ".esmsearch-build-") -> None:
+        parent_path = Path(parent)
+        parent_path.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent_path))
+        self._db = sqlite3.connect(self.directory / METADATA_FILE)
+        self._db.executescript(_SCHEMA)
+        self._rows = 0
+        self._finished = False
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None or not self._finished:
+            self.abort()
+
+    def abort(self) -> None:
+        """Delete the temporary directory (idempotent)."""
+        with contextlib.suppress(Exception):
+            self._db.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    def add_metadata(self, rows: Iterable[tuple[str, str, int, str]]) -> None:
+        """Append ``(record_id, description, length, sequence_sha256)`` rows in row order."""
+        start = self._rows
+        batch = [(start + i, rid, desc, length, sha) for i, (rid, desc, length, sha) in enumerate(rows)]
+        self._db.executemany("INSERT INTO sequences VALUES (?, ?, ?, ?, ?)", batch)
+        self._rows += len(batch)
+
+    def embeddings_path(self) -> Path:
+        return self.directory / EMBEDDINGS_FILE
+
+    def write_embeddings(self, vectors: np.ndarray) -> None:
+        """Write float32 ``[rows, dim]`` vectors to ``embeddings.npy``."""
+        np.save(self.embeddings_path(), np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def write_faiss(self, index: Any) -> None:
+        from esmsearch import vector_index
+
+        vector_index.write(index, self.directory / FAISS_FILE)
+
+    def finish(self, **fields: Any) -> Manifest:
+        """Checksum files, write ``manifest.json`` last, fsync, and verify the result.
+
+        ``fields`` are the :class:`Manifest` fields other than ``format_version``,
+        ``files``, ``count`` and (optionally) ``version``/``built_at``.
+
+        Raises:
+            IndexFormatError: the written files are inconsistent (row counts differ).
+        """
+        self._db.commit()
+        self._db.execute("VACUUM")
+        self._db.close()
+        files = {}
+        for name in DATA_FILES:
+            path = self.directory / name
+            if not path.is_file():
+                raise IndexFormatError(f"build produced no {name}")
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+            files[name] = _file_sha256(path)
+        now = datetime.now(timezone.utc)
+        fields.setdefault("built_at", now.isoformat(timespec="seconds"))
+        fields.setdefault("version", new_version_id(now))
+        manifest = Manifest(format_version=FORMAT_VERSION, files=files, count=self._rows, **fields)
+        tmp = self.directory / (MANIFEST + ".tmp")
+        tmp.write_text(manifest.to_json(), encoding="utf-8")
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / MANIFEST)
+        _fsync_dir(self.directory)
+        Index.open(self.directory, verify=True).close()
+        self._finished = True
+        return manifest
+
+
+def publish_directory(built: Path, destination: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    """Move a finished index directory to ``destination`` by rename.
+
+    With ``overwrite``, an existing index at ``destination`` is replaced: it is
+    renamed aside, the new one renamed in, then the old one deleted.
+
+    Raises:
+        FileExistsError: ``destination`` exists and ``overwrite`` is false.
+        IndexFormatError: ``destination`` exists but is not an esmsearch index
+            (refused even with ``overwrite``, so no unrelated directory is deleted).
+    """
+    dest = Path(destination)
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
+        if not (dest / MANIFEST).is_file():
+            raise IndexFormatError(f"{dest} exists and is not an esmsearch index; refusing to replace it")
+        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, aside)
+        try:
+            os.rename(built, dest)
+        except BaseException:
+            os.rename(aside, dest)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(built, dest)
+    _fsync_dir(dest.parent)
+
+
+class Index:
+    """An opened, read-only index version: FAISS search plus metadata lookup.
+
+    Thread-safe: FAISS search is re-entrant; SQLite access is serialised by a lock.
+    Use :meth:`open`.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, faiss_index: Any, db: sqlite3.Connection) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._faiss = faiss_index
+        self._db = db
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = False, mmap: bool = False) -> Index:
+        """Open an index directory.
+
+        Args:
+            path: the index directory.
+            verify: also check every file's sha256 against the manifest.
+            mmap: memory-map the FAISS index instead of reading it into memory.
+
+        Raises:
+            IndexNotFoundError: no manifest at ``path``.
+            IndexFormatError: a file is missing, a checksum differs (with ``verify``),
+                or row counts of FAISS, metadata and manifest disagree.
+        """
+        from esmsearch import vector_index
+
+        directory = Path(path)
+        manifest = Manifest.read(directory)
+        for name in DATA_FILES:
+            if not (directory / name).is_file():
+                raise IndexFormatError(f"index {directory} is incomplete: {name} missing")
+        if verify:
+            for name, expected in manifest.files.items():
+                actual = _file_sha256(directory / name)
+                if actual != expected:
+                    raise IndexFormatError(
+                        f"index {directory}: {name} sha256 {actual[:12]}... differs from manifest {expected[:12]}..."
+                    )
+        try:
+            index = vector_index.read(directory / FAISS_FILE, mmap=mmap)
+        except Exception as exc:
+            raise IndexFormatError(f"index {directory}: cannot read {FAISS_FILE} ({exc})") from exc
+        vector_index.apply_search_params(index, vector_index.IndexSpec.from_json(
+            {"factory": manifest.index_factory, **manifest.search_params}
+        ))
+        db = sqlite3.connect(f"file:{directory / METADATA_FILE}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            (n_meta,) = db.execute("SELECT COUNT(*) FROM sequences").fetchone()
+        except sqlite3.Error as exc:
+            db.close()
+            raise IndexFormatError(f"index {directory}: unreadable metadata ({exc})") from exc
+        problems = []
+        if index.ntotal != manifest.count:
+            problems.append(f"FAISS has {index.ntotal} vectors")
+        if n_meta != manifest.count:
+            problems.append(f"metadata has {n_meta} rows")
+        if index.d != manifest.dim:
+            problems.append(f"FAISS dimension {index.d} != manifest dim {manifest.dim}")
+        if verify:
+            emb = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")
+            if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.float32:
+                problems.append(f"embeddings.npy is {emb.dtype} {emb.shape}")
+        if problems:
+            db.close()
+            raise IndexFormatError(
+                f"index {directory} is inconsistent (manifest count {manifest.count}): " + "; ".join(problems)
+            )
+        return cls(directory, manifest, index, db)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k-nearest database sequences by cosine score.
+
+        Args:
+            vectors: float32 ``[q, dim]``, L2-normalised query embeddings.
+            k: hits per query (>= 1); more than ``count`` pads with row -1.
+
+        Returns:
+            ``(scores, rows)``: float32 ``[q, k]`` cosine scores in [-1, 1], each row
+            descending (higher = closer), and int64 ``[q, k]`` database rows, -1 where
+            there is no hit.
+        """
+        from esmsearch import vector_index
+
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
+            raise ValueError(f"query vectors must be [q, {self.manifest.dim}], got {list(queries.shape)}")
+        return vector_index.search(self._faiss, queries, k)
+
+    def embeddings(self) -> np.ndarray:
+        """The stored vectors, memory-mapped read-only: float32 ``[count, dim]``."""
+        return np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
+
+    def targets(self, rows: Sequence[int]) -> list[Target]:
+        """Metadata of database rows, in the order given (rows must exist)."""
+        wanted = sorted({int(r) for r in rows if r >= 0})
+        found: dict[int, Target] = {}
+        with self._lock:
+            for chunk_start in range(0, len(wanted), 900):
+                chunk = wanted[chunk_start : chunk_start + 900]
+                marks = ",".join("?" * len(chunk))
+                for row, rid, desc, length in self._db.execute(
+                    f"SELECT row, record_id, description, length FROM sequences WHERE row IN ({marks})", chunk
+                ):
+                    found[row] = Target(row, rid, desc, length)
+        try:
+            return [found[int(r)] for r in rows]
+        except KeyError as exc:
+            raise IndexFormatError(f"index {self.path}: row {exc.args[0]} has no metadata") from exc
+
+    def iter_metadata(self) -> Iterator[tuple[int, str, str, int, str]]:
+        """All ``(row, record_id, description, length, sha256)`` rows in row order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT row, record_id, description, length, sha256 FROM sequences ORDER BY row"
+            ).fetchall()
+        yield from rows
+
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes on disk of each file of this version."""
+        return {p.name: p.stat().st_size for p in sorted(self.path.iterdir()) if p.is_file()}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
