@@ -206,6 +206,11 @@ class IndexWriter:
         parent_path = Path(parent)
         parent_path.mkdir(parents=True, exist_ok=True)
         self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent_path))
+        # mkdtemp makes the directory 0700; a published index should get the usual
+        # permissions (0777 less the umask) so other users/services can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.directory, 0o777 & ~umask)
         self._db = sqlite3.connect(self.directory / METADATA_FILE)
         self._db.executescript(_SCHEMA)
         self._rows = 0

@@ -1,0 +1,244 @@
+"""The ``esmsearch`` console script.
+
+::
+
+    esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH] [--layer N]
+                          [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
+    esmsearch index info INDEX_DIR [--verify] [--json]
+    esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051]
+    esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [--format tsv|json]
+
+Each subcommand is a plain function of the Python API (``esmsearch.indexer.build_index``,
+``esmsearch.store.Index``, ``esmsearch.server.serve``, ``esmsearch.client.SearchClient``).
+Exit status: 0 success, 1 failure (one ``esmsearch: error: ...`` line on stderr, no
+traceback for user errors), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from esmsearch import __version__
+
+__all__ = ["main"]
+
+DEFAULT_MODEL = "esm2_t33_650M_UR50D"
+log = logging.getLogger("esmsearch")
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs CPU-feature probing at INFO
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# -- index build --------------------------------------------------------------------------
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from esmsearch.indexer import build_index
+
+    _configure_logging(max(args.verbose, 1))
+    result = build_index(
+        args.fasta,
+        args.output,
+        model=args.model,
+        layer=args.layer,
+        toks_per_batch=args.toks_per_batch,
+        device=args.device,
+        precision=args.precision,
+        index_factory=args.index_factory,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    m = result.manifest
+    print(
+        f"built {result.path}: {result.sequences} sequences, {result.residues} residues, "
+        f"model {m.model_name} layer {m.layer} dim {m.dim}, index {m.index_factory}, version {m.version}"
+    )
+    print(
+        f"embedding {result.embed_seconds:.1f} s ({result.residues_per_s:,.0f} residues/s), "
+        f"total {result.seconds:.1f} s; {result.windowed_sequences} sequences longer than "
+        f"{m.build.get('window_residues')} residues embedded in windows"
+    )
+    return 0
+
+
+# -- index info ---------------------------------------------------------------------------
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from esmsearch.store import Index
+
+    with Index.open(args.index_dir, verify=args.verify) as index:
+        m = index.manifest
+        sizes = index.file_sizes()
+        if args.json:
+            data: dict[str, Any] = json.loads(m.to_json())
+            data["file_sizes"] = sizes
+            data["verified"] = bool(args.verify)
+            print(json.dumps(data, indent=2, sort_keys=True))
+            return 0
+        rows = [
+            ("index", str(index.path)),
+            ("version", m.version),
+            ("sequences", f"{m.count:,}"),
+            ("model", m.model_name),
+            ("model source", m.model_source),
+            ("checkpoint sha256", m.checkpoint_sha256),
+            ("layer", str(m.layer)),
+            ("dim", str(m.dim)),
+            ("pooling", f"{m.pooling}, {m.normalisation}-normalised; metric {m.metric} (cosine)"),
+            ("faiss index", m.index_factory + (f" {m.search_params}" if m.search_params else "")),
+            ("source fasta", f"{m.source_fasta} (sha256 {m.source_fasta_sha256[:16]}...)"),
+            ("built", f"{m.built_at} by esmsearch {m.tool_version}"),
+        ]
+        b = m.build
+        if b:
+            rows.append(
+                (
+                    "build",
+                    f"{b.get('residues', 0):,} residues, {b.get('windowed_sequences', 0)} windowed, "
+                    f"{b.get('embed_seconds')} s embedding ({b.get('residues_per_s')} residues/s) on "
+                    f"{b.get('device')} {b.get('precision')}",
+                )
+            )
+        for name, size in sizes.items():
+            rows.append((f"file {name}", _human_bytes(size)))
+        rows.append(("total size", _human_bytes(sum(sizes.values()))))
+        if args.verify:
+            rows.append(("verified", "all file checksums and row counts match the manifest"))
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# -- serve --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from esmsearch.server import serve
+
+    _configure_logging(max(args.verbose, 1))
+    return serve(
+        args.index_dir,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        device=args.device,
+        toks_per_batch=args.toks_per_batch,
+    )
+
+
+# -- search -------------------------------------------------------------------------------
+def cmd_search(args: argparse.Namespace) -> int:
+    from esmsearch.client import SearchClient
+    from esmsearch.client.formats import write_json, write_tsv
+
+    _configure_logging(args.verbose)
+    with SearchClient(args.server, timeout_s=args.timeout_s) as client:
+        results = client.search(args.query, k=args.k, min_score=args.min_score)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "json":
+            write_json(results, out)
+        else:
+            write_tsv(results, out)
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esmsearch",
+        description="Protein remote-homology search with ESM-2 embeddings (index, serve, search).",
+    )
+    parser.add_argument("--version", action="version", version=f"esmsearch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{index,serve,search}")
+
+    index = sub.add_parser("index", help="build or inspect an index")
+    isub = index.add_subparsers(dest="index_command", required=True, metavar="{build,info}")
+
+    b = isub.add_parser("build", help="embed a FASTA database and write an index directory")
+    b.add_argument("fasta", type=Path, help="database FASTA (plain or .gz)")
+    b.add_argument("-o", "--output", type=Path, required=True, help="index directory to create")
+    b.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"fair-esm ESM-2 pretrained name (downloaded on first use) or local .pt path (default {DEFAULT_MODEL})",
+    )
+    b.add_argument("--layer", type=int, default=None, help="representation layer (default: last; negative counts from the end)")
+    b.add_argument("--toks-per-batch", type=int, default=4096, help="token budget per forward pass (default 4096)")
+    b.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (default fp32)")
+    b.add_argument("--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("-v", "--verbose", action="count", default=0)
+    b.set_defaults(func=cmd_index_build)
+
+    i = isub.add_parser("info", help="describe an index directory")
+    i.add_argument("index_dir", type=Path)
+    i.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
+    i.add_argument("--json", action="store_true", help="print the manifest and sizes as JSON")
+    i.set_defaults(func=cmd_index_info)
+
+    s = sub.add_parser("serve", help="serve an index over gRPC")
+    s.add_argument("index_dir", type=Path)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--model", default=None, help="override the model path recorded in the manifest (must match it)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--toks-per-batch", type=int, default=4096)
+    s.add_argument("-v", "--verbose", action="count", default=0)
+    s.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("search", help="search query sequences against a server")
+    q.add_argument("query", help="query FASTA (plain or .gz), or - for stdin")
+    q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    q.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    q.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
+    q.add_argument("--format", choices=["tsv", "json"], default="tsv")
+    q.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
+    q.add_argument("--timeout-s", type=float, default=300.0, help="per-call deadline in seconds (default 300)")
+    q.add_argument("-v", "--verbose", action="count", default=0)
+    q.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from esmsearch.errors import EsmsearchError
+
+    user_errors: tuple[type[BaseException], ...] = (EsmsearchError, FileNotFoundError, FileExistsError, PermissionError)
+    try:
+        from esmsearch.client.errors import SearchError
+
+        user_errors += (SearchError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return int(args.func(args))
+    except user_errors as exc:
+        print(f"esmsearch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("esmsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
