@@ -1,0 +1,53 @@
+"""Python client of the esmsearch gRPC service.
+
+Imports without torch, faiss or fair-esm (only grpc, protobuf and Biopython), so
+pipelines can call a shared server without the model stack installed::
+
+    from esmsearch.client import SearchClient, write_tsv
+
+    with SearchClient("search-host:50051", timeout_s=60) as client:
+        results = client.search({"q1": "MKTAYIAKQR..."}, k=5, min_score=0.8)
+        write_tsv(results, sys.stdout)
+
+Errors are :class:`SearchError` subclasses (tree in :mod:`esmsearch.client.errors`).
+"""
+
+from __future__ import annotations
+
+from esmsearch.client.client import DEFAULT_ADDRESS, SearchClient
+from esmsearch.client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    SearchError,
+    UnavailableError,
+    UnimplementedError,
+)
+from esmsearch.client.formats import TSV_COLUMNS, write_json, write_tsv
+from esmsearch.client.types import Hit, IndexInfo, QueryResult, RequestLimits
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "TSV_COLUMNS",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "Hit",
+    "IndexInfo",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "QueryResult",
+    "RequestLimits",
+    "ResourceExhaustedError",
+    "SearchClient",
+    "SearchError",
+    "UnavailableError",
+    "UnimplementedError",
+    "write_json",
+    "write_tsv",
+]

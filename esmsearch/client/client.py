@@ -1,0 +1,194 @@
+"""Blocking Python client of the esmsearch gRPC service (``esmsearch.v1.HomologSearch``).
+
+Imports only grpc, protobuf, Biopython (for FASTA parsing) and esmsearch's
+light modules: never torch, faiss or fair-esm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Final
+
+import grpc
+
+from esmsearch.client.errors import error_from_rpc
+from esmsearch.client.types import IndexInfo, QueryResult
+from esmsearch.sequences import records_from
+from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+__all__ = ["DEFAULT_ADDRESS", "SearchClient"]
+
+#: Address a client connects to when none is given.
+DEFAULT_ADDRESS: Final = "127.0.0.1:50051"
+
+
+class _Default:
+    """Sentinel type: "use the client's timeout_s"."""
+
+    def __repr__(self) -> str:
+        return "<client default>"
+
+
+_DEFAULT: Final = _Default()
+
+Queries = str | os.PathLike[str] | Mapping[str, str] | Sequence[str]
+
+
+class SearchClient:
+    """Client of one esmsearch server.
+
+    Use it as a context manager (or call :meth:`close`); the channel is closed there,
+    never in ``__del__``::
+
+        with SearchClient("127.0.0.1:50051") as client:
+            for result in client.search("queries.fasta", k=10):
+                print(result.query_id, result.hits[0].target_id, result.hits[0].cosine_score)
+
+    Args:
+        address: ``host:port`` of the server.
+        timeout_s: default deadline of each call in seconds; ``None`` = no deadline.
+            Each method can override it.
+        channel: an existing channel to use instead of opening one (the client then
+            still closes it in :meth:`close`).
+
+    Attributes:
+        address: the server address.
+        timeout_s: the default per-call deadline in seconds (or ``None``).
+        stub: the raw generated ``HomologSearchStub``, for calls this class does not wrap.
+        channel: the underlying ``grpc.Channel``.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout_s: float | None = 30.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds or None, got {timeout_s!r}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel: grpc.Channel = (
+            channel if channel is not None else grpc.insecure_channel(address)
+        )
+        self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; idempotent. Calls after this raise ``ValueError``."""
+        if not self._closed:
+            self._closed = True
+            self.channel.close()
+
+    def __enter__(self) -> SearchClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"SearchClient({self.address!r}, timeout_s={self.timeout_s!r}) [{state}]"
+
+    def _timeout(self, timeout_s: float | None | _Default) -> float | None:
+        if self._closed:
+            raise ValueError("SearchClient is closed")
+        if isinstance(timeout_s, _Default):
+            return self.timeout_s
+        return timeout_s
+
+    # -- RPCs ------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: Queries,
+        *,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout_s: float | None | _Default = _DEFAULT,
+    ) -> list[QueryResult]:
+        """Find the ``k`` nearest database sequences of each query (one ``Search`` RPC).
+
+        Args:
+            queries: a FASTA path (plain or gzip; ``-`` = stdin), a mapping
+                record id -> sequence, or a sequence of residue strings (ids become
+                ``query_1``, ``query_2``, ...). Validated locally first (see
+                :func:`esmsearch.sequences.records_from`).
+            k: hits per query, 1 .. the server's ``max_k`` (1000 by default).
+            min_score: drop hits whose cosine score is below this, in [-1, 1];
+                ``None`` = keep all.
+            timeout_s: deadline of this call in seconds; ``None`` = none; default:
+                the client's ``timeout_s``.
+
+        Returns:
+            One :class:`QueryResult` per query, in input order, each with at most
+            ``k`` hits by descending cosine score (in [-1, 1], higher = closer)
+            and the version of the index that answered.
+
+        Raises:
+            esmsearch.errors.InvalidSequenceError: a query is invalid (caught locally,
+                before any RPC; names the record id and residue position).
+            esmsearch.errors.FastaFormatError, FileNotFoundError: unreadable FASTA.
+            InvalidArgumentError: the server rejected the request (e.g. ``k`` out of range).
+            ResourceExhaustedError: the request exceeds a server limit.
+            DeadlineExceededError: ``timeout_s`` elapsed.
+            UnavailableError: the server is unreachable or draining.
+            SearchError: any other failed RPC.
+            ValueError: the client is closed.
+        """
+        deadline = self._timeout(timeout_s)
+        records = records_from(queries)
+        request = search_pb2.SearchRequest(
+            queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records],
+            k=k,
+        )
+        if min_score is not None:
+            if math.isnan(min_score):
+                raise ValueError("min_score must be a number in [-1, 1], got NaN")
+            request.min_score = min_score
+        try:
+            response = self.stub.Search(request, timeout=deadline)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [QueryResult.from_proto(r, response.index_version) for r in response.results]
+
+    def index_info(self, *, timeout_s: float | None | _Default = _DEFAULT) -> IndexInfo:
+        """Describe the served index (model, layer, pooling, size, version) and the server's limits.
+
+        Raises:
+            UnavailableError, DeadlineExceededError, SearchError: the RPC failed.
+            ValueError: the client is closed.
+        """
+        deadline = self._timeout(timeout_s)
+        try:
+            msg = self.stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(), timeout=deadline)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return IndexInfo.from_proto(msg)
+
+    def wait_until_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel is connected (not that the index is loaded: see health).
+
+        Raises:
+            UnavailableError: not connected within ``timeout_s`` seconds.
+        """
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError as exc:
+            from esmsearch.client.errors import UnavailableError
+
+            raise UnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no connection to {self.address} within {timeout_s} s",
+            ) from exc

@@ -1,0 +1,152 @@
+"""Typed, immutable results returned by :class:`esmsearch.client.SearchClient`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from esmsearch.v1 import search_pb2
+
+__all__ = ["Hit", "IndexInfo", "QueryResult", "RequestLimits"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One database sequence found for a query.
+
+    Attributes:
+        target_id: record id of the database sequence (first word of its FASTA header).
+        description: rest of the database sequence's FASTA header (may be empty).
+        cosine_score: cosine similarity of query and target embeddings, in [-1, 1],
+            higher = closer (float32 precision).
+        rank: 1-based rank within the query's hits, by descending cosine_score.
+        target_length: length of the database sequence in residues.
+    """
+
+    target_id: str
+    description: str
+    cosine_score: float
+    rank: int
+    target_length: int
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.Hit) -> Hit:
+        return cls(
+            target_id=msg.target_id,
+            description=msg.target_description,
+            cosine_score=float(msg.cosine_score),
+            rank=int(msg.rank),
+            target_length=int(msg.target_length),
+        )
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The hits of one query.
+
+    Attributes:
+        query_id: the query's record id (FASTA id, mapping key, or ``query_<n>``
+            for a plain list of sequences, 1-based).
+        query_length: query length in residues.
+        index_version: version of the index that answered (same for every query of
+            one request).
+        hits: hits by descending cosine_score (rank 1 first); at most ``k``.
+    """
+
+    query_id: str
+    query_length: int
+    index_version: str
+    hits: list[Hit]
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.QueryResult, index_version: str) -> QueryResult:
+        return cls(
+            query_id=msg.query_id,
+            query_length=int(msg.query_length),
+            index_version=index_version,
+            hits=[Hit.from_proto(h) for h in msg.hits],
+        )
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request limits the server enforces (see ``RequestLimits`` in search.proto).
+
+    Attributes:
+        max_k: largest accepted ``k``.
+        max_queries_per_request: most queries in one Search call.
+        max_residues_per_query: longest accepted query, in residues.
+        max_residues_per_request: most residues summed over one Search call.
+    """
+
+    max_k: int
+    max_queries_per_request: int
+    max_residues_per_query: int
+    max_residues_per_request: int
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.RequestLimits) -> RequestLimits:
+        return cls(
+            max_k=int(msg.max_k),
+            max_queries_per_request=int(msg.max_queries_per_request),
+            max_residues_per_query=int(msg.max_residues_per_query),
+            max_residues_per_request=int(msg.max_residues_per_request),
+        )
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """Description of the served index and server (see ``IndexInfo`` in search.proto).
+
+    Attributes:
+        model_name: ESM-2 model name recorded in the index manifest.
+        checkpoint_sha256: hex sha256 of the model checkpoint the index was built with.
+        layer: pooled representation layer.
+        pooling: pooling of residue representations (e.g. ``"mean"``).
+        normalisation: vector normalisation (e.g. ``"l2"``).
+        metric: FAISS metric (e.g. ``"inner_product"``).
+        dim: embedding dimension.
+        count: number of database sequences.
+        index_version: version of the served index.
+        index_factory: FAISS factory string (``"Flat"`` = exact search).
+        built_at: build time, ISO 8601 UTC.
+        tool_version: esmsearch version that built the index.
+        source_fasta_sha256: hex sha256 of the database FASTA file.
+        server_version: esmsearch version of the server.
+        limits: the server's request limits.
+    """
+
+    model_name: str
+    checkpoint_sha256: str
+    layer: int
+    pooling: str
+    normalisation: str
+    metric: str
+    dim: int
+    count: int
+    index_version: str
+    index_factory: str
+    built_at: str
+    tool_version: str
+    source_fasta_sha256: str
+    server_version: str
+    limits: RequestLimits
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.IndexInfo) -> IndexInfo:
+        return cls(
+            model_name=msg.model_name,
+            checkpoint_sha256=msg.checkpoint_sha256,
+            layer=int(msg.layer),
+            pooling=msg.pooling,
+            normalisation=msg.normalisation,
+            metric=msg.metric,
+            dim=int(msg.dim),
+            count=int(msg.count),
+            index_version=msg.index_version,
+            index_factory=msg.index_factory,
+            built_at=msg.built_at,
+            tool_version=msg.tool_version,
+            source_fasta_sha256=msg.source_fasta_sha256,
+            server_version=msg.server_version,
+            limits=RequestLimits.from_proto(msg.limits),
+        )

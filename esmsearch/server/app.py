@@ -1,0 +1,255 @@
+"""Server wiring: load model + index, register services, bind, serve, drain on signals.
+
+Follows grpc's ``examples/python`` layout: :func:`create_server` returns
+``(server, port)`` (bind port 0 in tests), health and reflection are registered
+from the service descriptor, and shutdown is ``server.stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from types import FrameType
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from esmsearch.server.engine import SearchEngine
+from esmsearch.server.servicer import HomologSearchServicer, RequestLimits
+from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "DEFAULT_MAX_WORKERS",
+    "SERVICE_NAME",
+    "SearchServer",
+    "create_server",
+    "serve",
+]
+
+log = logging.getLogger("esmsearch.server")
+
+#: Fully-qualified name of the search service (also its health-check service name).
+SERVICE_NAME: Final = search_pb2.DESCRIPTOR.services_by_name["HomologSearch"].full_name
+#: Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+DEFAULT_GRACE_S: Final = 10.0
+#: gRPC worker threads (requests in flight; model forwards are serialised anyway).
+DEFAULT_MAX_WORKERS: Final = 8
+
+
+class SearchServer(grpc.Server):
+    """A ``grpc.Server`` that also owns the search engine and health servicer.
+
+    Behaves as the wrapped ``grpc.Server``; :meth:`stop` first sets every health
+    status to NOT_SERVING (so load balancers stop routing here), then stops the
+    gRPC server with the given grace, then closes the index once drained.
+
+    Attributes:
+        engine: the loaded :class:`SearchEngine`.
+        servicer: the :class:`HomologSearchServicer`.
+        health: the ``grpc.health.v1`` servicer.
+    """
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        engine: SearchEngine,
+        servicer: HomologSearchServicer,
+        health_servicer: health.HealthServicer,
+    ) -> None:
+        self._server = server
+        self.engine = engine
+        self.servicer = servicer
+        self.health = health_servicer
+        self._stop_lock = threading.Lock()
+        self._stopped: threading.Event | None = None
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        self._server.add_registered_method_handlers(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    def start(self) -> None:
+        """Start serving and mark the health status SERVING."""
+        self._server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` s.
+
+        Returns:
+            An event set once the server has stopped (and the index is closed).
+            Idempotent: later calls return the same event.
+        """
+        with self._stop_lock:
+            if self._stopped is not None:
+                return self._stopped
+            self.health.enter_graceful_shutdown()
+            done = self._server.stop(grace)
+            stopped = threading.Event()
+            self._stopped = stopped
+
+        def _finish() -> None:
+            done.wait()
+            self.engine.close()
+            stopped.set()
+
+        threading.Thread(target=_finish, name="esmsearch-drain", daemon=True).start()
+        return stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+
+def create_server(
+    index_dir: str | os.PathLike[str],
+    address: str = "127.0.0.1:0",
+    *,
+    device: str = "auto",
+    model: str | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    limits: RequestLimits | None = None,
+    toks_per_batch: int = 4096,
+    engine: SearchEngine | None = None,
+) -> tuple[SearchServer, int]:
+    """Load an index and its model, and return a started server bound to ``address``.
+
+    Args:
+        index_dir: index version directory (with ``manifest.json``).
+        address: ``host:port`` to bind; port 0 picks a free port (returned).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the model.
+        model: fair-esm pretrained name or ``.pt`` path overriding the manifest's
+            model source; it must be the same checkpoint the index was built with.
+        max_workers: gRPC worker threads (concurrent RPCs).
+        limits: request limits (defaults: :class:`RequestLimits`).
+        toks_per_batch: token budget per model forward pass.
+        engine: an already loaded engine to serve instead of loading ``index_dir``
+            (the server closes it on stop).
+
+    Returns:
+        ``(server, port)``: the started :class:`SearchServer` (health SERVING) and
+        the bound port.
+
+    Raises:
+        IndexNotFoundError, IndexFormatError: no usable index at ``index_dir``.
+        ModelLoadError: the model cannot be loaded.
+        IndexMismatchError: the model does not match the index (the FAILED_PRECONDITION
+            case: the server refuses to start).
+        OSError: ``address`` cannot be bound.
+    """
+    limits = limits or RequestLimits()
+    if engine is None:
+        engine = SearchEngine.load(
+            index_dir, model=model, device=device, toks_per_batch=toks_per_batch
+        )
+    # Room for max_residues_per_request one-byte residues plus ids and framing.
+    max_message = max(4 << 20, 2 * limits.max_residues_per_request + (1 << 20))
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="esmsearch-rpc"),
+        options=[("grpc.max_receive_message_length", max_message)],
+    )
+    servicer = HomologSearchServicer(engine, limits)
+    search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    server = SearchServer(grpc_server, engine, servicer, health_servicer)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        engine.close()
+        raise OSError(f"cannot bind {address}: {exc}") from exc
+    if port == 0:
+        engine.close()
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    return server, port
+
+
+def serve(
+    index_dir: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    *,
+    device: str = "auto",
+    model: str | None = None,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    limits: RequestLimits | None = None,
+    toks_per_batch: int = 4096,
+    grace_s: float = DEFAULT_GRACE_S,
+) -> int:
+    """Serve an index until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds.
+
+    Prints ``serving INDEX (N sequences, model M, version V) on HOST:PORT`` on
+    stdout once ready (health SERVING). Must run in the main thread (signal handlers).
+
+    Args:
+        index_dir, device, model, max_workers, limits, toks_per_batch: see :func:`create_server`.
+        host: interface to bind (``0.0.0.0`` for all).
+        port: TCP port; 0 picks a free one (printed).
+        grace_s: seconds in-flight requests get to finish after a stop signal.
+
+    Returns:
+        0 after a clean shutdown.
+
+    Raises:
+        IndexNotFoundError, IndexFormatError, ModelLoadError, IndexMismatchError,
+        OSError: as :func:`create_server`; the server does not start.
+    """
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server, bound = create_server(
+        index_dir,
+        address,
+        device=device,
+        model=model,
+        max_workers=max_workers,
+        limits=limits,
+        toks_per_batch=toks_per_batch,
+    )
+    stop_requested = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        if not stop_requested.is_set():
+            stop_requested.set()
+            log.info("received %s: draining for up to %.1f s", signal.Signals(signum).name, grace_s)
+            server.stop(grace_s)
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        m = server.engine.index.manifest
+        shown = f"[{host}]" if ":" in host else host
+        line = (
+            f"serving {index_dir} ({m.count} sequences, model {m.model_name}, "
+            f"version {server.engine.index.version}) on {shown}:{bound}"
+        )
+        print(line, flush=True)
+        log.info(line)
+        # Wake up periodically so Python can run the signal handler promptly.
+        while not server.wait_for_termination(timeout=0.5):
+            pass
+        if server._stopped is not None:  # noqa: SLF001 - our own class
+            server._stopped.wait(grace_s + 5.0)
+        log.info("server stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,214 @@
+"""The search engine behind the gRPC servicer: embed queries, FAISS search, metadata lookup.
+
+Kept apart from the servicer so that a dynamic batcher can sit in front of
+:meth:`SearchEngine.embed` and an index can be hot-swapped under the servicer
+without either knowing about gRPC.
+
+Threading: the model forward pass runs under one lock (one torch forward at a
+time; torch itself uses all cores for it). FAISS search and metadata lookup run
+outside the lock (``esmsearch.store.Index`` is thread-safe). Each request reads
+the current index once and uses that one object for search and metadata, so all
+its results come from one index version.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from esmsearch.embedding import Embedder
+    from esmsearch.store import Index
+
+__all__ = ["EngineHit", "EngineResult", "SearchEngine"]
+
+
+@dataclass(frozen=True)
+class EngineHit:
+    """One hit (see ``Hit`` in search.proto).
+
+    Attributes:
+        target_id: database record id.
+        target_description: rest of the database FASTA header.
+        cosine_score: cosine similarity in [-1, 1], higher = closer.
+        rank: 1-based rank among the query's hits (after ``min_score`` filtering).
+        target_length: database sequence length in residues.
+    """
+
+    target_id: str
+    target_description: str
+    cosine_score: float
+    rank: int
+    target_length: int
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """Hits of a batch of queries and where the time went.
+
+    Attributes:
+        hits: one list per query, in input order; each by descending cosine score.
+        index_version: version of the index that produced every hit.
+        queue_s: seconds spent waiting for the model lock.
+        embed_s: seconds spent embedding (model forward + pooling).
+        search_s: seconds spent in FAISS search plus metadata lookup.
+    """
+
+    hits: list[list[EngineHit]]
+    index_version: str
+    queue_s: float
+    embed_s: float
+    search_s: float
+
+
+class SearchEngine:
+    """Embeds query sequences with the index's model and searches the index.
+
+    Args:
+        index: an opened index version.
+        embedder: the model; must match ``index.manifest``.
+
+    Raises:
+        IndexMismatchError: the embedder's checkpoint, layer, pooling, normalisation
+            or dimension differ from the index manifest.
+    """
+
+    def __init__(self, index: Index, embedder: Embedder) -> None:
+        embedder.check_manifest(index.manifest)
+        self._index = index
+        self.embedder = embedder
+        self._model_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        index_dir: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        toks_per_batch: int = 4096,
+    ) -> SearchEngine:
+        """Open the index at ``index_dir`` and load the model its manifest names.
+
+        Args:
+            index_dir: an index version directory (with ``manifest.json``).
+            model: fair-esm pretrained name or ``.pt`` path overriding the manifest's
+                model source (it must still be the same checkpoint).
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            toks_per_batch: token budget per forward pass.
+
+        Raises:
+            IndexNotFoundError, IndexFormatError: no usable index at ``index_dir``.
+            ModelLoadError: the model cannot be loaded.
+            IndexMismatchError: the model does not match the index manifest.
+        """
+        from esmsearch.embedding import Embedder
+        from esmsearch.store import Index
+
+        index = Index.open(index_dir)
+        try:
+            embedder = Embedder.for_manifest(
+                index.manifest, model=model, device=device, toks_per_batch=toks_per_batch
+            )
+            return cls(index, embedder)
+        except BaseException:
+            index.close()
+            raise
+
+    @property
+    def index(self) -> Index:
+        """The index currently served."""
+        return self._index
+
+    def embed(self, sequences: Sequence[str]) -> tuple[np.ndarray, float, float]:
+        """Embed validated sequences under the model lock.
+
+        Returns:
+            ``(vectors, queue_s, embed_s)``: float32 ``[n, dim]`` L2-normalised
+            embeddings in input order, seconds waited for the lock, seconds embedding.
+        """
+        t0 = time.perf_counter()
+        with self._model_lock:
+            t1 = time.perf_counter()
+            vectors = self.embedder.embed(sequences)
+        t2 = time.perf_counter()
+        return vectors, t1 - t0, t2 - t1
+
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        min_score: float | None = None,
+        *,
+        index: Index | None = None,
+    ) -> list[list[EngineHit]]:
+        """k nearest database sequences of each query vector.
+
+        Args:
+            vectors: float32 ``[q, dim]``, L2-normalised.
+            k: hits per query, >= 1 (fewer come back if the index is smaller).
+            min_score: drop hits with cosine score below this; ``None`` keeps all.
+            index: the index to search (default: the current one).
+
+        Returns:
+            One list per query, by descending cosine score, ranks 1.. after filtering.
+
+        Raises:
+            IndexFormatError: a hit's row has no metadata (a corrupt index).
+        """
+        idx = index if index is not None else self._index
+        k_eff = max(1, min(k, idx.count))
+        scores, rows = idx.search(vectors, k_eff)
+        keep = rows >= 0
+        if min_score is not None:
+            keep &= scores >= np.float32(min_score)
+        targets = idx.targets([int(r) for r in rows[keep]])
+        out: list[list[EngineHit]] = []
+        t = 0
+        for qi in range(rows.shape[0]):
+            hits: list[EngineHit] = []
+            for j in np.flatnonzero(keep[qi]):
+                target = targets[t]
+                t += 1
+                hits.append(
+                    EngineHit(
+                        target_id=target.record_id,
+                        target_description=target.description,
+                        cosine_score=float(scores[qi, j]),
+                        rank=len(hits) + 1,
+                        target_length=target.length,
+                    )
+                )
+            out.append(hits)
+        return out
+
+    def search(
+        self, sequences: Sequence[str], k: int, min_score: float | None = None
+    ) -> EngineResult:
+        """Embed ``sequences`` and return their ``k`` nearest database sequences.
+
+        Args:
+            sequences: validated residue strings (see
+                :func:`esmsearch.sequences.validate_sequence`).
+            k: hits per query, >= 1.
+            min_score: drop hits with cosine score below this, in [-1, 1]; ``None`` keeps all.
+
+        Returns:
+            An :class:`EngineResult` naming the one index version that answered.
+        """
+        index = self._index  # one version for the whole request
+        vectors, queue_s, embed_s = self.embed(sequences)
+        t0 = time.perf_counter()
+        hits = self.search_vectors(vectors, k, min_score, index=index)
+        search_s = time.perf_counter() - t0
+        return EngineResult(hits, index.version, queue_s, embed_s, search_s)
+
+    def close(self) -> None:
+        """Close the index (the model is freed with the engine)."""
+        self._index.close()
