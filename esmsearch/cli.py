@@ -61,6 +61,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         precision=args.precision,
         index_factory=args.index_factory,
         overwrite=args.overwrite,
+        resume=args.resume,
         progress=not args.no_progress,
     )
     m = result.manifest
@@ -184,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (default fp32)")
     b.add_argument("--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path")
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted build of the same FASTA and model from its last completed chunk",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("-v", "--verbose", action="count", default=0)
     b.set_defaults(func=cmd_index_build)

@@ -177,7 +177,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 _SCHEMA = """
-CREATE TABLE sequences (
+CREATE TABLE IF NOT EXISTS sequences (
     row INTEGER PRIMARY KEY,
     record_id TEXT NOT NULL UNIQUE,
     description TEXT NOT NULL,
@@ -188,46 +188,72 @@ CREATE TABLE sequences (
 
 
 class IndexWriter:
-    """Write one index version into a temporary directory, then publish it atomically.
+    """Write one index version into a work directory, then publish it by rename.
 
     Usage::
 
-        with IndexWriter(parent_dir) as w:      # temp dir created inside parent_dir
+        with IndexWriter(work_dir) as w:         # a fresh (or, with resume, reused) directory
             w.add_metadata(records)              # in row order
-            w.write_embeddings(array_or_path)
+            w.write_embeddings(array)
             w.write_faiss(index)
             manifest = w.finish(**manifest_fields)   # checksums, fsync, verify
-        publish_directory(w.directory, out_dir)  # rename into place
+            publish_directory(w.directory, out_dir)  # rename into place
 
-    If the ``with`` block raises, the temporary directory is deleted.
+    If the ``with`` block raises, the work directory is deleted unless
+    :attr:`keep_on_error` was set (the indexer sets it once embedding has started,
+    so an interrupted build can be resumed).
+
+    Args:
+        directory: the work directory; created. Without ``resume`` an existing one is
+            an error; with ``resume`` its metadata rows are kept.
+        resume: reuse an existing work directory.
     """
 
-    def __init__(self, parent: str | os.PathLike[str], *, prefix: str = ".esmsearch-build-") -> None:
-        parent_path = Path(parent)
-        parent_path.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent_path))
-        # mkdtemp makes the directory 0700; a published index should get the usual
-        # permissions (0777 less the umask) so other users/services can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.directory, 0o777 & ~umask)
+    def __init__(self, directory: str | os.PathLike[str], *, resume: bool = False) -> None:
+        self.directory = Path(directory)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(exist_ok=resume)
+        self.keep_on_error = False
         self._db = sqlite3.connect(self.directory / METADATA_FILE)
         self._db.executescript(_SCHEMA)
-        self._rows = 0
+        (self._rows,) = self._db.execute("SELECT COUNT(*) FROM sequences").fetchone()
         self._finished = False
+
+    @classmethod
+    def temporary(cls, parent: str | os.PathLike[str], *, prefix: str = ".esmsearch-build-") -> IndexWriter:
+        """A writer on a fresh uniquely named directory inside ``parent``."""
+        parent_path = Path(parent)
+        parent_path.mkdir(parents=True, exist_ok=True)
+        directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent_path))
+        directory.rmdir()
+        return cls(directory)
 
     def __enter__(self) -> IndexWriter:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None and self.keep_on_error:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            return
         if exc_type is not None or not self._finished:
             self.abort()
 
     def abort(self) -> None:
-        """Delete the temporary directory (idempotent)."""
+        """Delete the work directory (idempotent)."""
         with contextlib.suppress(Exception):
             self._db.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def truncate_rows(self, rows: int) -> None:
+        """Drop metadata rows ``>= rows`` (used when resuming after a crash)."""
+        self._db.execute("DELETE FROM sequences WHERE row >= ?", (rows,))
+        self._db.commit()
+        self._rows = min(self._rows, rows)
+
+    def commit(self) -> None:
+        """Make metadata rows added so far durable."""
+        self._db.commit()
 
     @property
     def rows(self) -> int:
@@ -299,6 +325,11 @@ def publish_directory(built: Path, destination: str | os.PathLike[str], *, overw
             (refused even with ``overwrite``, so no unrelated directory is deleted).
     """
     dest = Path(destination)
+    # A work directory from mkdtemp is 0700; give the published index the usual
+    # permissions (0777 less the umask) so other users and services can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(built, 0o777 & ~umask)
     if dest.exists() or dest.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")

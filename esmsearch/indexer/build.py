@@ -14,8 +14,10 @@ Pipeline (each stage a plain function so tests can swap one):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -31,9 +33,42 @@ from esmsearch.errors import ConfigError
 from esmsearch.sequences import SequenceRecord, file_sha256, read_fasta, sequence_sha256
 from esmsearch.store import IndexWriter, Manifest, publish_directory
 
-__all__ = ["BuildConfig", "BuildResult", "build_index", "scan_fasta"]
+__all__ = ["BuildConfig", "BuildResult", "build_index", "partial_build_dir", "scan_fasta"]
 
 log = logging.getLogger(__name__)
+
+#: Journal of a build in progress, inside the partial build directory.
+STATE_FILE = "build-state.json"
+
+
+def partial_build_dir(out_dir: Path) -> Path:
+    """Work directory of a build of ``out_dir``: ``<parent>/.<name>.partial``.
+
+    A build writes here and renames it to ``out_dir`` when complete; an interrupted
+    build leaves it for ``--resume``.
+    """
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+class _BuildState:
+    """Atomically rewritten JSON journal: input/model settings and chunks completed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+
+    def load(self) -> None:
+        try:
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot resume: {self.path} is missing or unreadable ({exc}); remove its directory") from exc
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, sort_keys=True), encoding="utf-8")
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
 
 
 @dataclass(frozen=True)
@@ -51,6 +86,7 @@ class BuildConfig:
         index_factory: FAISS factory string or ``auto``.
         chunk_residues: residues embedded per chunk (bounds memory; one shard each).
         overwrite: replace an existing index at ``out_dir``.
+        resume: continue an interrupted build from its last completed chunk.
         progress: show a progress bar on stderr.
     """
 
@@ -64,6 +100,7 @@ class BuildConfig:
     index_factory: str = "Flat"
     chunk_residues: int = 200_000
     overwrite: bool = False
+    resume: bool = False
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -144,6 +181,7 @@ def build_index(
     index_factory: str = "Flat",
     chunk_residues: int = 200_000,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     embedder: Embedder | None = None,
 ) -> BuildResult:
@@ -161,6 +199,9 @@ def build_index(
             or ``auto`` (chosen from database size; see :func:`esmsearch.vector_index.auto_spec`).
         chunk_residues: residues per streamed chunk (memory bound).
         overwrite: replace an existing index at ``out_dir``.
+        resume: continue an interrupted build of the same FASTA with the same model
+            settings from its last completed chunk (kept in
+            :func:`partial_build_dir`); the result equals an uninterrupted build.
         progress: show a progress bar in residues/s on stderr.
         embedder: reuse an already loaded :class:`Embedder` (its settings win over
             ``model``/``layer``/``device``/``precision``/``toks_per_batch``).
@@ -177,6 +218,8 @@ def build_index(
         ConfigError: a setting out of range.
 
     On any error nothing is left at ``out_dir`` and an existing index there is untouched.
+    A failure after embedding started keeps the work done in :func:`partial_build_dir`
+    for ``resume``; a failure before it (bad input, model, factory) leaves nothing.
     """
     from esmsearch import vector_index
 
@@ -191,6 +234,7 @@ def build_index(
         index_factory=index_factory,
         chunk_residues=chunk_residues,
         overwrite=overwrite,
+        resume=resume,
         progress=progress,
     )
     t_start = time.perf_counter()
@@ -213,31 +257,96 @@ def build_index(
         )
 
     out = cfg.out_dir
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
+    work = partial_build_dir(out)
+    state_expected = {
+        "fasta_sha256": summary.sha256,
+        "chunk_residues": cfg.chunk_residues,
+        "precision": emb.precision,
+        **emb.settings,
+    }
+    state = _BuildState(work / STATE_FILE)
+    resuming = False
+    if work.exists():
+        if cfg.resume:
+            state.load()
+            mismatch = {k: (state.data.get(k), v) for k, v in state_expected.items() if state.data.get(k) != v}
+            if mismatch:
+                details = "; ".join(f"{k}: partial build has {a!r}, this build {b!r}" for k, (a, b) in mismatch.items())
+                raise ConfigError(f"cannot resume the partial build at {work}: {details}; remove it or drop --resume")
+            resuming = True
+        else:
+            log.warning("removing the partial build left at %s (pass --resume to continue one)", work)
+            shutil.rmtree(work)
+    elif cfg.resume:
+        log.info("no partial build at %s; starting from the beginning", work)
 
-        bar = tqdm(total=summary.residues, unit="res", unit_scale=True, desc=f"embedding {summary.sequences} seqs", file=sys.stderr)
+    bar = None
     windowed_before = emb.stats.windowed_sequences
     embed_seconds = 0.0
-    with IndexWriter(out.parent if str(out.parent) else Path(".")) as writer:
+    with IndexWriter(work, resume=resuming) as writer:
         shard_dir = writer.directory / "shards"
-        shard_dir.mkdir()
+        shard_dir.mkdir(exist_ok=True)
+        done_shards = int(state.data.get("shards", 0)) if resuming else 0
+        done_rows = int(state.data.get("rows", 0)) if resuming else 0
+        if resuming:
+            writer.truncate_rows(done_rows)
+            for stale in shard_dir.glob("*"):
+                if not (stale.suffix == ".npy" and stale.stem.startswith("shard-") and int(stale.stem[6:]) < done_shards):
+                    stale.unlink()
+            log.info("resuming %s: %d sequences already embedded", work, done_rows)
+        else:
+            state.data = dict(state_expected, shards=0, rows=0)
+            state.save()
+        writer.keep_on_error = True  # from here on a failure leaves a resumable state
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=summary.residues,
+                unit="res",
+                unit_scale=True,
+                desc=f"embedding {summary.sequences} seqs",
+                file=sys.stderr,
+            )
         shards: list[Path] = []
         try:
-            for chunk in _chunks(read_fasta(cfg.fasta), cfg.chunk_residues):
+            for n_chunk, chunk in enumerate(_chunks(read_fasta(cfg.fasta), cfg.chunk_residues)):
+                shard = shard_dir / f"shard-{n_chunk:06d}.npy"
+                if n_chunk < done_shards:
+                    shards.append(shard)
+                    if bar is not None:
+                        bar.update(sum(len(r.sequence) for r in chunk))
+                    continue
                 t0 = time.perf_counter()
                 vectors = emb.embed([r.sequence for r in chunk], on_batch=bar.update if bar else None)
                 embed_seconds += time.perf_counter() - t0
-                shard = shard_dir / f"shard-{len(shards):06d}.npy"
-                np.save(shard, vectors)
+                tmp = shard.with_suffix(".tmp.npy")
+                np.save(tmp, vectors)
+                os.replace(tmp, shard)
                 shards.append(shard)
                 writer.add_metadata(
                     (r.record_id, r.description, len(r.sequence), sequence_sha256(r.sequence)) for r in chunk
                 )
+                writer.commit()
+                state.data.update(shards=n_chunk + 1, rows=writer.rows)
+                state.save()
+        except BaseException:
+            log.error(
+                "build interrupted after %d of %d sequences; the embedded part is kept in %s: "
+                "rerun the same command with --resume to continue",
+                writer.rows,
+                summary.sequences,
+                work,
+            )
+            raise
         finally:
             if bar is not None:
                 bar.close()
+        if writer.rows != summary.sequences:
+            raise ConfigError(
+                f"partial build at {work} holds {writer.rows} rows but {cfg.fasta} has "
+                f"{summary.sequences} sequences; remove it and build again"
+            )
         vectors_all = np.lib.format.open_memmap(
             writer.embeddings_path(), mode="w+", dtype=np.float32, shape=(writer.rows, emb.dim)
         )
@@ -246,12 +355,13 @@ def build_index(
             part = np.load(shard)
             vectors_all[row : row + len(part)] = part
             row += len(part)
-            shard.unlink()
         vectors_all.flush()
-        shard_dir.rmdir()
         index = vector_index.build(np.asarray(vectors_all), spec)
         del vectors_all
         writer.write_faiss(index)
+        del index
+        shutil.rmtree(shard_dir)
+        state.path.unlink()
         windowed = emb.stats.windowed_sequences - windowed_before
         seconds = time.perf_counter() - t_start
         build_info: dict[str, Any] = {
@@ -261,6 +371,7 @@ def build_index(
             "windowed_sequences": windowed,
             "window_residues": WINDOW_RESIDUES,
             "window_overlap": WINDOW_OVERLAP,
+            "resumed_from_row": done_rows,
             "embed_seconds": round(embed_seconds, 3),
             "total_seconds": round(seconds, 3),
             "residues_per_s": round(summary.residues / embed_seconds, 1) if embed_seconds else None,
@@ -284,6 +395,7 @@ def build_index(
             tool_version=__version__,
             build=build_info,
         )
+        writer.keep_on_error = False  # a failure to publish discards the finished copy
         publish_directory(writer.directory, out, overwrite=cfg.overwrite)
     if windowed:
         log.info("%d sequences longer than %d residues were embedded in overlapping windows", windowed, WINDOW_RESIDUES)
