@@ -1,0 +1,275 @@
+"""FASTA reading and validation (esmsearch.sequences)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from esmsearch.errors import DuplicateRecordError, FastaFormatError, InvalidSequenceError
+from esmsearch.sequences import (
+    RESIDUE_ALPHABET,
+    SequenceRecord,
+    check_unique_ids,
+    file_sha256,
+    read_fasta,
+    records_from,
+    sequence_sha256,
+    validate_sequence,
+)
+
+
+def _write(tmp_path: Path, text: str | bytes, name: str = "db.fasta") -> Path:
+    path = tmp_path / name
+    if isinstance(text, str):
+        path.write_bytes(text.encode("utf-8"))
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def _read(path: Path) -> list[SequenceRecord]:
+    return list(read_fasta(path))
+
+
+# -- validate_sequence ------------------------------------------------------------------
+
+
+def test_alphabet_is_20_standard_plus_xbzuo() -> None:
+    assert RESIDUE_ALPHABET == frozenset("ACDEFGHIKLMNPQRSTVWY") | frozenset("XBZUO")
+
+
+def test_lowercase_is_upper_cased() -> None:
+    assert validate_sequence("r1", "mkTaYiak") == "MKTAYIAK"
+
+
+def test_one_trailing_stop_is_stripped() -> None:
+    assert validate_sequence("r1", "MKT*") == "MKT"
+    assert validate_sequence("r1", "mkt*") == "MKT"
+
+
+def test_two_trailing_stops_rejected_at_position_of_the_second_last() -> None:
+    with pytest.raises(InvalidSequenceError) as ei:
+        validate_sequence("r1", "MKT**")
+    assert ei.value.record_id == "r1"
+    assert ei.value.position == 4
+
+
+def test_internal_stop_rejected() -> None:
+    with pytest.raises(InvalidSequenceError) as ei:
+        validate_sequence("r7", "MK*T")
+    assert ei.value.position == 3
+
+
+@pytest.mark.parametrize(
+    ("seq", "bad", "position"),
+    [("MKT-A", "-", 4), ("MK.TA", ".", 3), ("1MKTA", "1", 1), ("MKTAJ", "J", 5), ("mktaj", "J", 5), ("MK TA", " ", 3)],
+)
+def test_invalid_character_names_id_and_1_based_position(seq: str, bad: str, position: int) -> None:
+    with pytest.raises(InvalidSequenceError) as ei:
+        validate_sequence("prot_9", seq)
+    err = ei.value
+    assert err.record_id == "prot_9"
+    assert err.position == position
+    assert "prot_9" in str(err)
+    assert f"residue {position}" in str(err)
+    assert repr(bad) in str(err)
+
+
+def test_gap_characters_get_a_hint() -> None:
+    with pytest.raises(InvalidSequenceError, match="gap"):
+        validate_sequence("r1", "MK-T")
+
+
+def test_non_printable_character_is_shown_as_code_point() -> None:
+    with pytest.raises(InvalidSequenceError, match="U\\+0001"):
+        validate_sequence("r1", "MK\x01T")
+
+
+@pytest.mark.parametrize("seq", ["", "*"])
+def test_empty_sequence_rejected(seq: str) -> None:
+    with pytest.raises(InvalidSequenceError) as ei:
+        validate_sequence("empty1", seq)
+    assert ei.value.record_id == "empty1"
+    assert ei.value.position is None
+    assert "empty" in str(ei.value)
+
+
+def test_every_alphabet_letter_is_accepted() -> None:
+    letters = "".join(sorted(RESIDUE_ALPHABET))
+    assert validate_sequence("all", letters.lower()) == letters
+
+
+# -- read_fasta -------------------------------------------------------------------------
+
+
+def test_id_is_first_word_rest_is_description(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">sp|P1|X_ECOLI  Some protein  OS=E. coli\nMKT\n>p2\nACD\n")
+    recs = _read(path)
+    assert recs == [
+        SequenceRecord("sp|P1|X_ECOLI", "Some protein  OS=E. coli", "MKT"),
+        SequenceRecord("p2", "", "ACD"),
+    ]
+    assert len(recs[0]) == 3
+
+
+def test_wrapped_lines_blank_lines_and_lowercase(tmp_path: Path) -> None:
+    path = _write(tmp_path, "\n\n>a desc\nmkt\n\nAYI\n\n>b\n\nacd*\n\n")
+    recs = _read(path)
+    assert [(r.record_id, r.sequence) for r in recs] == [("a", "MKTAYI"), ("b", "ACD")]
+
+
+def test_crlf_line_endings(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">a first one\r\nMKT\r\nAYI\r\n>b\r\nACD*\r\n")
+    recs = _read(path)
+    assert recs == [SequenceRecord("a", "first one", "MKTAYI"), SequenceRecord("b", "", "ACD")]
+
+
+def test_position_counts_residues_across_wrapped_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">ok\nMKT\n>bad one\nACDE\nFG-H\n")
+    with pytest.raises(InvalidSequenceError) as ei:
+        _read(path)
+    assert ei.value.record_id == "bad"
+    assert ei.value.position == 7
+
+
+def test_empty_record_rejected_naming_id(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">a\nMKT\n>nothing here\n>c\nACD\n")
+    with pytest.raises(InvalidSequenceError) as ei:
+        _read(path)
+    assert ei.value.record_id == "nothing"
+    assert "empty" in str(ei.value)
+
+
+@pytest.mark.parametrize("header", [">", ">   "])
+def test_header_without_id_rejected_with_record_number(tmp_path: Path, header: str) -> None:
+    path = _write(tmp_path, f">a\nMKT\n{header}\nACD\n")
+    with pytest.raises(InvalidSequenceError) as ei:
+        _read(path)
+    assert ei.value.record_id == "#2"
+    assert "no record id" in str(ei.value)
+
+
+def test_duplicate_ids_rejected_naming_id(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">a\nMKT\n>b\nACD\n>a other description\nGGG\n")
+    with pytest.raises(DuplicateRecordError) as ei:
+        _read(path)
+    err = ei.value
+    assert isinstance(err, InvalidSequenceError)
+    assert err.record_id == "a"
+    assert (err.first_index, err.second_index) == (1, 3)
+    assert "'a'" in str(err)
+
+
+def test_text_before_first_header_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, "MKTAYIAK\n>a\nMKT\n")
+    with pytest.raises(FastaFormatError, match="not FASTA"):
+        _read(path)
+
+
+def test_text_after_blank_lines_before_first_header_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, "\n\n# comment\n>a\nMKT\n")
+    with pytest.raises(FastaFormatError):
+        _read(path)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_file_gives_no_records(tmp_path: Path, content: str) -> None:
+    assert _read(_write(tmp_path, content)) == []
+
+
+def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        _read(tmp_path / "absent.fasta")
+
+
+def test_gzip_detected_with_and_without_suffix(tmp_path: Path) -> None:
+    text = ">a desc\nmkt*\n>b\nACD\n"
+    expected = [SequenceRecord("a", "desc", "MKT"), SequenceRecord("b", "", "ACD")]
+    gz = gzip.compress(text.encode())
+    assert _read(_write(tmp_path, gz, "db.fasta.gz")) == expected
+    assert _read(_write(tmp_path, gz, "db.fasta")) == expected
+    # and a plain file named .gz is read as plain text
+    assert _read(_write(tmp_path, text, "plain.fa.gz")) == expected
+
+
+def test_corrupt_gzip_is_fasta_format_error(tmp_path: Path) -> None:
+    gz = gzip.compress(b">a\nMKT\n" * 200)
+    path = _write(tmp_path, gz[: len(gz) // 2], "cut.fa.gz")
+    with pytest.raises(FastaFormatError):
+        _read(path)
+
+
+def test_non_utf8_is_fasta_format_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, b">a \xff\xfe\nMKT\n")
+    with pytest.raises(FastaFormatError):
+        _read(path)
+
+
+def test_read_fasta_from_stdin_gzip(monkeypatch: pytest.MonkeyPatch) -> None:
+    gz = gzip.compress(b">q1\nMKT\n")
+    fake = io.TextIOWrapper(io.BufferedReader(io.BytesIO(gz)))  # type: ignore[arg-type]
+    monkeypatch.setattr(sys, "stdin", fake)
+    assert list(read_fasta("-")) == [SequenceRecord("q1", "", "MKT")]
+
+
+def test_reads_real_ecoli_file(ecoli_fasta: Path) -> None:
+    recs = _read(ecoli_fasta)
+    assert len(recs) == 40
+    assert recs[0].record_id == "sp|A0A385XJ53|INSA9_ECOLI"
+    assert recs[0].description.startswith("Insertion element IS1 9 protein InsA")
+    assert recs[0].sequence.startswith("MASVSISCPSC")
+    assert all(0 < len(r) <= 400 for r in recs)
+
+
+# -- records_from, helpers --------------------------------------------------------------
+
+
+def test_records_from_path_str_and_pathlike(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">x d\nmkt\n")
+    expected = [SequenceRecord("x", "d", "MKT")]
+    assert records_from(path) == expected
+    assert records_from(str(path)) == expected
+
+
+def test_records_from_mapping_keeps_ids_and_order() -> None:
+    assert records_from({"b": "acd*", "a": "MKT"}) == [
+        SequenceRecord("b", "", "ACD"),
+        SequenceRecord("a", "", "MKT"),
+    ]
+
+
+def test_records_from_mapping_error_names_key() -> None:
+    with pytest.raises(InvalidSequenceError) as ei:
+        records_from({"good": "MKT", "bad_q": "MK1"})
+    assert ei.value.record_id == "bad_q"
+    assert ei.value.position == 3
+
+
+def test_records_from_list_numbers_ids() -> None:
+    assert records_from(["mkt", "ACD*"]) == [
+        SequenceRecord("query_1", "", "MKT"),
+        SequenceRecord("query_2", "", "ACD"),
+    ]
+    with pytest.raises(InvalidSequenceError) as ei:
+        records_from(["MKT", ""])
+    assert ei.value.record_id == "query_2"
+
+
+def test_check_unique_ids() -> None:
+    check_unique_ids([SequenceRecord("a", "", "M"), SequenceRecord("b", "", "M")])
+    with pytest.raises(DuplicateRecordError) as ei:
+        check_unique_ids([SequenceRecord("a", "", "M"), SequenceRecord("b", "", "M"), SequenceRecord("b", "", "K")])
+    assert ei.value.record_id == "b"
+    assert (ei.value.first_index, ei.value.second_index) == (2, 3)
+
+
+def test_sha256_helpers(tmp_path: Path) -> None:
+    assert sequence_sha256("MKT") == hashlib.sha256(b"MKT").hexdigest()
+    data = bytes(range(256)) * 10_000
+    path = _write(tmp_path, data, "blob.bin")
+    assert file_sha256(path, chunk_bytes=1000) == hashlib.sha256(data).hexdigest()
