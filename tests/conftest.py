@@ -52,3 +52,28 @@ def small_index(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
     out = tmp_path_factory.mktemp("index") / "ecoli40"
     build_index(ecoli_fasta, out, model=str(tiny_checkpoint), device="cpu")
     return out
+
+
+@pytest.fixture(scope="session")
+def server(small_index: Path):  # type: ignore[no-untyped-def]
+    """An in-process esmsearch server on a free port over ``small_index``.
+
+    Yields ``(address, index_path)``; stopped (drained) at session teardown.
+    """
+    from esmsearch.server import create_server
+
+    srv, port = create_server(small_index, "127.0.0.1:0", device="cpu", max_workers=4)
+    try:
+        yield f"127.0.0.1:{port}", small_index
+    finally:
+        srv.stop(grace=1.0).wait(10.0)
+
+
+@pytest.fixture()
+def client(server):  # type: ignore[no-untyped-def]
+    """A :class:`esmsearch.client.SearchClient` connected to the ``server`` fixture."""
+    from esmsearch.client import SearchClient
+
+    address, _ = server
+    with SearchClient(address, timeout_s=60.0) as c:
+        yield c

@@ -242,13 +242,12 @@ def serve(
         )
         print(line, flush=True)
         log.info(line)
-        # Wake up periodically so Python can run the signal handler promptly.
-        while not server.wait_for_termination(timeout=0.5):
-            pass
-        if server._stopped is not None:  # noqa: SLF001 - our own class
-            server._stopped.wait(grace_s + 5.0)
+        # grpc's wait_for_termination wakes up often enough for signal handlers to run.
+        server.wait_for_termination()
+        server.stop(grace_s).wait(grace_s + 5.0)  # already stopping: returns the same event
         log.info("server stopped")
     finally:
+        server.stop(0)  # no-op after a signal; otherwise (an exception here) stop at once
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     sys.stdout.flush()

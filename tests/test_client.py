@@ -1,0 +1,252 @@
+"""Client library: query forms, typed results, error mapping, timeouts, output formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from esmsearch.client import (
+    TSV_COLUMNS,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    Hit,
+    InternalError,
+    InvalidArgumentError,
+    QueryResult,
+    ResourceExhaustedError,
+    SearchClient,
+    SearchError,
+    UnavailableError,
+    UnimplementedError,
+    write_json,
+    write_tsv,
+)
+from esmsearch.client.errors import error_from_rpc
+from esmsearch.errors import InvalidSequenceError
+from esmsearch.sequences import read_fasta
+from esmsearch.server import RequestLimits, SearchServer, create_server
+from esmsearch.store import Manifest
+from esmsearch.v1 import search_pb2
+
+
+@pytest.fixture(scope="module")
+def db(ecoli_fasta: Path) -> list:  # type: ignore[type-arg]
+    return list(read_fasta(ecoli_fasta))
+
+
+def test_search_fasta_path_gives_self_hits_in_order_with_version(
+    client, ecoli_fasta, db, server
+) -> None:  # type: ignore[no-untyped-def]
+    _, index_path = server
+    version = Manifest.read(index_path).version
+    results = client.search(ecoli_fasta, k=2)
+    assert all(isinstance(r, QueryResult) for r in results)
+    assert [r.query_id for r in results] == [r.record_id for r in db]
+    for rec, result in zip(db, results, strict=True):
+        assert result.index_version == version
+        assert result.query_length == len(rec.sequence)
+        top = result.hits[0]
+        assert isinstance(top, Hit)
+        assert (top.target_id, top.rank, top.target_length) == (rec.record_id, 1, len(rec.sequence))
+        assert top.description == rec.description
+        assert top.cosine_score >= 0.999
+        assert result.hits[1].rank == 2
+
+
+def test_search_mapping_and_list_forms(client, db) -> None:  # type: ignore[no-untyped-def]
+    by_id = client.search({"second": db[2].sequence, "first": db[9].sequence}, k=1)
+    assert [(r.query_id, r.hits[0].target_id) for r in by_id] == [
+        ("second", db[2].record_id),
+        ("first", db[9].record_id),
+    ]
+    listed = client.search([db[4].sequence, db[1].sequence], k=1)
+    assert [(r.query_id, r.hits[0].target_id) for r in listed] == [
+        ("query_1", db[4].record_id),
+        ("query_2", db[1].record_id),
+    ]
+
+
+def test_min_score_filters_hits(client, db) -> None:  # type: ignore[no-untyped-def]
+    (all_hits,) = client.search([db[3].sequence], k=40)
+    cut = all_hits.hits[9].cosine_score
+    (kept,) = client.search([db[3].sequence], k=40, min_score=cut)
+    assert [h.target_id for h in kept.hits] == [
+        h.target_id for h in all_hits.hits if h.cosine_score >= cut
+    ]
+    assert len(kept.hits) < len(all_hits.hits) == 40
+
+
+def test_index_info_is_typed(client, server) -> None:  # type: ignore[no-untyped-def]
+    _, index_path = server
+    m = Manifest.read(index_path)
+    info = client.index_info()
+    assert (info.model_name, info.checkpoint_sha256, info.dim, info.count) == (
+        m.model_name,
+        m.checkpoint_sha256,
+        m.dim,
+        m.count,
+    )
+    assert info.index_version == m.version
+    assert info.limits.max_k == 1000
+
+
+def test_server_errors_map_to_classes_keeping_code_and_details(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidArgumentError) as info:
+        client.search(["MKV"], k=0)
+    err = info.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details == "k must be in [1, 1000], got 0"
+    assert isinstance(err.__cause__, grpc.RpcError)
+    assert isinstance(err, SearchError)
+
+
+def test_bad_sequence_is_caught_before_any_rpc(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidSequenceError) as info:
+        client.search({"q7": "MKVJ"})
+    assert (info.value.record_id, info.value.position) == ("q7", 4)
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = sock.getsockname()[1]
+        with (
+            SearchClient(f"127.0.0.1:{port}", timeout_s=10.0) as c,
+            pytest.raises(UnavailableError) as info,
+        ):
+            c.index_info()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture(scope="module")
+def own_server(small_index: Path) -> Iterator[tuple[SearchServer, SearchClient]]:
+    """A server with max 2 queries per request, and a client of it."""
+    limits = RequestLimits(max_queries_per_request=2)
+    srv, port = create_server(small_index, device="cpu", limits=limits, max_workers=2)
+    try:
+        with SearchClient(f"127.0.0.1:{port}") as c:
+            yield srv, c
+    finally:
+        srv.stop(0).wait(10)
+
+
+def test_resource_exhausted_is_mapped(own_server) -> None:  # type: ignore[no-untyped-def]
+    _, client = own_server
+    with pytest.raises(ResourceExhaustedError) as info:
+        client.search(["MKV", "MKL", "MKI"], k=1)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3 queries, over the limit of 2" in info.value.details
+    assert client.index_info().limits.max_queries_per_request == 2
+
+
+def test_timeout_is_honoured_per_call_and_by_default(own_server) -> None:  # type: ignore[no-untyped-def]
+    srv, client = own_server
+    # Hold the engine's model lock: the server cannot answer until it is released,
+    # so the deadline expires deterministically (no sleeps).
+    lock = srv.engine._model_lock  # noqa: SLF001 - test hook
+    with lock:
+        with pytest.raises(DeadlineExceededError) as info:
+            client.search(["MKV"], k=1, timeout_s=0.2)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert isinstance(info.value, TimeoutError)
+        with (
+            SearchClient(client.address, timeout_s=0.2) as short,
+            pytest.raises(DeadlineExceededError),
+        ):
+            short.search(["MKV"], k=1)  # the client's default deadline
+    assert client.search(["MKV"], k=1)[0].query_id == "query_1"
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.FAILED_PRECONDITION, FailedPreconditionError),
+        (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+        (grpc.StatusCode.UNIMPLEMENTED, UnimplementedError),
+        (grpc.StatusCode.INTERNAL, InternalError),
+        (grpc.StatusCode.PERMISSION_DENIED, SearchError),
+    ],
+)
+def test_error_from_rpc_table(code: grpc.StatusCode, cls: type[SearchError]) -> None:
+    err = error_from_rpc(_FakeRpcError(code, "why"))
+    assert type(err) is cls
+    assert (err.code, err.details) == (code, "why")
+    assert str(err) == f"{code.name}: why"
+
+
+def test_close_is_idempotent_and_later_calls_fail(server) -> None:  # type: ignore[no-untyped-def]
+    address, _ = server
+    c = SearchClient(address)
+    with c:
+        assert c.stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(), timeout=30).count == 40
+    c.close()
+    with pytest.raises(ValueError, match="closed"):
+        c.search(["MKV"])
+    with pytest.raises(ValueError, match="timeout_s"):
+        SearchClient(address, timeout_s=0)
+
+
+# -- formats -----------------------------------------------------------------------------
+
+RESULTS = [
+    QueryResult(
+        "q1",
+        120,
+        "v1",
+        [
+            Hit("t1", "first target", 0.98765432, 1, 100),
+            Hit("t2", "tab\tin\ndescription", -0.25, 2, 50),
+        ],
+    ),
+    QueryResult("q2", 30, "v1", []),
+    QueryResult("q3", 45, "v1", [Hit("t9", "", 0.5, 1, 7)]),
+]
+
+
+def test_write_tsv_one_hit_per_line_with_header() -> None:
+    out = io.StringIO()
+    write_tsv(RESULTS, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        "query_id\ttarget_id\tcosine_score\trank\tquery_length\ttarget_length\ttarget_description"
+    )
+    assert lines[0].split("\t") == list(TSV_COLUMNS)
+    assert lines[1:] == [
+        "q1\tt1\t0.987654\t1\t120\t100\tfirst target",
+        "q1\tt2\t-0.250000\t2\t120\t50\ttab in description",
+        "q3\tt9\t0.500000\t1\t45\t7\t",
+    ]
+
+
+def test_write_json_round_trips() -> None:
+    out = io.StringIO()
+    write_json(RESULTS, out)
+    data = json.loads(out.getvalue())
+    assert [q["query_id"] for q in data] == ["q1", "q2", "q3"]
+    assert all(q["index_version"] == "v1" for q in data)
+    assert data[0]["query_length"] == 120
+    assert data[0]["hits"][0] == {
+        "target_id": "t1",
+        "cosine_score": 0.987654,
+        "rank": 1,
+        "target_length": 100,
+        "target_description": "first target",
+    }
+    assert data[1]["hits"] == []

@@ -1,0 +1,331 @@
+"""gRPC server: self-hits, validation status codes, limits, health, reflection, draining."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from esmsearch.errors import IndexMismatchError
+from esmsearch.sequences import read_fasta
+from esmsearch.server import MAX_K, SERVICE_NAME, RequestLimits, create_server
+from esmsearch.store import Manifest
+from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+Q = search_pb2.Query
+
+
+@pytest.fixture(scope="module")
+def channel(server: tuple[str, Path]) -> Iterator[grpc.Channel]:
+    address, _ = server
+    with grpc.insecure_channel(address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> search_pb2_grpc.HomologSearchStub:
+    return search_pb2_grpc.HomologSearchStub(channel)
+
+
+@pytest.fixture(scope="module")
+def db(ecoli_fasta: Path) -> list:  # type: ignore[type-arg]
+    return list(read_fasta(ecoli_fasta))
+
+
+def _error(
+    stub: search_pb2_grpc.HomologSearchStub, request: search_pb2.SearchRequest
+) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(request, timeout=30)
+    return info.value
+
+
+# -- search results ----------------------------------------------------------------------
+
+
+def test_every_database_sequence_finds_itself_at_rank_1(stub, db, server) -> None:  # type: ignore[no-untyped-def]
+    _, index_path = server
+    request = search_pb2.SearchRequest(
+        queries=[Q(query_id=r.record_id, sequence=r.sequence) for r in db], k=3
+    )
+    response = stub.Search(request, timeout=60)
+    assert response.index_version == Manifest.read(index_path).version
+    assert [r.query_id for r in response.results] == [r.record_id for r in db]
+    for rec, result in zip(db, response.results, strict=True):
+        assert result.query_length == len(rec.sequence)
+        assert len(result.hits) == 3
+        top = result.hits[0]
+        assert top.target_id == rec.record_id
+        assert top.cosine_score >= 0.999
+        assert top.target_length == len(rec.sequence)
+        assert top.target_description == rec.description
+        assert [h.rank for h in result.hits] == [1, 2, 3]
+        scores = [h.cosine_score for h in result.hits]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_results_follow_query_order_and_lowercase_stop_is_accepted(stub, db) -> None:  # type: ignore[no-untyped-def]
+    picked = [db[7], db[0], db[3]]
+    request = search_pb2.SearchRequest(
+        queries=[
+            Q(query_id=f"q{i}", sequence=r.sequence.lower() + "*") for i, r in enumerate(picked)
+        ],
+        k=1,
+    )
+    response = stub.Search(request, timeout=30)
+    assert [r.query_id for r in response.results] == ["q0", "q1", "q2"]
+    assert [r.hits[0].target_id for r in response.results] == [r.record_id for r in picked]
+    assert [r.query_length for r in response.results] == [len(r.sequence) for r in picked]
+
+
+def test_k_larger_than_index_returns_every_sequence_once(stub, db) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(queries=[Q(query_id="a", sequence=db[0].sequence)], k=MAX_K)
+    (result,) = stub.Search(request, timeout=30).results
+    assert len(result.hits) == len(db)
+    assert {h.target_id for h in result.hits} == {r.record_id for r in db}
+    assert [h.rank for h in result.hits] == list(range(1, len(db) + 1))
+
+
+def test_min_score_drops_hits_below_it(stub, db) -> None:  # type: ignore[no-untyped-def]
+    query = Q(query_id="a", sequence=db[5].sequence)
+    (everything,) = stub.Search(search_pb2.SearchRequest(queries=[query], k=40), timeout=30).results
+    threshold = everything.hits[4].cosine_score  # 5th best score
+    (kept,) = stub.Search(
+        search_pb2.SearchRequest(queries=[query], k=40, min_score=threshold), timeout=30
+    ).results
+    expected = [h.target_id for h in everything.hits if h.cosine_score >= threshold]
+    assert [h.target_id for h in kept.hits] == expected
+    assert 5 <= len(kept.hits) < 40
+    assert all(h.cosine_score >= threshold for h in kept.hits)
+    assert [h.rank for h in kept.hits] == list(range(1, len(kept.hits) + 1))
+
+
+def test_get_index_info_reports_the_manifest_and_limits(stub, server) -> None:  # type: ignore[no-untyped-def]
+    _, index_path = server
+    m = Manifest.read(index_path)
+    info = stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(), timeout=30)
+    assert info.model_name == m.model_name
+    assert info.checkpoint_sha256 == m.checkpoint_sha256
+    assert (info.layer, info.dim, info.count) == (m.layer, m.dim, m.count) == (2, 32, 40)
+    assert (info.pooling, info.normalisation, info.metric) == (m.pooling, m.normalisation, m.metric)
+    assert info.index_version == m.version
+    assert info.index_factory == m.index_factory
+    assert info.built_at == m.built_at
+    assert info.limits.max_k == MAX_K
+
+
+# -- INVALID_ARGUMENT --------------------------------------------------------------------
+
+
+def test_bad_residue_names_query_id_and_position(stub) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(
+        queries=[Q(query_id="ok", sequence="MKTAYIAK"), Q(query_id="bad_one", sequence="MKTJAYI")],
+        k=1,
+    )
+    err = _error(stub, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'bad_one'" in err.details()
+    assert "residue 4" in err.details()
+    assert "'J'" in err.details()
+
+
+@pytest.mark.parametrize(
+    ("queries", "k", "expected"),
+    [
+        ([], 5, "no queries"),
+        ([("a", "MKV")], 0, "k must be in [1, 1000], got 0"),
+        ([("a", "MKV")], -3, "got -3"),
+        ([("a", "MKV")], MAX_K + 1, f"got {MAX_K + 1}"),
+        (
+            [("a", "MKV"), ("b", "MKL"), ("a", "MKI")],
+            5,
+            "'a': duplicate query_id (queries #1 and #3)",
+        ),
+        ([("a", "MKV"), ("", "MKL")], 5, "query #2 has an empty query_id"),
+        ([("a", "")], 5, "'a': empty sequence"),
+        ([("gap", "MK-V")], 5, "'gap' at residue 3"),
+    ],
+)
+def test_invalid_requests_are_rejected_with_a_reason(stub, queries, k, expected) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(queries=[Q(query_id=i, sequence=s) for i, s in queries], k=k)
+    err = _error(stub, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in err.details()
+
+
+@pytest.mark.parametrize("min_score", [1.5, -1.01, float("nan")])
+def test_min_score_outside_cosine_range_is_invalid(stub, min_score: float) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(
+        queries=[Q(query_id="a", sequence="MKV")], k=1, min_score=min_score
+    )
+    err = _error(stub, request)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "min_score" in err.details()
+
+
+def test_each_request_logs_one_line_with_code_and_timings(stub, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.INFO, logger="esmsearch.server"):
+        stub.Search(
+            search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKTAYIAK")], k=2),
+            timeout=30,
+        )
+        _error(stub, search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=0))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rpc=Search")]
+    assert len(lines) == 2
+    ok, bad = lines
+    assert "code=OK" in ok and "queries=1" in ok and "residues=8" in ok
+    for field in ("queue_ms=", "embed_ms=", "search_ms=", "total_ms="):
+        assert field in ok
+    assert "code=INVALID_ARGUMENT" in bad
+
+
+# -- RESOURCE_EXHAUSTED ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_stub(small_index: Path) -> Iterator[search_pb2_grpc.HomologSearchStub]:
+    limits = RequestLimits(
+        max_k=5, max_queries_per_request=3, max_residues_per_query=20, max_residues_per_request=30
+    )
+    srv, port = create_server(small_index, device="cpu", limits=limits, max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield search_pb2_grpc.HomologSearchStub(ch)
+    finally:
+        srv.stop(0).wait(10)
+
+
+@pytest.mark.parametrize(
+    ("queries", "expected"),
+    [
+        (
+            [("a", "MKV"), ("b", "MKV"), ("c", "MKV"), ("d", "MKV")],
+            "4 queries, over the limit of 3",
+        ),
+        ([("long", "M" * 21)], "'long' has 21 residues, over the limit of 20 per query"),
+        ([("a", "M" * 15), ("b", "M" * 15), ("c", "M")], "more than 30 residues in total"),
+    ],
+)
+def test_requests_over_limits_are_resource_exhausted(limited_stub, queries, expected) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(queries=[Q(query_id=i, sequence=s) for i, s in queries], k=1)
+    err = _error(limited_stub, request)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert expected in err.details()
+
+
+def test_limits_are_inclusive_and_max_k_is_configurable(limited_stub) -> None:  # type: ignore[no-untyped-def]
+    at_limit = search_pb2.SearchRequest(
+        queries=[Q(query_id="a", sequence="M" * 20), Q(query_id="b", sequence="K" * 10)], k=5
+    )
+    response = limited_stub.Search(at_limit, timeout=30)
+    assert [len(r.hits) for r in response.results] == [5, 5]
+    err = _error(
+        limited_stub, search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=6)
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "[1, 5]" in err.details()
+
+
+def test_request_limits_validate_themselves() -> None:
+    with pytest.raises(ValueError, match="max_k"):
+        RequestLimits(max_k=0)
+
+
+# -- FAILED_PRECONDITION at startup ------------------------------------------------------
+
+
+def test_server_refuses_a_model_that_does_not_match_the_index(
+    small_index: Path, tmp_path: Path
+) -> None:
+    from esmsearch.checkpoints import write_random_checkpoint
+
+    other = write_random_checkpoint(
+        "esm2_t6_8M_UR50D",
+        tmp_path,
+        seed=99,
+        num_layers=2,
+        embed_dim=32,
+        attention_heads=4,
+        name="esm2_other",
+    )
+    with pytest.raises(IndexMismatchError, match="checkpoint_sha256"):
+        create_server(small_index, device="cpu", model=str(other))
+
+
+# -- health, reflection, draining --------------------------------------------------------
+
+
+def test_health_is_serving_for_overall_and_search_service(channel) -> None:  # type: ignore[no-untyped-def]
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", SERVICE_NAME):
+        response = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(channel) -> None:  # type: ignore[no-untyped-def]
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert SERVICE_NAME == "esmsearch.v1.HomologSearch"
+    assert SERVICE_NAME in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_health_turns_not_serving_when_stop_begins(small_index: Path) -> None:
+    srv, port = create_server(small_index, device="cpu", max_workers=2)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopped = srv.stop(grace=5.0)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+    assert stopped.wait(15)
+    assert srv.stop(grace=5.0) is stopped  # idempotent
+
+
+def test_serve_prints_its_address_and_exits_0_on_sigterm(small_index: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from esmsearch.server import serve
+        sys.exit(serve({str(small_index)!r}, port=0, device="cpu", grace_s=2.0))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(
+            f"serving {small_index} (40 sequences, model esm2_tiny_test, version "
+        ), line
+        address = line.rsplit(" on ", 1)[1].strip()
+        with grpc.insecure_channel(address) as ch:
+            info = search_pb2_grpc.HomologSearchStub(ch).GetIndexInfo(
+                search_pb2.GetIndexInfoRequest(), timeout=30
+            )
+        assert info.count == 40
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
