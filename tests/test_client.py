@@ -27,7 +27,9 @@ from esmsearch.client import (
     write_json,
     write_tsv,
 )
+from esmsearch.client.client import _split
 from esmsearch.client.errors import error_from_rpc
+from esmsearch.client.types import RequestLimits as ClientLimits
 from esmsearch.errors import InvalidSequenceError
 from esmsearch.sequences import read_fasta
 from esmsearch.server import RequestLimits, SearchServer, create_server
@@ -126,8 +128,10 @@ def test_unreachable_server_is_unavailable() -> None:
 
 @pytest.fixture(scope="module")
 def own_server(small_index: Path) -> Iterator[tuple[SearchServer, SearchClient]]:
-    """A server with max 2 queries per request, and a client of it."""
-    limits = RequestLimits(max_queries_per_request=2)
+    """A server with small request limits, and a client of it."""
+    limits = RequestLimits(
+        max_queries_per_request=2, max_residues_per_query=200, max_residues_per_request=250
+    )
     srv, port = create_server(small_index, device="cpu", limits=limits, max_workers=2)
     try:
         with SearchClient(f"127.0.0.1:{port}") as c:
@@ -139,10 +143,38 @@ def own_server(small_index: Path) -> Iterator[tuple[SearchServer, SearchClient]]
 def test_resource_exhausted_is_mapped(own_server) -> None:  # type: ignore[no-untyped-def]
     _, client = own_server
     with pytest.raises(ResourceExhaustedError) as info:
-        client.search(["MKV", "MKL", "MKI"], k=1)
+        client.search(["MKV", "MKL", "MKI"], k=1, split_requests=False)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "3 queries, over the limit of 2" in info.value.details
-    assert client.index_info().limits.max_queries_per_request == 2
+    with pytest.raises(ResourceExhaustedError, match="201 residues, over the limit of 200"):
+        client.search(["M" * 201], k=1)
+
+
+def test_search_splits_requests_within_server_limits(own_server, db) -> None:  # type: ignore[no-untyped-def]
+    _, client = own_server
+    info = client.index_info()
+    assert (info.limits.max_queries_per_request, info.limits.max_residues_per_request) == (2, 250)
+    # 7 queries, 2 per request at most, and 167 + 159 > 250 residues forces a split too.
+    picked = [r for r in db if len(r) in (167, 159, 111)] + [r for r in db if len(r) < 60][:4]
+    results = client.search({r.record_id: r.sequence for r in picked}, k=1)
+    assert [r.query_id for r in results] == [r.record_id for r in picked]
+    assert [r.hits[0].target_id for r in results] == [r.record_id for r in picked]
+
+
+def test_split_is_greedy_and_keeps_order() -> None:
+    queries = [
+        search_pb2.Query(query_id=str(i), sequence="M" * n)
+        for i, n in enumerate([5, 5, 9, 1, 1, 1, 20])
+    ]
+    limits = ClientLimits(
+        max_k=10, max_queries_per_request=3, max_residues_per_query=100, max_residues_per_request=10
+    )
+    chunks = _split(queries, limits)
+    assert [[q.query_id for q in c] for c in chunks] == [["0", "1"], ["2", "3"], ["4", "5"], ["6"]]
+    unlimited = ClientLimits(
+        max_k=0, max_queries_per_request=0, max_residues_per_query=0, max_residues_per_request=0
+    )
+    assert [len(c) for c in _split(queries, unlimited)] == [7]
 
 
 def test_timeout_is_honoured_per_call_and_by_default(own_server) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from typing import Final
 import grpc
 
 from esmsearch.client.errors import error_from_rpc
-from esmsearch.client.types import IndexInfo, QueryResult
+from esmsearch.client.types import IndexInfo, QueryResult, RequestLimits
 from esmsearch.sequences import records_from
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -77,6 +77,7 @@ class SearchClient:
         )
         self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
         self._closed = False
+        self._cached_limits: RequestLimits | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -117,8 +118,13 @@ class SearchClient:
         k: int = 10,
         min_score: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
+        split_requests: bool = True,
     ) -> list[QueryResult]:
-        """Find the ``k`` nearest database sequences of each query (one ``Search`` RPC).
+        """Find the ``k`` nearest database sequences of each query.
+
+        Queries go out in ``Search`` RPCs that respect the server's request limits
+        (queries and residues per request, read once with :meth:`index_info`);
+        pass ``split_requests=False`` to send exactly one RPC.
 
         Args:
             queries: a FASTA path (plain or gzip; ``-`` = stdin), a mapping
@@ -128,8 +134,11 @@ class SearchClient:
             k: hits per query, 1 .. the server's ``max_k`` (1000 by default).
             min_score: drop hits whose cosine score is below this, in [-1, 1];
                 ``None`` = keep all.
-            timeout_s: deadline of this call in seconds; ``None`` = none; default:
+            timeout_s: deadline of each RPC in seconds; ``None`` = none; default:
                 the client's ``timeout_s``.
+            split_requests: split the queries into several RPCs within the server's
+                limits (each result then names the index version that answered its
+                own RPC).
 
         Returns:
             One :class:`QueryResult` per query, in input order, each with at most
@@ -141,27 +150,40 @@ class SearchClient:
                 before any RPC; names the record id and residue position).
             esmsearch.errors.FastaFormatError, FileNotFoundError: unreadable FASTA.
             InvalidArgumentError: the server rejected the request (e.g. ``k`` out of range).
-            ResourceExhaustedError: the request exceeds a server limit.
+            ResourceExhaustedError: a request exceeds a server limit (with
+                ``split_requests``: one query is longer than the per-query limit).
             DeadlineExceededError: ``timeout_s`` elapsed.
             UnavailableError: the server is unreachable or draining.
             SearchError: any other failed RPC.
-            ValueError: the client is closed.
+            ValueError: the client is closed, or ``min_score`` is NaN.
         """
         deadline = self._timeout(timeout_s)
+        if min_score is not None and math.isnan(min_score):
+            raise ValueError("min_score must be a number in [-1, 1], got NaN")
         records = records_from(queries)
-        request = search_pb2.SearchRequest(
-            queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records],
-            k=k,
-        )
-        if min_score is not None:
-            if math.isnan(min_score):
-                raise ValueError("min_score must be a number in [-1, 1], got NaN")
-            request.min_score = min_score
-        try:
-            response = self.stub.Search(request, timeout=deadline)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
-        return [QueryResult.from_proto(r, response.index_version) for r in response.results]
+        queries_pb = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
+        if split_requests and queries_pb:
+            chunks = _split(queries_pb, self._limits(deadline))
+        else:
+            chunks = [queries_pb]
+        results: list[QueryResult] = []
+        for chunk in chunks:
+            request = search_pb2.SearchRequest(queries=chunk, k=k)
+            if min_score is not None:
+                request.min_score = min_score
+            try:
+                response = self.stub.Search(request, timeout=deadline)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from exc
+            results.extend(
+                QueryResult.from_proto(r, response.index_version) for r in response.results
+            )
+        return results
+
+    def _limits(self, deadline: float | None) -> RequestLimits:
+        if self._cached_limits is None:
+            self._cached_limits = self.index_info(timeout_s=deadline).limits
+        return self._cached_limits
 
     def index_info(self, *, timeout_s: float | None | _Default = _DEFAULT) -> IndexInfo:
         """Describe the served index (model, layer, pooling, size, version) and the server's limits.
@@ -192,3 +214,25 @@ class SearchClient:
                 grpc.StatusCode.UNAVAILABLE,
                 f"no connection to {self.address} within {timeout_s} s",
             ) from exc
+
+
+def _split(queries: list[search_pb2.Query], limits: RequestLimits) -> list[list[search_pb2.Query]]:
+    """Greedy, order-keeping split of queries into requests within ``limits``.
+
+    A limit of 0 (a server that does not report it) means "no limit". A query
+    longer than the per-request residue limit goes alone (the server then answers
+    RESOURCE_EXHAUSTED for it).
+    """
+    max_n = limits.max_queries_per_request or len(queries)
+    max_res = limits.max_residues_per_request or None
+    chunks: list[list[search_pb2.Query]] = [[]]
+    residues = 0
+    for q in queries:
+        n = len(q.sequence)
+        current = chunks[-1]
+        if current and (len(current) >= max_n or (max_res is not None and residues + n > max_res)):
+            chunks.append([])
+            current, residues = chunks[-1], 0
+        current.append(q)
+        residues += n
+    return chunks
