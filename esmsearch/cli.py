@@ -48,22 +48,23 @@ def _human_bytes(n: float) -> str:
 
 # -- index build --------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from esmsearch.indexer import build_index
+    from esmsearch.indexer import build_index, build_version
 
     _configure_logging(max(args.verbose, 1))
-    result = build_index(
-        args.fasta,
-        args.output,
+    common: dict[str, Any] = dict(
         model=args.model,
         layer=args.layer,
         toks_per_batch=args.toks_per_batch,
         device=args.device,
         precision=args.precision,
         index_factory=args.index_factory,
-        overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.no_progress,
     )
+    if args.root is not None:
+        result = build_version(args.fasta, args.root, reuse=not args.no_reuse, keep_versions=args.keep, **common)
+    else:
+        result = build_index(args.fasta, args.output, overwrite=args.overwrite, **common)
     m = result.manifest
     print(
         f"built {result.path}: {result.sequences} sequences, {result.residues} residues, "
@@ -74,14 +75,50 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"total {result.seconds:.1f} s; {result.windowed_sequences} sequences longer than "
         f"{m.build.get('window_residues')} residues embedded in windows"
     )
+    if args.root is not None:
+        r = result.reuse
+        print(
+            f"previous version {result.previous_version or '-'}: reused {r.reused}, embedded {r.embedded} "
+            f"(added {r.added}, changed {r.changed}), removed {r.removed}; "
+            f"about {result.seconds_saved:.1f} s of embedding saved; current -> {m.version}"
+        )
+    return 0
+
+
+def cmd_index_versions(args: argparse.Namespace) -> int:
+    from esmsearch.versions import IndexRoot
+
+    root = IndexRoot(args.root)
+    versions = root.list_versions()
+    if not versions:
+        print(f"esmsearch: error: no published versions in {args.root}", file=sys.stderr)
+        return 1
+    print("current\tversion\tsequences\tbuilt_at\tmodel")
+    for v in versions:
+        print(f"{'*' if v.is_current else ''}\t{v.version}\t{v.count}\t{v.built_at}\t{v.model_name}")
+    return 0
+
+
+def cmd_index_rollback(args: argparse.Namespace) -> int:
+    from esmsearch.versions import IndexRoot
+
+    root = IndexRoot(args.root)
+    before = root.current_version()
+    with root.lock():
+        now = root.rollback(args.version)
+    print(f"{args.root}: current {before} -> {now}")
     return 0
 
 
 # -- index info ---------------------------------------------------------------------------
 def cmd_index_info(args: argparse.Namespace) -> int:
     from esmsearch.store import Index
+    from esmsearch.versions import IndexRoot
 
-    with Index.open(args.index_dir, verify=args.verify) as index:
+    path = args.index_dir
+    if IndexRoot.is_root(path):
+        path = IndexRoot(path).current_path()
+    with Index.open(path, verify=args.verify) as index:
         m = index.manifest
         sizes = index.file_sizes()
         if args.json:
@@ -169,11 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{index,serve,search}")
 
     index = sub.add_parser("index", help="build or inspect an index")
-    isub = index.add_subparsers(dest="index_command", required=True, metavar="{build,info}")
+    isub = index.add_subparsers(dest="index_command", required=True, metavar="{build,info,versions,rollback}")
 
-    b = isub.add_parser("build", help="embed a FASTA database and write an index directory")
+    b = isub.add_parser("build", help="embed a FASTA database and write an index directory or root version")
     b.add_argument("fasta", type=Path, help="database FASTA (plain or .gz)")
-    b.add_argument("-o", "--output", type=Path, required=True, help="index directory to create")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--output", type=Path, help="standalone index directory to create")
+    where.add_argument(
+        "--root",
+        type=Path,
+        help="versioned index root: build ROOT/versions/<version>, reusing unchanged vectors, and swap ROOT/current",
+    )
     b.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -184,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (default fp32)")
     b.add_argument("--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path (-o)")
+    b.add_argument("--keep", type=int, default=None, metavar="N", help="with --root: keep only the newest N versions (never the live one)")
+    b.add_argument("--no-reuse", action="store_true", help="with --root: re-embed everything instead of reusing unchanged vectors")
     b.add_argument(
         "--resume",
         action="store_true",
@@ -194,7 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-v", "--verbose", action="count", default=0)
     b.set_defaults(func=cmd_index_build)
 
-    i = isub.add_parser("info", help="describe an index directory")
+    vs = isub.add_parser("versions", help="list the versions of an index root")
+    vs.add_argument("root", type=Path)
+    vs.set_defaults(func=cmd_index_versions)
+
+    rb = isub.add_parser("rollback", help="point an index root's current at an earlier version")
+    rb.add_argument("root", type=Path)
+    rb.add_argument("version", nargs="?", default=None, help="version id (default: the one before the live one)")
+    rb.set_defaults(func=cmd_index_rollback)
+
+    i = isub.add_parser("info", help="describe an index directory (or the live version of a root)")
     i.add_argument("index_dir", type=Path)
     i.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
     i.add_argument("--json", action="store_true", help="print the manifest and sizes as JSON")

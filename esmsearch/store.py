@@ -154,9 +154,10 @@ class Target:
 
 
 def new_version_id(now: datetime | None = None) -> str:
-    """A sortable, unique index version id such as ``20261122T031500Z-1a2b3c``."""
+    """A sortable, unique index version id such as ``20261122T031500.123Z-1a2b3c``
+    (UTC build time to the millisecond, then a random suffix)."""
     now = now or datetime.now(timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-" + uuid.uuid4().hex[:6]
 
 
 def _file_sha256(path: Path) -> str:
@@ -254,6 +255,12 @@ class IndexWriter:
     def commit(self) -> None:
         """Make metadata rows added so far durable."""
         self._db.commit()
+
+    def iter_metadata(self) -> Iterator[tuple[int, str, str, int, str]]:
+        """Rows written so far: ``(row, record_id, description, length, sha256)`` in row order."""
+        yield from self._db.execute(
+            "SELECT row, record_id, description, length, sha256 FROM sequences ORDER BY row"
+        )
 
     @property
     def rows(self) -> int:

@@ -1,7 +1,23 @@
-"""Index build pipeline: FASTA -> embeddings -> FAISS index directory."""
+"""Index build pipeline: FASTA -> embeddings -> FAISS index directory or root version."""
 
 from __future__ import annotations
 
-from esmsearch.indexer.build import BuildConfig, BuildResult, build_index, scan_fasta
+from esmsearch.indexer.build import (
+    BuildConfig,
+    BuildResult,
+    ReuseCounts,
+    build_index,
+    build_version,
+    partial_build_dir,
+    scan_fasta,
+)
 
-__all__ = ["BuildConfig", "BuildResult", "build_index", "scan_fasta"]
+__all__ = [
+    "BuildConfig",
+    "BuildResult",
+    "ReuseCounts",
+    "build_index",
+    "build_version",
+    "partial_build_dir",
+    "scan_fasta",
+]
