@@ -132,7 +132,9 @@ def sample_queries(queries: list[str], max_queries: int | None, seed: int) -> li
     return [q for q in queries if q in keep]
 
 
-def load_dataset(name: str, data_dir: Path, max_queries: int | None, seed: int) -> Dataset:
+def load_dataset(
+    name: str, data_dir: Path, max_queries: int | None, seed: int, max_targets: int | None = None
+) -> Dataset:
     """Load ``progres208`` or ``scope207`` from ``data_dir`` (see the module docstring)."""
     if name == "progres208":
         sequences = read_fasta(data_dir / "progres_astral_40_upper_scope2.08.fa")
@@ -156,11 +158,19 @@ def load_dataset(name: str, data_dir: Path, max_queries: int | None, seed: int) 
     if missing:
         raise BenchmarkError(f"{len(missing)} queries lack a sequence, e.g. {missing[:3]}")
     queries = sample_queries(all_queries, max_queries, seed)
+    database = list(sequences)
+    if max_targets is not None and max_targets < len(database):
+        # Smoke-test mode: the queries plus a seeded sample of the other domains.
+        qset = set(queries)
+        others = [d for d in database if d not in qset]
+        keep = qset | set(random.Random(seed).sample(others, max(0, max_targets - len(qset))))
+        database = [d for d in database if d in keep]
+        description += f", database sampled to {len(database):,} domains (smoke test)"
     return Dataset(
         name=name,
         description=description,
         queries=queries,
-        database=list(sequences),
+        database=database,
         sequences=sequences,
         labels=labels,
         n_queries_total=len(all_queries),
@@ -339,6 +349,19 @@ def is_random_checkpoint(model: str) -> bool:
     return cfg is not None and hasattr(cfg, "random_weights_seed")
 
 
+def split_fasta(path: Path, out_dir: Path, max_records: int) -> list[Path]:
+    """Split a FASTA file into files of at most ``max_records`` records, in order."""
+    records = read_fasta(path)
+    ids = list(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for start in range(0, len(ids), max_records):
+        chunk = out_dir / f"queries_{start // max_records:04d}.fasta"
+        write_fasta(records, ids[start : start + max_records], chunk)
+        chunks.append(chunk)
+    return chunks
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -405,12 +428,16 @@ def run_esmsearch(
     if toks_per_batch:
         build += ["--toks-per-batch", str(toks_per_batch)]
     run_measured("esmsearch_index_build", build, work, usage, env=env)
+    query_chunks = split_fasta(query_fa, work / "esm_query_chunks", max_records=1000)
 
     port = free_port()
     address = f"127.0.0.1:{port}"
     server_json = work / "usage_esmsearch_server.json"
     server_log = open(work / "esmsearch_server.log", "wb")  # noqa: SIM115 - closed below
     serve = [exe, "serve", str(index_dir), "--host", "127.0.0.1", "--port", str(port)]
+    serve += ["--device", device]
+    if toks_per_batch:
+        serve += ["--toks-per-batch", str(toks_per_batch)]
     print(f"[esmsearch_server] {' '.join(serve)}", flush=True)
     server = subprocess.Popen(
         measured_cmd(server_json, serve), stdout=server_log, stderr=subprocess.STDOUT, env=env
@@ -421,17 +448,23 @@ def run_esmsearch(
         wait_serving(address, server, server_timeout_s)
         ready_s = time.perf_counter() - t0
         print(f"[esmsearch_server] SERVING after {ready_s:.1f} s", flush=True)
-        search_json = work / "usage_esmsearch_search.json"
-        cmd = [exe, "search", str(query_fa), "--server", address, "-k", str(k), "--format", "tsv"]
-        print(f"[esmsearch_search] {' '.join(cmd)} > {out}", flush=True)
-        with open(out, "wb") as stdout, open(work / "esmsearch_search.log", "wb") as log:
-            rc = subprocess.run(
-                measured_cmd(search_json, cmd), stdout=stdout, stderr=log, env=env
-            ).returncode
-        if rc != 0:
-            tail = (work / "esmsearch_search.log").read_text(errors="replace")[-2000:]
-            raise BenchmarkError(f"esmsearch search failed (exit {rc}):\n{tail}")
-        search_record = json.loads(search_json.read_text())
+        # The server takes at most 1000 queries per request: one client call per chunk.
+        search_usage = Usage()
+        with open(out, "wb") as stdout:
+            for i, chunk_fa in enumerate(query_chunks):
+                step = f"esmsearch_search_{i}"
+                search_json = work / f"usage_{step}.json"
+                cmd = [exe, "search", str(chunk_fa), "--server", address, "-k", str(k)]
+                cmd += ["--format", "tsv", "--timeout-s", "3600"]
+                print(f"[{step}] {' '.join(cmd)} >> {out}", flush=True)
+                with open(work / f"{step}.log", "wb") as log:
+                    rc = subprocess.run(
+                        measured_cmd(search_json, cmd), stdout=stdout, stderr=log, env=env
+                    ).returncode
+                if rc != 0:
+                    tail = (work / f"{step}.log").read_text(errors="replace")[-2000:]
+                    raise BenchmarkError(f"esmsearch search failed (exit {rc}):\n{tail}")
+                search_usage.add(step, json.loads(search_json.read_text()))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -443,7 +476,15 @@ def run_esmsearch(
         server_log.close()
     server_record = json.loads(server_json.read_text())
     usage.add("esmsearch_server", server_record)
-    usage.add("esmsearch_search", search_record)
+    usage.add(
+        "esmsearch_search",
+        {
+            "wall_s": search_usage.wall_s,
+            "user_s": search_usage.cpu_s,
+            "sys_s": 0.0,
+            "max_rss_kib": search_usage.max_rss_mib * 1024.0,
+        },
+    )
     # The server and the client overlap in time: wall time is build + (server start
     # to SERVING) + search, not the sum of the server's and the client's lives.
     usage.wall_s = (
@@ -485,6 +526,8 @@ class Row:
     speed_only: bool
     steps: dict[str, dict[str, float]]
     notes: list[str]
+    per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # Foldseek convention
+    command: str = ""
 
 
 def score(run: ToolRun, dataset: Dataset) -> tuple[SensitivityResult, SensitivityResult]:
@@ -568,7 +611,8 @@ def markdown(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace) ->
             f"convention): family {n['family']}, superfamily {n['superfamily']}, "
             f"fold {n['fold']}.",
         ]
-    lines += ["", f"Command: `python benchmarks/scop_sensitivity.py {' '.join(args.argv)}`", ""]
+    commands = list(dict.fromkeys(r.command for r in rows if r.command))
+    lines += ["", "Command(s): " + "; ".join(f"`{c}`" for c in commands), ""]
     return "\n".join(lines)
 
 
@@ -586,9 +630,7 @@ def platform_line() -> str:
     return f"{model}, {platform.system()} {platform.release()}"
 
 
-def plot(
-    results: Sequence[tuple[ToolRun, SensitivityResult]], dataset: Dataset, path: Path
-) -> None:
+def plot(rows: Sequence[Row], dataset: Dataset, path: Path) -> None:
     """Cumulative sensitivity curves (Foldseek Fig. 2 style), one panel per level."""
     import matplotlib
 
@@ -597,16 +639,17 @@ def plot(
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
     for ax, level in zip(axes, LEVELS, strict=True):
-        for run, result in results:
-            fraction, sens = cumulative_curve(result.per_query[level].values())
-            label = f"{run.tool} ({result.mean(level):.3f})"
-            if run.speed_only:
-                label = f"{run.tool}, {RANDOM_LABEL} ({result.mean(level):.3f})"
+        for row in rows:
+            fraction, sens = cumulative_curve(row.per_query[level].values())
+            mean = row.sensitivity_foldseek[level]
+            label = f"{row.tool} ({mean:.3f})"
+            if row.speed_only:
+                label = f"{row.tool}, {RANDOM_LABEL} ({mean:.3f})"
             xs = [0.0, *fraction.tolist()]
             ys = [sens[0] if sens.size else 0.0, *sens.tolist()]
-            ax.step(xs, ys, where="pre", label=label, linestyle="--" if run.speed_only else "-")
+            ax.step(xs, ys, where="pre", label=label, linestyle="--" if row.speed_only else "-")
         title = level + (" (self hit excluded)" if level == "family" else "")
-        ax.set_title(f"{title}, n={len(next(iter(results))[1].per_query[level])}")
+        ax.set_title(f"{title}, n={rows[0].n_queries_per_level[level]} queries")
         ax.set_xlabel("fraction of queries")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
@@ -617,6 +660,38 @@ def plot(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_report(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace) -> str:
+    """Write table, JSON and plot into ``args.out``, merged with earlier rows if ``--append``.
+
+    With ``--append``, rows of *other* tools already in ``args.out``'s JSON for the same
+    dataset, queries and database are kept (e.g. baselines and esmsearch run separately).
+    """
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"scop_sensitivity_{dataset.name}"
+    json_path = args.out / f"{stem}_results.json"
+    key = {
+        "dataset": dataset.name,
+        "queries": sorted(dataset.queries),
+        "n_targets": len(dataset.database),
+    }
+    merged = list(rows)
+    if args.append and json_path.exists():
+        old = json.loads(json_path.read_text(encoding="utf-8"))
+        if {k: old.get(k) for k in key} == key:
+            mine = {r.tool for r in rows}
+            merged = [Row(**r) for r in old["rows"] if r["tool"] not in mine] + merged
+    order = {"MMseqs2": 0, "BLASTp": 1, "esmsearch": 2}
+    merged.sort(key=lambda r: order.get(r.tool, 3))
+    table = markdown(merged, dataset, args)
+    (args.out / f"{stem}.md").write_text(table, encoding="utf-8")
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**key, "rows": [asdict(r) for r in merged]}), encoding="utf-8")
+    os.replace(tmp, json_path)
+    if merged:
+        plot(merged, dataset, args.out / f"{stem}_curves.png")
+    return table
 
 
 # -------------------------------------------------------------------------- main
@@ -641,7 +716,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="esmsearch device (default %(default)s)")
     parser.add_argument("--toks-per-batch", type=int, default=None)
-    parser.add_argument("-k", type=int, default=2000, help="esmsearch hits per query")
+    parser.add_argument(
+        "-k",
+        type=int,
+        default=1000,
+        help="esmsearch hits per query (default %(default)s, the server's MAX_K)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for every tool")
     parser.add_argument(
         "--max-queries",
@@ -649,10 +729,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="seeded random sample of queries (default: all for progres208, 400 for scope207)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="query sampling seed")
+    parser.add_argument(
+        "--max-targets",
+        type=int,
+        default=None,
+        help="smoke tests only: shrink the database to the queries plus a seeded sample",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="query and database sampling seed")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="kept; default: temp, removed")
     parser.add_argument("--server-timeout-s", type=float, default=600.0)
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep rows of other tools already in --out for the same queries and database",
+    )
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
@@ -679,7 +770,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchmarkError(
                 "matplotlib is needed for the plot: pip install matplotlib"
             ) from exc
-        dataset = load_dataset(args.dataset, args.data_dir, args.max_queries, args.seed)
+        dataset = load_dataset(
+            args.dataset, args.data_dir, args.max_queries, args.seed, args.max_targets
+        )
         work = args.work_dir or Path(tempfile.mkdtemp(prefix="scop_bench_"))
         work.mkdir(parents=True, exist_ok=True)
         query_fa, db_fa = work / "queries.fasta", work / "db.fasta"
@@ -687,19 +780,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_fasta(dataset.sequences, dataset.database, db_fa)
         print(f"{dataset.description}; {len(dataset.queries)} queries; work dir {work}", flush=True)
 
-        runs: list[ToolRun] = []
-        if "mmseqs2" in tools:
-            runs.append(run_mmseqs(query_fa, db_fa, work, args.threads))
-        if "blastp" in tools:
-            runs.append(run_blast(query_fa, db_fa, work, args.threads))
-        if "esmsearch" in tools:
-            model = args.model
-            if model is None:
-                from esmsearch.checkpoints import write_random_checkpoint
+        rows: list[Row] = []
+        table = ""
+        command = "python benchmarks/scop_sensitivity.py " + " ".join(args.argv)
+        for tool in ("mmseqs2", "blastp", "esmsearch"):
+            if tool not in tools:
+                continue
+            if tool == "mmseqs2":
+                run = run_mmseqs(query_fa, db_fa, work, args.threads)
+            elif tool == "blastp":
+                run = run_blast(query_fa, db_fa, work, args.threads)
+            else:
+                model = args.model
+                if model is None:
+                    from esmsearch.checkpoints import write_random_checkpoint
 
-                model = str(write_random_checkpoint(DEFAULT_ARCH, work / "checkpoints", seed=0))
-            runs.append(
-                run_esmsearch(
+                    model = str(write_random_checkpoint(DEFAULT_ARCH, work / "checkpoints", seed=0))
+                run = run_esmsearch(
                     query_fa,
                     db_fa,
                     work,
@@ -710,46 +807,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.k,
                     args.server_timeout_s,
                 )
-            )
+            rows.append(make_row(run, dataset, command))
+            table = write_report(rows, dataset, args)  # after every tool: partial results kept
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-    rows: list[Row] = []
-    scored: list[tuple[ToolRun, SensitivityResult]] = []
-    for run in runs:
-        foldseek, progres = score(run, dataset)
-        scored.append((run, foldseek))
-        rows.append(
-            Row(
-                tool=run.tool,
-                model=run.model,
-                n_queries=len(dataset.queries),
-                n_targets=len(dataset.database),
-                sensitivity_foldseek={lv: foldseek.mean(lv) for lv in LEVELS},
-                sensitivity_progres_family=progres.mean("family"),
-                n_queries_per_level={lv: foldseek.n_queries(lv) for lv in LEVELS},
-                wall_s=run.usage.wall_s,
-                cpu_s=run.usage.cpu_s,
-                max_rss_mib=run.usage.max_rss_mib,
-                speed_only=run.speed_only,
-                steps=run.usage.steps,
-                notes=run.notes,
-            )
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"scop_sensitivity_{dataset.name}"
-    table = markdown(rows, dataset, args)
-    (args.out / f"{stem}.md").write_text(table, encoding="utf-8")
-    (args.out / f"{stem}_results.json").write_text(
-        json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8"
-    )
-    if scored:
-        plot(scored, dataset, args.out / f"{stem}_curves.png")
     print(table)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def make_row(run: ToolRun, dataset: Dataset, command: str) -> Row:
+    """Score one tool run under both self-hit conventions."""
+    foldseek, progres = score(run, dataset)
+    return Row(
+        tool=run.tool,
+        model=run.model,
+        n_queries=len(dataset.queries),
+        n_targets=len(dataset.database),
+        sensitivity_foldseek={lv: foldseek.mean(lv) for lv in LEVELS},
+        sensitivity_progres_family=progres.mean("family"),
+        n_queries_per_level={lv: foldseek.n_queries(lv) for lv in LEVELS},
+        wall_s=run.usage.wall_s,
+        cpu_s=run.usage.cpu_s,
+        max_rss_mib=run.usage.max_rss_mib,
+        speed_only=run.speed_only,
+        steps=run.usage.steps,
+        notes=run.notes,
+        per_query={lv: dict(foldseek.per_query[lv]) for lv in LEVELS},
+        command=command,
+    )
 
 
 if __name__ == "__main__":
