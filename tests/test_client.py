@@ -282,3 +282,29 @@ def test_write_json_round_trips() -> None:
         "target_description": "first target",
     }
     assert data[1]["hits"] == []
+
+
+def test_embed_then_search_by_embedding_round_trip(client, db) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    emb = client.embed({"p": db[6].sequence, "q": db[11].sequence})
+    assert emb.query_ids == ["p", "q"]
+    assert emb.vectors.shape == (2, 32) and emb.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=1e-5)
+    info = client.index_info()
+    assert (emb.checkpoint_sha256, emb.layer, emb.index_version) == (
+        info.checkpoint_sha256,
+        info.layer,
+        info.index_version,
+    )
+    results = client.search_by_embedding(emb.vectors, query_ids=emb.query_ids, k=1)
+    assert [(r.query_id, r.hits[0].target_id) for r in results] == [
+        ("p", db[6].record_id),
+        ("q", db[11].record_id),
+    ]
+    by_map = client.search_by_embedding({"only": emb.vectors[1]}, k=1)
+    assert by_map[0].hits[0].target_id == db[11].record_id
+    with pytest.raises(InvalidArgumentError, match="the index dimension is 32"):
+        client.search_by_embedding(np.ones((1, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        client.search_by_embedding(np.ones(32, dtype=np.float32))

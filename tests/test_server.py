@@ -329,3 +329,101 @@ def test_serve_prints_its_address_and_exits_0_on_sigterm(small_index: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- Embed, SearchByEmbedding, SearchStream ----------------------------------------------
+
+
+def test_embed_returns_the_index_vectors_of_database_sequences(stub, db, server) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from esmsearch.store import Index
+
+    _, index_path = server
+    picked = [0, 5, 39]
+    request = search_pb2.EmbedRequest(
+        queries=[Q(query_id=db[i].record_id, sequence=db[i].sequence) for i in picked]
+    )
+    response = stub.Embed(request, timeout=30)
+    assert [e.query_id for e in response.embeddings] == [db[i].record_id for i in picked]
+    assert response.dim == 32 and response.layer == 2
+    vectors = np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+    with Index.open(index_path) as index:
+        stored = np.asarray(index.embeddings())[picked]
+        assert response.index_version == index.version
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors, stored, atol=1e-5)
+
+
+def test_search_by_embedding_matches_search_and_normalises(stub, db, server) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from esmsearch.store import Index
+
+    _, index_path = server
+    with Index.open(index_path) as index:
+        stored = np.asarray(index.embeddings())[[3, 8]]
+    request = search_pb2.SearchByEmbeddingRequest(
+        embeddings=[
+            search_pb2.Embedding(query_id="a", values=stored[0].tolist()),
+            search_pb2.Embedding(query_id="b", values=(3.0 * stored[1]).tolist()),  # not unit
+        ],
+        k=4,
+    )
+    by_vector = stub.SearchByEmbedding(request, timeout=30)
+    by_sequence = stub.Search(
+        search_pb2.SearchRequest(
+            queries=[
+                Q(query_id="a", sequence=db[3].sequence),
+                Q(query_id="b", sequence=db[8].sequence),
+            ],
+            k=4,
+        ),
+        timeout=30,
+    )
+    assert by_vector.index_version == by_sequence.index_version
+    for v, s in zip(by_vector.results, by_sequence.results, strict=True):
+        assert v.query_length == 0
+        assert [h.target_id for h in v.hits] == [h.target_id for h in s.hits]
+        assert [h.cosine_score for h in v.hits] == pytest.approx(
+            [h.cosine_score for h in s.hits], abs=1e-4
+        )
+    assert by_vector.results[1].hits[0].cosine_score <= 1.0001
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.1] * 31, "31 values, the index dimension is 32"),
+        ([0.0] * 32, "a zero vector"),
+        ([float("nan")] + [0.1] * 31, "non-finite values"),
+    ],
+)
+def test_search_by_embedding_rejects_bad_vectors(stub, values, expected) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchByEmbeddingRequest(
+        embeddings=[search_pb2.Embedding(query_id="v", values=values)], k=1
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SearchByEmbedding(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"query 'v': embedding has {expected}" in info.value.details()
+
+
+def test_search_stream_answers_in_order_and_stops_at_first_bad_request(stub, db) -> None:  # type: ignore[no-untyped-def]
+    requests = [
+        search_pb2.SearchRequest(queries=[Q(query_id="x", sequence=db[1].sequence)], k=1),
+        search_pb2.SearchRequest(queries=[Q(query_id="y", sequence=db[2].sequence)], k=2),
+        search_pb2.SearchRequest(queries=[Q(query_id="z", sequence="MKV")], k=0),
+    ]
+    stream = stub.SearchStream(iter(requests), timeout=30)
+    first, second = next(stream), next(stream)
+    assert first.results[0].hits[0].target_id == db[1].record_id
+    assert [len(second.results[0].hits), second.results[0].hits[0].target_id] == [
+        2,
+        db[2].record_id,
+    ]
+    assert first.index_version == second.index_version != ""
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request #3: k must be in")

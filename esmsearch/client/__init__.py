@@ -28,13 +28,14 @@ from esmsearch.client.errors import (
     UnimplementedError,
 )
 from esmsearch.client.formats import TSV_COLUMNS, write_json, write_tsv
-from esmsearch.client.types import Hit, IndexInfo, QueryResult, RequestLimits
+from esmsearch.client.types import Embeddings, Hit, IndexInfo, QueryResult, RequestLimits
 
 __all__ = [
     "DEFAULT_ADDRESS",
     "TSV_COLUMNS",
     "CancelledError",
     "DeadlineExceededError",
+    "Embeddings",
     "FailedPreconditionError",
     "Hit",
     "IndexInfo",

@@ -13,9 +13,10 @@ from types import TracebackType
 from typing import Final
 
 import grpc
+import numpy as np
 
 from esmsearch.client.errors import error_from_rpc
-from esmsearch.client.types import IndexInfo, QueryResult, RequestLimits
+from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, RequestLimits
 from esmsearch.sequences import records_from
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -72,9 +73,12 @@ class SearchClient:
             raise ValueError(f"timeout_s must be > 0 seconds or None, got {timeout_s!r}")
         self.address = address
         self.timeout_s = timeout_s
-        self.channel: grpc.Channel = (
-            channel if channel is not None else grpc.insecure_channel(address)
-        )
+        if channel is None:
+            # Responses grow with k x queries (a hit is ~100-200 bytes): no 4 MB cap.
+            channel = grpc.insecure_channel(
+                address, options=[("grpc.max_receive_message_length", -1)]
+            )
+        self.channel: grpc.Channel = channel
         self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
         self._closed = False
         self._cached_limits: RequestLimits | None = None
@@ -184,6 +188,97 @@ class SearchClient:
         if self._cached_limits is None:
             self._cached_limits = self.index_info(timeout_s=deadline).limits
         return self._cached_limits
+
+    def search_by_embedding(
+        self,
+        vectors: np.ndarray | Mapping[str, Sequence[float]],
+        *,
+        query_ids: Sequence[str] | None = None,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout_s: float | None | _Default = _DEFAULT,
+    ) -> list[QueryResult]:
+        """Search with precomputed query embeddings (one ``SearchByEmbedding`` RPC).
+
+        Args:
+            vectors: float32-convertible ``[n_queries, dim]`` array (``dim`` =
+                :attr:`IndexInfo.dim`), or a mapping query id -> vector. Any non-zero
+                finite vectors; the server L2-normalises them.
+            query_ids: ids for the rows of an array (default ``query_1``, ``query_2``, ...).
+            k: hits per query, 1 .. the server's ``max_k``.
+            min_score: drop hits whose cosine score is below this, in [-1, 1].
+            timeout_s: deadline of the call in seconds; ``None`` = none.
+
+        Returns:
+            One :class:`QueryResult` per vector, in input order, with
+            ``query_length`` 0 (unknown for a vector).
+
+        Raises:
+            InvalidArgumentError: wrong dimension, non-finite or zero vector, bad k/ids.
+            ResourceExhaustedError, DeadlineExceededError, UnavailableError, SearchError:
+                the RPC failed.
+            ValueError: ``vectors`` is not 2-D, ``query_ids`` has the wrong length,
+                or the client is closed.
+        """
+        deadline = self._timeout(timeout_s)
+        if isinstance(vectors, Mapping):
+            ids = [str(key) for key in vectors]
+            array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
+        else:
+            array = np.asarray(vectors, dtype=np.float32)
+            ids = (
+                list(query_ids)
+                if query_ids is not None
+                else [f"query_{i + 1}" for i in range(len(array))]
+            )
+        if array.ndim != 2:
+            raise ValueError(f"vectors must be 2-D [n_queries, dim], got shape {array.shape}")
+        if len(ids) != array.shape[0]:
+            raise ValueError(f"{len(ids)} query_ids for {array.shape[0]} vectors")
+        request = search_pb2.SearchByEmbeddingRequest(
+            embeddings=[
+                search_pb2.Embedding(query_id=qid, values=row.tolist())
+                for qid, row in zip(ids, array, strict=True)
+            ],
+            k=k,
+        )
+        if min_score is not None:
+            request.min_score = min_score
+        try:
+            response = self.stub.SearchByEmbedding(request, timeout=deadline)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [QueryResult.from_proto(r, response.index_version) for r in response.results]
+
+    def embed(
+        self, queries: Queries, *, timeout_s: float | None | _Default = _DEFAULT
+    ) -> Embeddings:
+        """Embed query sequences with the served index's model (one ``Embed`` RPC).
+
+        Args:
+            queries: as for :meth:`search`.
+            timeout_s: deadline of the call in seconds; ``None`` = none.
+
+        Returns:
+            :class:`Embeddings` with float32 ``[n_queries, dim]`` L2-normalised vectors
+            in input order (the same vectors :meth:`search` searches with).
+
+        Raises:
+            esmsearch.errors.InvalidSequenceError: a query is invalid (caught locally).
+            InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
+                UnavailableError, SearchError: the RPC failed.
+            ValueError: the client is closed.
+        """
+        deadline = self._timeout(timeout_s)
+        records = records_from(queries)
+        request = search_pb2.EmbedRequest(
+            queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
+        )
+        try:
+            response = self.stub.Embed(request, timeout=deadline)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return Embeddings.from_proto(response)
 
     def index_info(self, *, timeout_s: float | None | _Default = _DEFAULT) -> IndexInfo:
         """Describe the served index (model, layer, pooling, size, version) and the server's limits.

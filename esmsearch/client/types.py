@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from esmsearch.v1 import search_pb2
 
-__all__ = ["Hit", "IndexInfo", "QueryResult", "RequestLimits"]
+__all__ = ["Embeddings", "Hit", "IndexInfo", "QueryResult", "RequestLimits"]
 
 
 @dataclass(frozen=True)
@@ -149,4 +151,40 @@ class IndexInfo:
             source_fasta_sha256=msg.source_fasta_sha256,
             server_version=msg.server_version,
             limits=RequestLimits.from_proto(msg.limits),
+        )
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Query embeddings computed by the server (``EmbedResponse`` in search.proto).
+
+    Attributes:
+        query_ids: the queries' ids, in input order.
+        vectors: float32 ``[n_queries, dim]``, each row L2-normalised (unit length),
+            so the inner product of two rows is their cosine similarity.
+        model_name: model recorded in the served index's manifest.
+        checkpoint_sha256: hex sha256 of the model checkpoint.
+        layer: mean-pooled representation layer.
+        index_version: index version being served when the vectors were computed.
+    """
+
+    query_ids: list[str]
+    vectors: np.ndarray
+    model_name: str
+    checkpoint_sha256: str
+    layer: int
+    index_version: str
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.EmbedResponse) -> Embeddings:
+        vectors = np.zeros((len(msg.embeddings), msg.dim), dtype=np.float32)
+        for i, emb in enumerate(msg.embeddings):
+            vectors[i] = emb.values
+        return cls(
+            query_ids=[e.query_id for e in msg.embeddings],
+            vectors=vectors,
+            model_name=msg.model_name,
+            checkpoint_sha256=msg.checkpoint_sha256,
+            layer=int(msg.layer),
+            index_version=msg.index_version,
         )

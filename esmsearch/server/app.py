@@ -156,8 +156,15 @@ def create_server(
         engine = SearchEngine.load(
             index_dir, model=model, device=device, toks_per_batch=toks_per_batch
         )
-    # Room for max_residues_per_request one-byte residues plus ids and framing.
-    max_message = max(4 << 20, 2 * limits.max_residues_per_request + (1 << 20))
+    # Room for a full request: one-byte residues (Search, Embed) or float32 vectors
+    # (SearchByEmbedding), plus ids (<= 1000 bytes each) and framing.
+    dim = engine.index.manifest.dim
+    per_query = 4 * dim + 1100
+    max_message = max(
+        4 << 20,
+        2 * limits.max_residues_per_request + (1 << 20),
+        limits.max_queries_per_request * per_query + (1 << 20),
+    )
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="esmsearch-rpc"),
         options=[("grpc.max_receive_message_length", max_message)],

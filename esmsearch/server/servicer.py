@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import grpc
+import numpy as np
 
 import esmsearch
 from esmsearch.errors import InvalidSequenceError
 from esmsearch.sequences import validate_sequence
-from esmsearch.server.engine import SearchEngine
+from esmsearch.server.engine import EngineHit, SearchEngine
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 __all__ = [
@@ -93,37 +95,34 @@ class _Reject(Exception):
         self.details = details
 
 
-def _validate(
-    request: search_pb2.SearchRequest, limits: RequestLimits
-) -> tuple[list[str], float | None]:
-    """Validate a SearchRequest; return the normalised sequences and min_score.
-
-    Raises:
-        _Reject: INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a precise message.
-    """
+def _check_k(k: int, has_min_score: bool, min_score: float, limits: RequestLimits) -> float | None:
+    """Validate ``k`` and ``min_score``; return min_score or ``None`` when unset."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-    n = len(request.queries)
+    if not 1 <= k <= limits.max_k:
+        raise _Reject(invalid, f"k must be in [1, {limits.max_k}], got {k}")
+    if not has_min_score:
+        return None
+    if math.isnan(min_score) or not -1.0 <= min_score <= 1.0:
+        raise _Reject(invalid, f"min_score must be a cosine score in [-1, 1], got {min_score}")
+    return min_score
+
+
+def _check_count(n: int, limits: RequestLimits, what: str) -> None:
     if n == 0:
-        raise _Reject(invalid, "request has no queries; send at least one Query")
+        raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"request has no {what}; send at least one")
     if n > limits.max_queries_per_request:
         raise _Reject(
-            exhausted,
-            f"request has {n} queries, over the limit of {limits.max_queries_per_request} "
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request has {n} {what}, over the limit of {limits.max_queries_per_request} "
             "per request; split it into several requests",
         )
-    if not 1 <= request.k <= limits.max_k:
-        raise _Reject(invalid, f"k must be in [1, {limits.max_k}], got {request.k}")
-    min_score: float | None = None
-    if request.HasField("min_score"):
-        min_score = request.min_score
-        if math.isnan(min_score) or not -1.0 <= min_score <= 1.0:
-            raise _Reject(invalid, f"min_score must be a cosine score in [-1, 1], got {min_score}")
+
+
+def _check_ids(ids: list[str]) -> None:
+    """Non-empty, bounded, unique query ids."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
     seen: dict[str, int] = {}
-    sequences: list[str] = []
-    total = 0
-    for i, query in enumerate(request.queries, start=1):
-        qid = query.query_id
+    for i, qid in enumerate(ids, start=1):
         if not qid:
             raise _Reject(
                 invalid, f"query #{i} has an empty query_id; every query needs a unique id"
@@ -139,6 +138,21 @@ def _validate(
                 "query ids must be unique within a request",
             )
         seen[qid] = i
+
+
+def _check_queries(queries: Sequence[search_pb2.Query], limits: RequestLimits) -> list[str]:
+    """Validate query ids, sequences and residue limits; return normalised sequences.
+
+    Raises:
+        _Reject: INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a precise message.
+    """
+    _check_count(len(queries), limits, "queries")
+    _check_ids([q.query_id for q in queries])
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    sequences: list[str] = []
+    total = 0
+    for query in queries:
+        qid = query.query_id
         if len(query.sequence) > limits.max_residues_per_query + 1:  # +1: a trailing '*'
             raise _Reject(
                 exhausted,
@@ -149,7 +163,9 @@ def _validate(
             seq = validate_sequence(qid, query.sequence)
         except InvalidSequenceError as exc:
             where = f" at residue {exc.position}" if exc.position is not None else ""
-            raise _Reject(invalid, f"query {qid!r}{where}: {exc.reason}") from exc
+            raise _Reject(
+                grpc.StatusCode.INVALID_ARGUMENT, f"query {qid!r}{where}: {exc.reason}"
+            ) from exc
         if len(seq) > limits.max_residues_per_query:
             raise _Reject(
                 exhausted,
@@ -164,7 +180,80 @@ def _validate(
                 f"(reached {total} at query {qid!r}); split it into several requests",
             )
         sequences.append(seq)
-    return sequences, min_score
+    return sequences
+
+
+def _check_embeddings(
+    embeddings: Sequence[search_pb2.Embedding], dim: int, limits: RequestLimits
+) -> np.ndarray:
+    """Validate query vectors; return them L2-normalised as float32 ``[n, dim]``."""
+    _check_count(len(embeddings), limits, "embeddings")
+    _check_ids([e.query_id for e in embeddings])
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    vectors = np.zeros((len(embeddings), dim), dtype=np.float32)
+    for i, emb in enumerate(embeddings):
+        if len(emb.values) != dim:
+            raise _Reject(
+                invalid,
+                f"query {emb.query_id!r}: embedding has {len(emb.values)} values, "
+                f"the index dimension is {dim}",
+            )
+        vectors[i] = emb.values
+    finite = np.asarray(np.isfinite(vectors).all(axis=1))
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    for bad in np.flatnonzero(~finite | (norms == 0)).tolist():
+        what = "non-finite values" if not bool(finite[bad]) else "a zero vector"
+        raise _Reject(invalid, f"query {embeddings[bad].query_id!r}: embedding has {what}")
+    return (vectors / norms[:, None]).astype(np.float32)
+
+
+def _fill_results(
+    response: search_pb2.SearchResponse,
+    ids: Sequence[str],
+    lengths: Sequence[int],
+    hits: Sequence[Sequence[EngineHit]],
+) -> None:
+    for qid, length, query_hits in zip(ids, lengths, hits, strict=True):
+        qr = response.results.add(query_id=qid, query_length=length)
+        for h in query_hits:
+            qr.hits.add(
+                target_id=h.target_id,
+                target_description=h.target_description,
+                cosine_score=h.cosine_score,
+                rank=h.rank,
+                target_length=h.target_length,
+            )
+
+
+class _RequestLog:
+    """Collects one request's figures for its single log line."""
+
+    def __init__(self, rpc: str) -> None:
+        self.rpc = rpc
+        self.t0 = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        self.queries = 0
+        self.residues = 0
+        self.k = 0
+        self.queue_s = 0.0
+        self.embed_s = 0.0
+        self.search_s = 0.0
+
+    def emit(self, peer: str) -> None:
+        log.info(
+            "rpc=%s code=%s peer=%s queries=%d residues=%d k=%d "
+            "queue_ms=%.1f embed_ms=%.1f search_ms=%.1f total_ms=%.1f",
+            self.rpc,
+            self.code.name,
+            peer,
+            self.queries,
+            self.residues,
+            self.k,
+            self.queue_s * 1e3,
+            self.embed_s * 1e3,
+            self.search_s * 1e3,
+            (time.perf_counter() - self.t0) * 1e3,
+        )
 
 
 class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
@@ -174,62 +263,125 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         engine: the loaded model + index.
         limits: request limits to enforce.
 
-    Every request logs one line on the ``esmsearch.server`` logger with its status
-    code, number of queries and residues, and queue/embed/search/total times in ms.
+    Every request (every message of a stream) logs one line on the
+    ``esmsearch.server`` logger with its status code, number of queries and
+    residues, ``k``, and queue/embed/search/total times in ms.
     """
 
     def __init__(self, engine: SearchEngine, limits: RequestLimits | None = None) -> None:
         self.engine = engine
         self.limits = limits or RequestLimits()
 
+    def _abort(
+        self, context: grpc.ServicerContext, rec: _RequestLog, exc: Exception, prefix: str = ""
+    ) -> None:
+        if isinstance(exc, _Reject):
+            rec.code = exc.code
+            context.abort(exc.code, prefix + exc.details)
+        rec.code = grpc.StatusCode.INTERNAL
+        log.error("%s failed", rec.rpc, exc_info=exc)
+        context.abort(
+            grpc.StatusCode.INTERNAL, f"{prefix}internal error: {type(exc).__name__}: {exc}"
+        )
+
+    def _search(
+        self, request: search_pb2.SearchRequest, rec: _RequestLog
+    ) -> search_pb2.SearchResponse:
+        rec.queries, rec.k = len(request.queries), request.k
+        sequences = _check_queries(request.queries, self.limits)
+        min_score = _check_k(
+            request.k, request.HasField("min_score"), request.min_score, self.limits
+        )
+        rec.residues = sum(len(s) for s in sequences)
+        result = self.engine.search(sequences, request.k, min_score)
+        rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
+        response = search_pb2.SearchResponse(index_version=result.index_version)
+        _fill_results(
+            response,
+            [q.query_id for q in request.queries],
+            [len(s) for s in sequences],
+            result.hits,
+        )
+        return response
+
     def Search(  # noqa: N802 - gRPC method name
         self, request: search_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> search_pb2.SearchResponse:
-        t0 = time.perf_counter()
-        code = grpc.StatusCode.OK
-        n_residues = 0
-        queue_s = embed_s = search_s = 0.0
+        rec = _RequestLog("Search")
         try:
-            sequences, min_score = _validate(request, self.limits)
-            n_residues = sum(len(s) for s in sequences)
-            result = self.engine.search(sequences, request.k, min_score)
-            queue_s, embed_s, search_s = result.queue_s, result.embed_s, result.search_s
-            response = search_pb2.SearchResponse(index_version=result.index_version)
-            for query, seq, hits in zip(request.queries, sequences, result.hits, strict=True):
-                qr = response.results.add(query_id=query.query_id, query_length=len(seq))
-                for h in hits:
-                    qr.hits.add(
-                        target_id=h.target_id,
-                        target_description=h.target_description,
-                        cosine_score=h.cosine_score,
-                        rank=h.rank,
-                        target_length=h.target_length,
-                    )
-            return response
-        except _Reject as rej:
-            code = rej.code
-            context.abort(rej.code, rej.details)
-            raise  # unreachable: abort raises
+            return self._search(request, rec)
         except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("Search failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            self._abort(context, rec, exc)
+            raise  # unreachable: abort raises
+        finally:
+            rec.emit(context.peer())
+
+    def SearchStream(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[search_pb2.SearchRequest], context: grpc.ServicerContext
+    ) -> Iterator[search_pb2.SearchResponse]:
+        for n, request in enumerate(request_iterator, start=1):
+            rec = _RequestLog("SearchStream")
+            try:
+                response = self._search(request, rec)
+            except Exception as exc:
+                try:
+                    self._abort(context, rec, exc, prefix=f"request #{n}: ")
+                finally:
+                    rec.emit(context.peer())
+                raise  # unreachable: abort raises
+            rec.emit(context.peer())
+            yield response
+
+    def SearchByEmbedding(  # noqa: N802 - gRPC method name
+        self, request: search_pb2.SearchByEmbeddingRequest, context: grpc.ServicerContext
+    ) -> search_pb2.SearchResponse:
+        rec = _RequestLog("SearchByEmbedding")
+        try:
+            rec.queries, rec.k = len(request.embeddings), request.k
+            index = self.engine.index  # one version for the whole request
+            vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
+            min_score = _check_k(
+                request.k, request.HasField("min_score"), request.min_score, self.limits
+            )
+            t0 = time.perf_counter()
+            hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
+            rec.search_s = time.perf_counter() - t0
+            response = search_pb2.SearchResponse(index_version=index.version)
+            ids = [e.query_id for e in request.embeddings]
+            _fill_results(response, ids, [0] * len(ids), hits)
+            return response
+        except Exception as exc:
+            self._abort(context, rec, exc)
             raise
         finally:
-            total_ms = (time.perf_counter() - t0) * 1e3
-            log.info(
-                "rpc=Search code=%s peer=%s queries=%d residues=%d k=%d "
-                "queue_ms=%.1f embed_ms=%.1f search_ms=%.1f total_ms=%.1f",
-                code.name,
-                context.peer(),
-                len(request.queries),
-                n_residues,
-                request.k,
-                queue_s * 1e3,
-                embed_s * 1e3,
-                search_s * 1e3,
-                total_ms,
+            rec.emit(context.peer())
+
+    def Embed(  # noqa: N802 - gRPC method name
+        self, request: search_pb2.EmbedRequest, context: grpc.ServicerContext
+    ) -> search_pb2.EmbedResponse:
+        rec = _RequestLog("Embed")
+        try:
+            rec.queries = len(request.queries)
+            sequences = _check_queries(request.queries, self.limits)
+            rec.residues = sum(len(s) for s in sequences)
+            index = self.engine.index
+            vectors, rec.queue_s, rec.embed_s = self.engine.embed(sequences)
+            m = index.manifest
+            response = search_pb2.EmbedResponse(
+                model_name=m.model_name,
+                checkpoint_sha256=m.checkpoint_sha256,
+                layer=m.layer,
+                dim=m.dim,
+                index_version=index.version,
             )
+            for query, vector in zip(request.queries, vectors, strict=True):
+                response.embeddings.add(query_id=query.query_id, values=vector.tolist())
+            return response
+        except Exception as exc:
+            self._abort(context, rec, exc)
+            raise
+        finally:
+            rec.emit(context.peer())
 
     def GetIndexInfo(  # noqa: N802 - gRPC method name
         self, request: search_pb2.GetIndexInfoRequest, context: grpc.ServicerContext

@@ -22,8 +22,9 @@ the reason where one query is at fault):
   UNAVAILABLE         the server is draining or not yet loaded.
 
 Compatibility rules for this file: never renumber or reuse a field number;
-remove a field only by adding its number to `reserved`. New RPCs planned for
-a later revision (see the comment in HomologSearch) reuse the messages below.
+remove a field only by adding its number to `reserved`; add RPCs and fields,
+never change the meaning of existing ones (a breaking change is a new
+package, esmsearch.v2).
 """
 
 from collections import abc as _abc
@@ -225,6 +226,145 @@ class SearchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """One embedding vector with the id of the query it belongs to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    """Id of the query (Query.query_id for Embed; the caller's id for
+    SearchByEmbedding: non-empty, at most 1000 bytes, unique per request).
+    """
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector: exactly IndexInfo.dim finite float32 components. Embed returns
+        it L2-normalised (unit length); SearchByEmbedding accepts any non-zero
+        vector and L2-normalises it, so scores stay cosines in [-1, 1].
+        """
+
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_id", b"query_id", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class SearchByEmbeddingRequest(_message.Message):
+    """A batch of precomputed query embeddings searched against the served index."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
+    k: _builtins.int
+    """Hits per query, 1 .. RequestLimits.max_k, as in SearchRequest.k."""
+    min_score: _builtins.float
+    """Optional lower bound on the cosine score, in [-1, 1], as in
+    SearchRequest.min_score.
+    """
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """The query vectors, 1 .. RequestLimits.max_queries_per_request of them."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        k: _builtins.int = ...,
+        min_score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "embeddings", b"embeddings", "k", b"k", "min_score", b"min_score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+
+Global___SearchByEmbeddingRequest: _TypeAlias = SearchByEmbeddingRequest  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    """Query sequences to embed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Query]:
+        """The queries, under the same rules and limits as SearchRequest.queries."""
+
+    def __init__(
+        self,
+        *,
+        queries: _abc.Iterable[Global___Query] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queries", b"queries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """Embeddings of an EmbedRequest's queries and the model settings that made them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SHA256_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    DIM_FIELD_NUMBER: _builtins.int
+    INDEX_VERSION_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """Model name recorded in the served index's manifest."""
+    checkpoint_sha256: _builtins.str
+    """Hex sha256 of the model checkpoint (64 lower-case characters)."""
+    layer: _builtins.int
+    """Representation layer that was mean-pooled."""
+    dim: _builtins.int
+    """Embedding dimension, >= 1 (the length of every Embedding.values)."""
+    index_version: _builtins.str
+    """Version of the index being served when the embeddings were computed."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """One embedding per query, in request order, each L2-normalised float32
+        [dim].
+        """
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        model_name: _builtins.str = ...,
+        checkpoint_sha256: _builtins.str = ...,
+        layer: _builtins.int = ...,
+        dim: _builtins.int = ...,
+        index_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sha256", b"checkpoint_sha256", "dim", b"dim", "embeddings", b"embeddings", "index_version", b"index_version", "layer", b"layer", "model_name", b"model_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
 
 @_typing.final
 class GetIndexInfoRequest(_message.Message):

@@ -49,6 +49,21 @@ class HomologSearchStub:
                 request_serializer=esmsearch_dot_v1_dot_search__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=esmsearch_dot_v1_dot_search__pb2.IndexInfo.FromString,
                 _registered_method=True)
+        self.SearchByEmbedding = channel.unary_unary(
+                '/esmsearch.v1.HomologSearch/SearchByEmbedding',
+                request_serializer=esmsearch_dot_v1_dot_search__pb2.SearchByEmbeddingRequest.SerializeToString,
+                response_deserializer=esmsearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/esmsearch.v1.HomologSearch/Embed',
+                request_serializer=esmsearch_dot_v1_dot_search__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=esmsearch_dot_v1_dot_search__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/esmsearch.v1.HomologSearch/SearchStream',
+                request_serializer=esmsearch_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
+                response_deserializer=esmsearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class HomologSearchServicer:
@@ -75,6 +90,33 @@ class HomologSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchByEmbedding(self, request, context):
+        """Searches with precomputed query embeddings (for example from Embed, or
+        cached by the caller) instead of sequences; no model forward pass. Query
+        lengths are unknown here, so QueryResult.query_length is 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeds query sequences with the index's model and returns the vectors,
+        computed by the same code path as Search (and as the indexer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """Streaming search for large query sets: one SearchResponse per
+        SearchRequest, in order. Each request is validated and limited like a
+        Search request; the first invalid one ends the stream with its status
+        (details prefixed with "request #<n>: ", 1-based).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HomologSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +129,21 @@ def add_HomologSearchServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=esmsearch_dot_v1_dot_search__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=esmsearch_dot_v1_dot_search__pb2.IndexInfo.SerializeToString,
+            ),
+            'SearchByEmbedding': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchByEmbedding,
+                    request_deserializer=esmsearch_dot_v1_dot_search__pb2.SearchByEmbeddingRequest.FromString,
+                    response_serializer=esmsearch_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=esmsearch_dot_v1_dot_search__pb2.EmbedRequest.FromString,
+                    response_serializer=esmsearch_dot_v1_dot_search__pb2.EmbedResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=esmsearch_dot_v1_dot_search__pb2.SearchRequest.FromString,
+                    response_serializer=esmsearch_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -148,6 +205,87 @@ class HomologSearch:
             '/esmsearch.v1.HomologSearch/GetIndexInfo',
             esmsearch_dot_v1_dot_search__pb2.GetIndexInfoRequest.SerializeToString,
             esmsearch_dot_v1_dot_search__pb2.IndexInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchByEmbedding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esmsearch.v1.HomologSearch/SearchByEmbedding',
+            esmsearch_dot_v1_dot_search__pb2.SearchByEmbeddingRequest.SerializeToString,
+            esmsearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esmsearch.v1.HomologSearch/Embed',
+            esmsearch_dot_v1_dot_search__pb2.EmbedRequest.SerializeToString,
+            esmsearch_dot_v1_dot_search__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/esmsearch.v1.HomologSearch/SearchStream',
+            esmsearch_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
+            esmsearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,8 +22,9 @@ the reason where one query is at fault):
   UNAVAILABLE         the server is draining or not yet loaded.
 
 Compatibility rules for this file: never renumber or reuse a field number;
-remove a field only by adding its number to `reserved`. New RPCs planned for
-a later revision (see the comment in HomologSearch) reuse the messages below.
+remove a field only by adding its number to `reserved`; add RPCs and fields,
+never change the meaning of existing ones (a breaking change is a new
+package, esmsearch.v2).
 """
 
 from collections import abc as _abc
@@ -69,6 +70,21 @@ class HomologSearchStub:
     """Describes the index being served (model, layer, pooling, size, version)
     and the server's request limits.
     """
+    SearchByEmbedding: _grpc.UnaryUnaryMultiCallable[_search_pb2.SearchByEmbeddingRequest, _search_pb2.SearchResponse]
+    """Searches with precomputed query embeddings (for example from Embed, or
+    cached by the caller) instead of sequences; no model forward pass. Query
+    lengths are unknown here, so QueryResult.query_length is 0.
+    """
+    Embed: _grpc.UnaryUnaryMultiCallable[_search_pb2.EmbedRequest, _search_pb2.EmbedResponse]
+    """Embeds query sequences with the index's model and returns the vectors,
+    computed by the same code path as Search (and as the indexer).
+    """
+    SearchStream: _grpc.StreamStreamMultiCallable[_search_pb2.SearchRequest, _search_pb2.SearchResponse]
+    """Streaming search for large query sets: one SearchResponse per
+    SearchRequest, in order. Each request is validated and limited like a
+    Search request; the first invalid one ends the stream with its status
+    (details prefixed with "request #<n>: ", 1-based).
+    """
 
 @_typing.type_check_only
 class HomologSearchAsyncStub(HomologSearchStub):
@@ -87,6 +103,21 @@ class HomologSearchAsyncStub(HomologSearchStub):
     GetIndexInfo: _aio.UnaryUnaryMultiCallable[_search_pb2.GetIndexInfoRequest, _search_pb2.IndexInfo]  # type: ignore[assignment]
     """Describes the index being served (model, layer, pooling, size, version)
     and the server's request limits.
+    """
+    SearchByEmbedding: _aio.UnaryUnaryMultiCallable[_search_pb2.SearchByEmbeddingRequest, _search_pb2.SearchResponse]  # type: ignore[assignment]
+    """Searches with precomputed query embeddings (for example from Embed, or
+    cached by the caller) instead of sequences; no model forward pass. Query
+    lengths are unknown here, so QueryResult.query_length is 0.
+    """
+    Embed: _aio.UnaryUnaryMultiCallable[_search_pb2.EmbedRequest, _search_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embeds query sequences with the index's model and returns the vectors,
+    computed by the same code path as Search (and as the indexer).
+    """
+    SearchStream: _aio.StreamStreamMultiCallable[_search_pb2.SearchRequest, _search_pb2.SearchResponse]  # type: ignore[assignment]
+    """Streaming search for large query sets: one SearchResponse per
+    SearchRequest, in order. Each request is validated and limited like a
+    Search request; the first invalid one ends the stream with its status
+    (details prefixed with "request #<n>: ", 1-based).
     """
 
 class HomologSearchServicer(metaclass=_abc_1.ABCMeta):
@@ -115,6 +146,39 @@ class HomologSearchServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_search_pb2.IndexInfo, _abc.Awaitable[_search_pb2.IndexInfo]]:
         """Describes the index being served (model, layer, pooling, size, version)
         and the server's request limits.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchByEmbedding(
+        self,
+        request: _search_pb2.SearchByEmbeddingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_search_pb2.SearchResponse, _abc.Awaitable[_search_pb2.SearchResponse]]:
+        """Searches with precomputed query embeddings (for example from Embed, or
+        cached by the caller) instead of sequences; no model forward pass. Query
+        lengths are unknown here, so QueryResult.query_length is 0.
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _search_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_search_pb2.EmbedResponse, _abc.Awaitable[_search_pb2.EmbedResponse]]:
+        """Embeds query sequences with the index's model and returns the vectors,
+        computed by the same code path as Search (and as the indexer).
+        """
+
+    @_abc_1.abstractmethod
+    def SearchStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_search_pb2.SearchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_search_pb2.SearchResponse], _abc.AsyncIterator[_search_pb2.SearchResponse]]:
+        """Streaming search for large query sets: one SearchResponse per
+        SearchRequest, in order. Each request is validated and limited like a
+        Search request; the first invalid one ends the stream with its status
+        (details prefixed with "request #<n>: ", 1-based).
         """
 
 def add_HomologSearchServicer_to_server(servicer: HomologSearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
