@@ -427,3 +427,32 @@ def test_search_stream_answers_in_order_and_stops_at_first_bad_request(stub, db)
         next(stream)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("request #3: k must be in")
+
+
+def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(small_index: Path, db) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    srv, port = create_server(small_index, device="cpu", max_workers=2)
+    entered, release = threading.Event(), threading.Event()
+    original = srv.engine.embed
+
+    def gated_embed(sequences):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert release.wait(30)
+        return original(sequences)
+
+    srv.engine.embed = gated_embed  # type: ignore[method-assign]
+    address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as ch:
+        request = search_pb2.SearchRequest(queries=[Q(query_id="a", sequence=db[0].sequence)], k=1)
+        future = search_pb2_grpc.HomologSearchStub(ch).Search.future(request, timeout=60)
+        assert entered.wait(30)  # the request is inside the engine
+        stopped = srv.stop(grace=30.0)
+        with grpc.insecure_channel(address) as late:
+            with pytest.raises(grpc.RpcError) as info:
+                search_pb2_grpc.HomologSearchStub(late).Search(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        response = future.result(timeout=30)
+    assert response.results[0].hits[0].target_id == db[0].record_id
+    assert stopped.wait(30)
