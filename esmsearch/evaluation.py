@@ -41,13 +41,13 @@ nor stop the ranking.
 The query's own hit (``t == q``) has two conventions, chosen with
 :class:`SelfHit`:
 
-* :attr:`SelfHit.EXCLUDE` (Foldseek; van Kempen M et al. (2024) "Fast and
-  accurate protein structure search with Foldseek", Nat Biotechnol 42:243-246,
-  benchmark first released 2023): the self hit is dropped from the hits and the
-  query is not in its own family total.
+* :attr:`SelfHit.EXCLUDE` (Foldseek; van Kempen M et al. "Fast and accurate
+  protein structure search with Foldseek", Nat Biotechnol, published online 2023,
+  42:243-246 (2024)): the self hit is dropped from the hits and the query is not
+  in its own family total.
 * :attr:`SelfHit.COUNT` (Progres; Greener JG, Jamali K (2025) "Fast protein
   structure searching using structure graph embeddings", Bioinformatics
-  Advances 5:vbaf042): when the query is itself a database domain, it is
+  Advances): when the query is itself a database domain, it is
   one of its own family true positives, in the family total, and counted when the
   tool reports it above the first false positive. This raises family-level
   numbers (a family of one then scores 1.0 if the self hit is found); superfamily
@@ -443,7 +443,7 @@ def evaluate(
 def cumulative_curve(values: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
     """Foldseek-style cumulative sensitivity curve of per-query sensitivities.
 
-    Source: van Kempen et al. (2024) Nat Biotechnol 42:243, Fig. 2 (each query's
+    Source: van Kempen et al. (2023) Nat Biotechnol 42:243, Fig. 2 (each query's
     sensitivity up to the first false positive, queries sorted by it).
 
     Args:
