@@ -67,7 +67,14 @@ def test_internal_stop_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("seq", "bad", "position"),
-    [("MKT-A", "-", 4), ("MK.TA", ".", 3), ("1MKTA", "1", 1), ("MKTAJ", "J", 5), ("mktaj", "J", 5), ("MK TA", " ", 3)],
+    [
+        ("MKT-A", "-", 4),
+        ("MK.TA", ".", 3),
+        ("1MKTA", "1", 1),
+        ("MKTAJ", "J", 5),
+        ("mktaj", "J", 5),
+        ("MK TA", " ", 3),
+    ],
 )
 def test_invalid_character_names_id_and_1_based_position(seq: str, bad: str, position: int) -> None:
     with pytest.raises(InvalidSequenceError) as ei:
@@ -78,6 +85,16 @@ def test_invalid_character_names_id_and_1_based_position(seq: str, bad: str, pos
     assert "prot_9" in str(err)
     assert f"residue {position}" in str(err)
     assert repr(bad) in str(err)
+
+
+@pytest.mark.parametrize("char", ["\u0131", "\u017f", "\u00df", "\ufb01"])
+def test_non_ascii_letters_that_upper_case_to_residues_are_rejected(char: str) -> None:
+    # str.upper() maps dotless i -> "I", long s -> "S", sharp s -> "SS", the fi
+    # ligature -> "FI": none of them is a residue, so they must not become one.
+    with pytest.raises(InvalidSequenceError) as ei:
+        validate_sequence("uni", f"MK{char}T")
+    assert ei.value.record_id == "uni"
+    assert ei.value.position == 3
 
 
 def test_gap_characters_get_a_hint() -> None:
@@ -263,7 +280,13 @@ def test_records_from_list_numbers_ids() -> None:
 def test_check_unique_ids() -> None:
     check_unique_ids([SequenceRecord("a", "", "M"), SequenceRecord("b", "", "M")])
     with pytest.raises(DuplicateRecordError) as ei:
-        check_unique_ids([SequenceRecord("a", "", "M"), SequenceRecord("b", "", "M"), SequenceRecord("b", "", "K")])
+        check_unique_ids(
+            [
+                SequenceRecord("a", "", "M"),
+                SequenceRecord("b", "", "M"),
+                SequenceRecord("b", "", "K"),
+            ]
+        )
     assert ei.value.record_id == "b"
     assert (ei.value.first_index, ei.value.second_index) == (2, 3)
 

@@ -18,7 +18,6 @@ from esmsearch.store import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     MANIFEST,
-    METADATA_FILE,
     Index,
     IndexWriter,
     Manifest,
@@ -54,10 +53,15 @@ def _fields() -> dict[str, Any]:
 
 
 def _rows(n: int = N) -> list[tuple[str, str, int, str]]:
-    return [(f"seq{i}", f"protein number {i}", 10 + i, sequence_sha256("M" * (10 + i))) for i in range(n)]
+    return [
+        (f"seq{i}", f"protein number {i}", 10 + i, sequence_sha256("M" * (10 + i)))
+        for i in range(n)
+    ]
 
 
-def _write_index(parent: Path, name: str = "idx", seed: int = 0) -> tuple[Path, Manifest, np.ndarray]:
+def _write_index(
+    parent: Path, name: str = "idx", seed: int = 0
+) -> tuple[Path, Manifest, np.ndarray]:
     vectors = _vectors(seed)
     with IndexWriter.temporary(parent) as w:
         w.add_metadata(_rows()[:10])
@@ -75,7 +79,9 @@ def built(tmp_path: Path) -> tuple[Path, Manifest, np.ndarray]:
 
 
 def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def test_written_index_opens_verified(built: tuple[Path, Manifest, np.ndarray]) -> None:
@@ -108,7 +114,9 @@ def test_search_self_hits(built: tuple[Path, Manifest, np.ndarray]) -> None:
     np.testing.assert_allclose(scores[:, 1], expected_second, atol=1e-5)
 
 
-def test_search_k_larger_than_count_pads_with_minus_one(built: tuple[Path, Manifest, np.ndarray]) -> None:
+def test_search_k_larger_than_count_pads_with_minus_one(
+    built: tuple[Path, Manifest, np.ndarray],
+) -> None:
     path, _, vectors = built
     with Index.open(path) as index:
         scores, rows = index.search(vectors[:2], k=N + 5)
@@ -273,7 +281,10 @@ def test_publish_refuses_to_replace_a_non_index_directory(tmp_path: Path) -> Non
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
     vectors = _vectors()
-    with pytest.raises(IndexFormatError, match="not an esmsearch index"), IndexWriter.temporary(tmp_path) as w:
+    with (
+        pytest.raises(IndexFormatError, match="not an esmsearch index"),
+        IndexWriter.temporary(tmp_path) as w,
+    ):
         w.add_metadata(_rows())
         w.write_embeddings(vectors)
         w.write_faiss(vector_index.build(vectors, vector_index.IndexSpec("Flat")))
