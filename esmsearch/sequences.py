@@ -78,13 +78,15 @@ def validate_sequence(record_id: str, sequence: str) -> str:
         InvalidSequenceError: empty sequence, or a character outside
             :data:`RESIDUE_ALPHABET` (message gives the character and 1-based position).
     """
-    seq = sequence.upper()
-    if seq.endswith("*"):
-        seq = seq[:-1]
-    if not seq:
+    # Check before upper-casing: str.upper() maps some non-ASCII letters onto ASCII
+    # residues (U+017F long s -> 'S', U+0131 dotless i -> 'I').
+    raw = sequence[:-1] if sequence.endswith("*") else sequence
+    seq = raw.upper()
+    if not raw:
         raise InvalidSequenceError(record_id, "empty sequence")
-    if not RESIDUE_ALPHABET.issuperset(seq):
-        for i, ch in enumerate(seq):
+    if not (raw.isascii() and RESIDUE_ALPHABET.issuperset(seq)):
+        for i, ch in enumerate(raw):
+            ch = ch.upper() if ch.isascii() else ch
             if ch not in RESIDUE_ALPHABET:
                 shown = repr(ch) if ch.isprintable() else f"U+{ord(ch):04X}"
                 hint = " (gap characters are not allowed; give unaligned sequences)" if ch in "-." else ""
