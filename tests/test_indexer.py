@@ -281,3 +281,84 @@ def test_inner_layer_build(tmp_path: Path, ecoli_fasta: Path, tiny_checkpoint: P
     seqs = [r.sequence for r in read_fasta(ecoli_fasta)][:5]
     with Index.open(out) as index:
         np.testing.assert_allclose(np.array(index.embeddings()[:5]), emb.embed(seqs), atol=1e-5)
+
+
+def test_resume_with_other_settings_is_refused(
+    tmp_path: Path,
+    ecoli_fasta: Path,
+    tiny_embedder: Embedder,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "idx"
+    original = Embedder.embed
+
+    def failing(self: Embedder, sequences: Any, **kwargs: Any) -> np.ndarray:
+        monkeypatch.setattr(Embedder, "embed", _raise)
+        return original(self, sequences, **kwargs)
+
+    def _raise(self: Embedder, sequences: Any, **kwargs: Any) -> np.ndarray:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Embedder, "embed", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ecoli_fasta, out, model="unused", embedder=tiny_embedder, chunk_residues=500)
+    partial = partial_build_dir(out)
+    assert partial.is_dir() and not out.exists()
+    kept = _tree(partial)
+    monkeypatch.setattr(Embedder, "embed", original)
+    with pytest.raises(ConfigError, match="layer"):
+        build_index(
+            ecoli_fasta,
+            out,
+            model=str(tiny_checkpoint),
+            layer=1,
+            device="cpu",
+            chunk_residues=500,
+            resume=True,
+        )
+    assert _tree(partial) == kept  # refused resume leaves the partial build alone
+    # without resume the stale partial build is replaced by a fresh build
+    build_index(ecoli_fasta, out, model="unused", embedder=tiny_embedder, chunk_residues=500)
+    assert not partial.exists()
+    assert Manifest.read(out).count == 40
+
+
+def test_build_version_reuses_unchanged_vectors(
+    tmp_path: Path, ecoli_fasta: Path, small_index: Path, tiny_embedder: Embedder
+) -> None:
+    from esmsearch.indexer import build_version
+    from esmsearch.versions import IndexRoot
+
+    records = list(read_fasta(ecoli_fasta))
+    first = tmp_path / "v1.fasta"
+    first.write_text(
+        "".join(f">{r.record_id} {r.description}\n{r.sequence}\n" for r in records[:30])
+    )
+    changed = records[5].sequence[:-1] + ("W" if records[5].sequence[-1] != "W" else "A")
+    second = tmp_path / "v2.fasta"
+    second.write_text(
+        "".join(
+            f">{r.record_id} {r.description}\n{changed if i == 5 else r.sequence}\n"
+            for i, r in enumerate(records)
+        )
+    )
+    root = tmp_path / "root"
+    r1 = build_version(first, root, model="unused", embedder=tiny_embedder)
+    assert r1.reuse.embedded == 30 and r1.reuse.reused == 0
+    r2 = build_version(second, root, model="unused", embedder=tiny_embedder)
+    assert (
+        r2.reuse.reused,
+        r2.reuse.embedded,
+        r2.reuse.added,
+        r2.reuse.changed,
+        r2.reuse.removed,
+    ) == (29, 11, 10, 1, 0)
+    assert r2.previous_version == r1.manifest.version
+    assert IndexRoot(root).current_version() == r2.manifest.version
+    with Index.open(IndexRoot(root).current_path(), verify=True) as index:
+        got = np.array(index.embeddings())
+    expected = tiny_embedder.embed(
+        [changed if i == 5 else r.sequence for i, r in enumerate(records)]
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-5)
