@@ -1,0 +1,765 @@
+"""FAISS index types for cosine search over L2-normalised embeddings.
+
+This module knows FAISS and nothing about index directories: it validates a FAISS
+``index_factory`` string, picks one automatically from the corpus size and a memory
+budget (in the spirit of autofaiss), trains and fills an index, sets its search-time
+parameters, searches it, and writes/reads it. :mod:`esmsearch.store` decides where
+the file lives and records the :class:`IndexSpec` in ``manifest.json``.
+
+Conventions shared by every function here:
+
+* Vectors are ``float32 [n, dim]``, L2-normalised; the metric is inner product, so
+  scores are cosine similarities in ``[-1, 1]``, **higher is closer** (approximate
+  for compressed codes such as PQ/SQ).
+* Row ``i`` of an index is database sequence ``i``; no id maps are used. FAISS
+  returns row ``-1`` where it found fewer than ``k`` hits.
+
+Supported factory strings (tested in ``tests/test_vector_index.py``)::
+
+    Flat                exact brute force (IndexFlatIP); the default up to ~1M vectors
+    IVF64,Flat          inverted lists, uncompressed vectors; search param nprobe
+    IVF64,SQ8           inverted lists, 8-bit scalar-quantised vectors
+    IVF64,PQ8           inverted lists, product-quantised codes (8 bytes/vector)
+    OPQ8,IVF64,PQ8      the same after a learned rotation (OPQ)
+    PQ8                 product quantisation, exhaustive scan
+    HNSW32              graph index over uncompressed vectors; search param efSearch
+    IVF4096_HNSW32,PQ32 IVF whose coarse quantiser is an HNSW graph (large nlist)
+
+Any other string FAISS parses is accepted when the resulting index computes inner
+products and is not in the rejected families listed in :func:`validate_factory`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from esmsearch.errors import ConfigError, InvalidIndexFactoryError
+
+__all__ = [
+    "ADD_CHUNK_ROWS",
+    "FLAT_MAX_VECTORS",
+    "FAISS_POINTS_PER_CENTROID",
+    "IndexSpec",
+    "apply_search_params",
+    "auto_spec",
+    "build",
+    "build_from_chunks",
+    "default_nprobe",
+    "estimate_index_bytes",
+    "min_training_vectors",
+    "read",
+    "recommended_training_vectors",
+    "search",
+    "validate_factory",
+    "write",
+]
+
+#: Rows added to an index per ``index.add`` call, bounding temporary memory
+#: (65,536 x 1,280 float32 = 320 MiB at ESM-2 650M's dim).
+ADD_CHUNK_ROWS = 65_536
+
+#: Largest corpus for which :func:`auto_spec` picks exact search. At 1M x 1,280
+#: float32 a Flat index is 5 GB and one query scans it in tens of ms on a
+#: few cores; beyond that approximate indexes pay off (DESIGN.md "Scale", and the
+#: 1M boundary autofaiss and the FAISS wiki "Guidelines to choose an index" use).
+FLAT_MAX_VECTORS = 1_000_000
+
+#: FAISS k-means warns below 39 training points per centroid
+#: (``faiss/Clustering.cpp``, ``min_points_per_centroid``) and subsamples above
+#: 256 (``max_points_per_centroid``).
+FAISS_POINTS_PER_CENTROID = 39
+_FAISS_MAX_POINTS_PER_CENTROID = 256
+
+#: Below this many vectors :func:`auto_spec` always picks Flat: neither IVF nor an
+#: 8-bit PQ (256 centroids per sub-quantiser) can be trained as FAISS recommends
+#: (39 x 256 = 9,984 points), and a Flat index of 10,000 x 1,280 float32 is only
+#: 51 MB, so a memory budget below that is not worth approximating for.
+_AUTO_MIN_APPROX_VECTORS = 10_000
+
+#: Above this nlist :func:`auto_spec` makes the IVF coarse quantiser an HNSW32
+#: graph instead of a flat scan: assigning a vector to one of 2^14 centroids by
+#: brute force costs 2^14 x dim multiply-adds, more than an HNSW walk (autofaiss
+#: switches at the same order of magnitude).
+_AUTO_HNSW_QUANTIZER_MIN_NLIST = 1 << 14
+
+#: Bytes per vector of FAISS's inverted-list ids (int64).
+_IVF_ID_BYTES = 8
+
+#: Vector transforms that preserve inner products (orthogonal rotations). Others
+#: (PCA centring, L2norm, ITQ...) change scores so they would not be cosines.
+_INNER_PRODUCT_PRESERVING_TRANSFORMS = ("OPQMatrix", "RandomRotationMatrix")
+
+#: Index families rejected although FAISS builds them with METRIC_INNER_PRODUCT.
+_REJECTED_INDEX_CLASSES = {
+    "IndexIDMap": "ID-map wrappers are not needed: row i is database sequence i",
+    "IndexIDMap2": "ID-map wrappers are not needed: row i is database sequence i",
+    "IndexShards": "sharding is done by the server, not inside one index file",
+    "IndexReplicas": "replication is done by the server, not inside one index file",
+}
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS index type and its search-time parameters.
+
+    Attributes:
+        factory: FAISS ``index_factory`` string, for example ``"Flat"``,
+            ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``.
+        nprobe: number of inverted lists probed per query (IVF indexes only);
+            ``None`` leaves FAISS's value (1 for a fresh index).
+        ef_search: HNSW ``efSearch``, the size of the search frontier (HNSW
+            indexes, or the HNSW coarse quantiser of ``IVF..._HNSW..``); ``None``
+            leaves FAISS's value (16).
+
+    Raises:
+        ConfigError: ``factory`` is not a non-empty string, or ``nprobe`` /
+            ``ef_search`` is not a positive integer.
+    """
+
+    factory: str
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factory, str) or not self.factory.strip():
+            raise ConfigError(f"index factory must be a non-empty string, got {self.factory!r}")
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the spec as a JSON-serialisable dict (for ``manifest.json``)."""
+        return {"factory": self.factory, "nprobe": self.nprobe, "ef_search": self.ef_search}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IndexSpec:
+        """Builds a spec from :meth:`to_json`'s output.
+
+        Raises:
+            ConfigError: a key is missing or unknown, or a value is invalid.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"index spec must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {"factory", "nprobe", "ef_search"}
+        if unknown:
+            raise ConfigError(f"unknown index spec keys: {sorted(unknown)}")
+        if "factory" not in d:
+            raise ConfigError("index spec has no 'factory'")
+        return cls(factory=d["factory"], nprobe=d.get("nprobe"), ef_search=d.get("ef_search"))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _instantiate(factory: str, dim: int) -> faiss.Index:
+    """Calls ``faiss.index_factory`` with inner product, mapping errors.
+
+    Raises:
+        InvalidIndexFactoryError: FAISS cannot parse or build the string at ``dim``.
+    """
+    try:
+        return faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        # FAISS messages start with the C++ location; the last line says why.
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected by FAISS"
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", reason)
+        raise InvalidIndexFactoryError(
+            f"index factory {factory!r} is invalid for dim {dim}: {reason}"
+        ) from exc
+
+
+def _extract_ivf(index: faiss.Index) -> Any | None:
+    """Returns the IndexIVF inside ``index`` (through transforms/refines) or ``None``."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _inner(index: faiss.Index) -> list[Any]:
+    """Returns ``index`` downcast plus every index it wraps, outermost first."""
+    out: list[Any] = []
+    todo: list[Any] = [index]
+    while todo:
+        cur = faiss.downcast_index(todo.pop(0))
+        out.append(cur)
+        if isinstance(cur, faiss.IndexPreTransform):
+            todo.append(cur.index)
+        elif isinstance(cur, faiss.IndexRefine):
+            todo.extend([cur.base_index, cur.refine_index])
+        elif isinstance(cur, faiss.IndexHNSW):
+            todo.append(cur.storage)
+        elif isinstance(cur, faiss.IndexIVF):
+            todo.append(cur.quantizer)
+        elif hasattr(cur, "index") and isinstance(getattr(cur, "index", None), faiss.Index):
+            todo.append(cur.index)
+    return out
+
+
+def _transforms(pre: Any) -> list[Any]:
+    """Returns the downcast vector transforms of an IndexPreTransform, in order."""
+    chain: Any = pre.chain  # a SWIG std::vector; faiss's stubs call it a list
+    return [faiss.downcast_VectorTransform(chain.at(i)) for i in range(chain.size())]
+
+
+def _search_parameter_names(index: faiss.Index) -> set[str]:
+    ps = faiss.ParameterSpace()
+    ps.initialize(index)
+    return {ps.parameter_ranges.at(i).name for i in range(ps.parameter_ranges.size())}
+
+
+def _as_vectors(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+    """Returns ``x`` as C-contiguous float32 [n, dim] or raises ConfigError."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ConfigError(f"{what} must be a 2-D array [n, dim], got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ConfigError(f"{what} have dim {arr.shape[1]}, expected {dim}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ConfigError(f"{what} must be floating point, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def default_nprobe(nlist: int) -> int:
+    """Default IVF ``nprobe`` for ``nlist`` lists: ``nlist / 16``, clamped to [1, 256].
+
+    Scanning 1/16 of the lists gave recall@10 >= 0.95 on clustered synthetic
+    vectors (``benchmarks/index_recall.py``) while doing ~1/16 of Flat's work; the
+    cap of 256 keeps very large nlist from scanning too much (the FAISS wiki's
+    "Guidelines to choose an index" tunes nprobe in the same 1..256 range).
+
+    Args:
+        nlist: number of inverted lists, >= 1.
+
+    Returns:
+        nprobe in ``[1, min(nlist, 256)]``.
+    """
+    return max(1, min(nlist, 256, nlist // 16))
+
+
+#: Default HNSW efSearch set by :func:`validate_factory` and :func:`auto_spec`.
+#: FAISS's own default (16) is below typical k=10..100 needs; 128 gave recall@10
+#: >= 0.95 on the benchmark's clustered vectors at ~dozens of x Flat's speed.
+DEFAULT_EF_SEARCH = 128
+
+
+def validate_factory(
+    factory: str,
+    dim: int,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> IndexSpec:
+    """Checks a FAISS factory string cheaply, before anything is embedded.
+
+    Instantiates ``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)``
+    (allocates an empty, untrained index; no training) and rejects:
+
+    * strings FAISS cannot parse (``""``, ``"Flat,,"``, ``"nonsense"``, binary
+      index strings such as ``"BinaryFlat"``, which FAISS's float factory does not
+      know);
+    * dimension mismatches (``"PQ7"`` at dim 32: 7 sub-quantisers must divide dim);
+    * indexes that do not compute inner products (``"LSH"``, ``"HNSW32,PQ8"``,
+      which FAISS silently builds with L2);
+    * transforms that change inner products (``"PCA64,..."`` centres vectors,
+      ``"L2norm"``...); only rotations (``OPQ``, ``RR``) are allowed;
+    * ``IDMap``/``IDMap2`` wrappers, which we do not need;
+    * an IVF with ``nlist < 1`` (``"IVF0,Flat"``, which FAISS parses);
+    * search parameters the index does not have (``nprobe`` on a non-IVF index,
+      ``ef_search`` on an index without HNSW).
+
+    The word ``"auto"`` is not accepted here; use :func:`auto_spec`.
+
+    Args:
+        factory: FAISS index factory string; surrounding whitespace is stripped.
+        dim: embedding dimension, >= 1.
+        nprobe: IVF probes at search time; ``None`` picks :func:`default_nprobe`
+            for IVF indexes.
+        ef_search: HNSW efSearch; ``None`` picks :data:`DEFAULT_EF_SEARCH` for
+            indexes with an HNSW graph.
+
+    Returns:
+        The validated :class:`IndexSpec`, with defaults filled in.
+
+    Raises:
+        InvalidIndexFactoryError: the string is rejected; the message names the
+            string and the reason, chained from FAISS's error where there is one.
+        ConfigError: ``dim`` < 1 or a search parameter is not a positive integer.
+    """
+    if not isinstance(factory, str):
+        raise InvalidIndexFactoryError(f"index factory must be a string, got {factory!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ConfigError(f"dim must be a positive integer, got {dim!r}")
+    text = factory.strip()
+    if not text:
+        raise InvalidIndexFactoryError(f"index factory {factory!r} is empty")
+    if text.lower() == "auto":
+        raise InvalidIndexFactoryError(
+            f"index factory {factory!r} is not a FAISS string; resolve it with auto_spec() first"
+        )
+    index = _instantiate(text, dim)
+
+    def reject(reason: str) -> InvalidIndexFactoryError:
+        return InvalidIndexFactoryError(f"index factory {text!r} is not supported: {reason}")
+
+    for part in _inner(index):
+        name = type(part).__name__
+        if name in _REJECTED_INDEX_CLASSES:
+            raise reject(_REJECTED_INDEX_CLASSES[name])
+        if name.startswith("IndexBinary"):
+            raise reject("binary indexes do not compute inner products of float vectors")
+        if isinstance(part, faiss.IndexPreTransform):
+            for transform in _transforms(part):
+                vt = type(transform).__name__
+                if vt not in _INNER_PRODUCT_PRESERVING_TRANSFORMS:
+                    raise reject(
+                        f"transform {vt} changes inner products, so scores would not be "
+                        "cosine similarities (only OPQ and RR rotations are allowed)"
+                    )
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise reject("FAISS builds this index type with L2 distance only, not inner product")
+    ivf = _extract_ivf(index)
+    if ivf is not None and ivf.nlist < 1:
+        raise reject(f"an IVF needs at least 1 inverted list, got nlist={ivf.nlist}")
+
+    params = _search_parameter_names(index)
+    has_hnsw = "efSearch" in params or "quantizer_efSearch" in params
+    if nprobe is not None:
+        if ivf is None:
+            raise reject(f"nprobe={nprobe} given but the index has no inverted lists (IVF)")
+        if isinstance(nprobe, int) and not isinstance(nprobe, bool) and nprobe > ivf.nlist:
+            raise ConfigError(f"nprobe={nprobe} exceeds nlist={ivf.nlist} of {text!r}")
+    if ef_search is not None and not has_hnsw:
+        raise reject(f"ef_search={ef_search} given but the index has no HNSW graph")
+    if nprobe is None and ivf is not None:
+        nprobe = default_nprobe(ivf.nlist)
+    if ef_search is None and has_hnsw:
+        ef_search = DEFAULT_EF_SEARCH
+    return IndexSpec(factory=text, nprobe=nprobe, ef_search=ef_search)
+
+
+def min_training_vectors(spec: IndexSpec, dim: int) -> int:
+    """Smallest number of training vectors FAISS can train ``spec`` on.
+
+    This is the hard minimum: k-means refuses fewer points than centroids
+    (``faiss/Clustering.cpp``), so the result is the largest centroid count any
+    part of the index trains: ``nlist`` for an IVF, ``2**nbits`` (256 for the usual
+    8-bit codes) per PQ/OPQ/residual quantiser, 1 for a scalar quantiser, 0 for
+    indexes needing no training (Flat, HNSW32). FAISS warns below
+    :func:`recommended_training_vectors` (39 points per centroid).
+
+    Args:
+        spec: index spec (its factory must be valid at ``dim``).
+        dim: embedding dimension.
+
+    Returns:
+        Minimum number of training vectors, >= 0.
+
+    Raises:
+        InvalidIndexFactoryError: the factory string is invalid at ``dim``.
+    """
+    return _training_centroids(_instantiate(spec.factory, dim))
+
+
+def recommended_training_vectors(spec: IndexSpec, dim: int) -> int:
+    """Training vectors FAISS trains ``spec`` on without warning (39 per centroid).
+
+    Args:
+        spec: index spec (its factory must be valid at ``dim``).
+        dim: embedding dimension.
+
+    Returns:
+        ``39 * min_training_vectors(spec, dim)`` (0 when no training is needed).
+
+    Raises:
+        InvalidIndexFactoryError: the factory string is invalid at ``dim``.
+    """
+    return FAISS_POINTS_PER_CENTROID * min_training_vectors(spec, dim)
+
+
+def _training_centroids(index: faiss.Index) -> int:
+    if index.is_trained:
+        return 0
+    need = 1
+    for part in _inner(index):
+        if isinstance(part, faiss.IndexIVF):
+            need = max(need, int(part.nlist))
+        if isinstance(part, faiss.IndexPreTransform):
+            for vt in _transforms(part):
+                if isinstance(vt, faiss.OPQMatrix):
+                    need = max(need, 1 << 8)  # OPQ trains an internal 8-bit PQ
+        for attr in ("pq", "rq", "lsq", "aq"):
+            quantizer = getattr(part, attr, None)
+            nbits = getattr(quantizer, "nbits", None)
+            if nbits is not None:
+                # nbits is a scalar for PQ and a vector for additive quantisers.
+                try:
+                    bits = int(nbits)
+                except TypeError:
+                    bits = max(int(nbits.at(i)) for i in range(nbits.size()))
+                need = max(need, 1 << bits)
+    return need
+
+
+def estimate_index_bytes(factory: str, n_vectors: int, dim: int) -> int:
+    """Rough in-memory size of a filled index, for :func:`auto_spec`'s budget.
+
+    Counts per-vector storage only (vectors or codes, IVF ids, HNSW links at
+    ~2*M int32 per vector on level 0) plus IVF centroids; ignores small constant
+    tables. Good to ~10%, which is what a memory budget needs.
+
+    Args:
+        factory: one of the shapes :func:`auto_spec` emits (``Flat``,
+            ``IVF<n>[_HNSW32],Flat``, ``IVF<n>[_HNSW32],PQ<m>``, ``HNSW<M>``).
+        n_vectors: number of database vectors.
+        dim: embedding dimension.
+
+    Returns:
+        Estimated size in bytes.
+
+    Raises:
+        InvalidIndexFactoryError: ``factory`` is not one of the shapes above.
+    """
+    flat = 4 * dim
+    m = re.fullmatch(r"IVF(\d+)(_HNSW(\d+))?,(Flat|PQ(\d+)|SQ8)", factory)
+    if factory == "Flat":
+        return n_vectors * flat
+    if m is not None:
+        nlist = int(m.group(1))
+        quantizer = nlist * flat + (nlist * 2 * int(m.group(3)) * 4 if m.group(2) else 0)
+        if m.group(4) == "Flat":
+            code = flat
+        elif m.group(4) == "SQ8":
+            code = dim
+        else:
+            code = int(m.group(5))
+        return n_vectors * (code + _IVF_ID_BYTES) + quantizer
+    h = re.fullmatch(r"HNSW(\d+)", factory)
+    if h is not None:
+        return n_vectors * (flat + 2 * int(h.group(1)) * 4)
+    raise InvalidIndexFactoryError(f"cannot estimate the size of index factory {factory!r}")
+
+
+def auto_spec(n_vectors: int, dim: int, *, memory_budget_bytes: int | None = None) -> IndexSpec:
+    """Picks an index type from corpus size and memory budget (after autofaiss).
+
+    Rules, in order (autofaiss ``get_optimal_index_keys_v2`` and the FAISS wiki
+    "Guidelines to choose an index" are the sources of the shape of this):
+
+    1. ``n_vectors < 10,000``: ``Flat``. Neither IVF nor 8-bit PQ can be trained
+       as FAISS recommends (39 x 256 = 9,984 points), and the Flat index is at
+       most 51 MB at dim 1,280, so it is used whatever the budget.
+    2. ``n_vectors <= 1,000,000`` (:data:`FLAT_MAX_VECTORS`) and ``4 * dim *
+       n_vectors`` bytes fit the budget (or there is none): ``Flat`` -- exact,
+       no training, and fast enough at this size (DESIGN.md "Scale").
+    3. Otherwise an IVF with ``nlist`` = the power of two nearest ``4 *
+       sqrt(n_vectors)`` (FAISS wiki: 4..16 sqrt(n)), halved until ``n_vectors >=
+       39 * nlist`` so k-means has the 39 points per centroid FAISS asks for. From
+       ``nlist >= 2**14`` the coarse quantiser is ``HNSW32`` (``IVF<nlist>_HNSW32``)
+       because a brute-force assignment to that many centroids dominates cost.
+       ``nprobe`` = :func:`default_nprobe`.
+
+       a. ``IVF<nlist>,Flat`` when the uncompressed vectors (+ 8-byte ids) fit the
+          budget (or there is none): best recall at a given speed.
+       b. else ``IVF<nlist>,PQ<m>`` with the largest ``m`` (bytes per vector, a
+          divisor of ``dim`` no larger than ``dim / 2`` so each 8-bit
+          sub-quantiser covers >= 2 dims) that fits; PQ is the only way to
+          shrink vectors 10-100x (Jegou et al. 2011, "Product quantization for
+          nearest neighbor search").
+
+    HNSW over all vectors is not chosen automatically: on CPU its build time
+    (hours at 10M vectors) and ~256 extra bytes per vector make IVF the better
+    default; pass ``"HNSW32"`` explicitly when query latency matters most.
+
+    Args:
+        n_vectors: number of database vectors, >= 1.
+        dim: embedding dimension, >= 1.
+        memory_budget_bytes: bytes the filled index may take in RAM; ``None``
+            means unlimited.
+
+    Returns:
+        A validated :class:`IndexSpec` (factory plus ``nprobe`` / ``ef_search``).
+
+    Raises:
+        ConfigError: a non-positive argument, or a budget too small even for the
+            most compressed choice (``PQ`` with the smallest divisor of ``dim``).
+    """
+    for name, value in (("n_vectors", n_vectors), ("dim", dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if memory_budget_bytes is not None and (
+        isinstance(memory_budget_bytes, bool)
+        or not isinstance(memory_budget_bytes, int)
+        or memory_budget_bytes < 1
+    ):
+        raise ConfigError(
+            f"memory_budget_bytes must be a positive integer or None, got {memory_budget_bytes!r}"
+        )
+
+    def fits(factory: str) -> bool:
+        return memory_budget_bytes is None or (
+            estimate_index_bytes(factory, n_vectors, dim) <= memory_budget_bytes
+        )
+
+    if n_vectors < _AUTO_MIN_APPROX_VECTORS:
+        return validate_factory("Flat", dim)
+    if n_vectors <= FLAT_MAX_VECTORS and fits("Flat"):
+        return validate_factory("Flat", dim)
+
+    nlist = 1 << max(0, round(math.log2(4 * math.sqrt(n_vectors))))
+    while nlist > 1 and n_vectors < FAISS_POINTS_PER_CENTROID * nlist:
+        nlist //= 2
+    ivf = f"IVF{nlist}" + ("_HNSW32" if nlist >= _AUTO_HNSW_QUANTIZER_MIN_NLIST else "")
+
+    if fits(f"{ivf},Flat"):
+        return validate_factory(f"{ivf},Flat", dim)
+    for m in sorted((d for d in range(1, dim // 2 + 1) if dim % d == 0), reverse=True):
+        if fits(f"{ivf},PQ{m}"):
+            return validate_factory(f"{ivf},PQ{m}", dim)
+    smallest = estimate_index_bytes(f"{ivf},PQ1", n_vectors, dim)
+    raise ConfigError(
+        f"memory budget of {memory_budget_bytes} bytes is too small for {n_vectors} vectors "
+        f"of dim {dim}: even {ivf},PQ1 needs about {smallest} bytes"
+    )
+
+
+def _train(index: faiss.Index, train: np.ndarray, spec: IndexSpec, dim: int, seed: int) -> None:
+    need = _training_centroids(index)
+    if train.shape[0] < need:
+        raise InvalidIndexFactoryError(
+            f"index factory {spec.factory!r} needs at least {need} training vectors "
+            f"(FAISS recommends {FAISS_POINTS_PER_CENTROID * need}), got {train.shape[0]}; "
+            "use a smaller nlist/PQ or 'Flat' for a database this small"
+        )
+    for part in _inner(index):
+        cp = getattr(part, "cp", None)
+        if cp is not None and hasattr(cp, "seed"):
+            cp.seed = seed
+        pq = getattr(part, "pq", None)
+        if pq is not None and hasattr(pq, "cp"):
+            pq.cp.seed = seed
+        if getattr(part, "do_polysemous_training", False):
+            # index_factory turns polysemous training on for "PQ<m>" unless the
+            # string ends in "np"; it only serves Hamming-threshold search (ht),
+            # which we never use, and its simulated annealing takes 10-20x the
+            # PQ k-means time (Douze et al. 2016, "Polysemous codes").
+            part.do_polysemous_training = False
+    try:
+        index.train(train)
+    except RuntimeError as exc:
+        raise InvalidIndexFactoryError(
+            f"training index factory {spec.factory!r} on {train.shape[0]} vectors failed: {exc}"
+        ) from exc
+
+
+def _sample_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | None:
+    """Sorted row ids of a seeded sample of ``train_sample`` rows, or None for all."""
+    if train_sample is None or train_sample >= n:
+        return None
+    if train_sample < 1:
+        raise ConfigError(f"train_sample must be positive, got {train_sample}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=train_sample, replace=False))
+
+
+def build(
+    vectors: np.ndarray,
+    spec: IndexSpec,
+    *,
+    seed: int = 0,
+    train_sample: int | None = None,
+) -> faiss.Index:
+    """Builds a filled index of ``vectors``, row i = ``vectors[i]``.
+
+    Trains when the index type needs it, on a seeded sample of at most
+    ``train_sample`` rows (all rows when ``None``; FAISS k-means itself subsamples
+    to 256 points per centroid), then adds every vector in chunks of
+    :data:`ADD_CHUNK_ROWS`, then applies the spec's search parameters.
+
+    Args:
+        vectors: float32 [n, dim], L2-normalised (not re-normalised here).
+        spec: index spec, normally from :func:`validate_factory` or
+            :func:`auto_spec`.
+        seed: seed for the training sample and FAISS k-means.
+        train_sample: at most this many rows are used for training.
+
+    Returns:
+        The trained, filled ``faiss.Index`` with ``ntotal == n``.
+
+    Raises:
+        InvalidIndexFactoryError: the factory is invalid at ``dim``, or the
+            database has fewer vectors than the index needs for training (the
+            message gives both numbers).
+        ConfigError: ``vectors`` is not a 2-D float array.
+    """
+    x = _as_vectors(vectors, None, "database vectors")
+    dim = x.shape[1]
+    index = _instantiate(spec.factory, dim)
+    if not index.is_trained:
+        rows = _sample_rows(x.shape[0], train_sample, seed)
+        _train(index, x if rows is None else x[rows], spec, dim, seed)
+    for start in range(0, x.shape[0], ADD_CHUNK_ROWS):
+        index.add(x[start : start + ADD_CHUNK_ROWS])
+    apply_search_params(index, spec)
+    return index
+
+
+def build_from_chunks(
+    chunks: Iterable[np.ndarray],
+    spec: IndexSpec,
+    *,
+    dim: int,
+    train_vectors: np.ndarray | None,
+    seed: int = 0,
+) -> faiss.Index:
+    """Builds an index from vectors streamed in chunks (e.g. from disk shards).
+
+    Trains on ``train_vectors`` (a sample the caller drew, for instance every
+    k-th row of each shard) and then adds each chunk in order, so row numbers
+    follow the concatenation of the chunks.
+
+    Args:
+        chunks: iterable of float32 [n_i, dim] arrays, L2-normalised.
+        spec: index spec.
+        dim: embedding dimension.
+        train_vectors: float32 [n_train, dim] training sample; required when the
+            index type needs training, ignored otherwise.
+        seed: seed for FAISS k-means.
+
+    Returns:
+        The trained, filled ``faiss.Index`` with ``ntotal == sum(n_i)``.
+
+    Raises:
+        InvalidIndexFactoryError: invalid factory, or training needed and
+            ``train_vectors`` missing or too few (with the numbers).
+        ConfigError: a chunk or the training sample has the wrong shape.
+    """
+    index = _instantiate(spec.factory, dim)
+    if not index.is_trained:
+        if train_vectors is None:
+            raise InvalidIndexFactoryError(
+                f"index factory {spec.factory!r} needs training "
+                f"(>= {_training_centroids(index)} vectors) but no train_vectors were given"
+            )
+        _train(index, _as_vectors(train_vectors, dim, "training vectors"), spec, dim, seed)
+    for chunk in chunks:
+        x = _as_vectors(chunk, dim, "database vectors")
+        for start in range(0, x.shape[0], ADD_CHUNK_ROWS):
+            index.add(x[start : start + ADD_CHUNK_ROWS])
+    apply_search_params(index, spec)
+    return index
+
+
+def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    """Sets ``spec.nprobe`` / ``spec.ef_search`` on ``index`` (in place).
+
+    Uses ``faiss.ParameterSpace``, which reaches through OPQ/refine wrappers.
+    ``ef_search`` sets ``efSearch`` of an HNSW index, or ``quantizer_efSearch`` of
+    an IVF with an HNSW coarse quantiser. ``None`` fields leave the index as is.
+    Call this after :func:`read` too: it is how the manifest's values win.
+
+    Raises:
+        InvalidIndexFactoryError: the index lacks the parameter (``nprobe`` on a
+            non-IVF index, ``ef_search`` without HNSW).
+    """
+    if spec.nprobe is None and spec.ef_search is None:
+        return
+    names = _search_parameter_names(index)
+    ps = faiss.ParameterSpace()
+    if spec.nprobe is not None:
+        if "nprobe" not in names:
+            raise InvalidIndexFactoryError(
+                f"nprobe={spec.nprobe} cannot be set: index {spec.factory!r} has no IVF"
+            )
+        ps.set_index_parameter(index, "nprobe", spec.nprobe)
+    if spec.ef_search is not None:
+        name = "efSearch" if "efSearch" in names else "quantizer_efSearch"
+        if name not in names:
+            raise InvalidIndexFactoryError(
+                f"ef_search={spec.ef_search} cannot be set: index {spec.factory!r} has no HNSW"
+            )
+        ps.set_index_parameter(index, name, spec.ef_search)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Finds the ``k`` nearest database rows of each query by inner product.
+
+    Args:
+        index: a filled index (from :func:`build` or :func:`read`).
+        queries: float32 [q, dim], L2-normalised; a 1-D [dim] vector is taken as
+            one query (the result is still 2-D).
+        k: hits per query, >= 1; may exceed ``index.ntotal`` (the tail is padded).
+
+    Returns:
+        ``(scores, rows)``: float32 [q, k] cosine scores, descending (higher is
+        closer; approximate for PQ/SQ codes), ``-inf`` where there is no hit; and
+        int64 [q, k] database rows, ``-1`` where there is no hit.
+
+    Raises:
+        ConfigError: ``k`` < 1 or ``queries`` of the wrong shape.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None, :]
+    q = _as_vectors(q, index.d, "queries")
+    if q.shape[0] == 0:
+        return np.empty((0, int(k)), np.float32), np.empty((0, int(k)), np.int64)
+    scores, rows = index.search(q, int(k))
+    scores = np.asarray(scores, dtype=np.float32)
+    rows = np.asarray(rows, dtype=np.int64)
+    scores[rows < 0] = -np.inf
+    return scores, rows
+
+
+def write(index: faiss.Index, path: str | os.PathLike[str]) -> None:
+    """Writes ``index`` to ``path`` with ``faiss.write_index``.
+
+    Raises:
+        OSError: the file cannot be written (FAISS's error chained).
+    """
+    try:
+        faiss.write_index(index, os.fspath(path))
+    except RuntimeError as exc:
+        raise OSError(f"cannot write FAISS index to {os.fspath(path)!r}: {exc}") from exc
+
+
+def read(path: str | os.PathLike[str], *, mmap: bool = False) -> faiss.Index:
+    """Reads an index written by :func:`write`.
+
+    Args:
+        path: index file.
+        mmap: memory-map the file (``faiss.IO_FLAG_MMAP``) instead of loading it,
+            so several processes share the page cache and a swap is cheap;
+            read-only use only.
+
+    Returns:
+        The index. Its stored search parameters are FAISS's serialised ones;
+        call :func:`apply_search_params` with the manifest's spec.
+
+    Raises:
+        OSError: the file is missing or not a FAISS index (FAISS's error chained).
+    """
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no FAISS index file at {p!r}")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(p, flags)
+    except RuntimeError as exc:
+        raise OSError(f"cannot read FAISS index {p!r}: {exc}") from exc
