@@ -570,7 +570,9 @@ def markdown(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace) ->
             else ""
         )
         + f"; targets: {len(dataset.database):,}. Threads: {args.threads} for every tool. "
-        f"Machine: {os.cpu_count()} CPU cores visible, {platform_line()}.",
+        f"Machine: {os.cpu_count()} CPU cores visible, {platform_line()}; 1-min load "
+        f"average when the report was written: {os.getloadavg()[0]:.1f} (other work on the "
+        "machine inflates wall times; CPU times are less affected).",
         "",
         "Sensitivity = mean over queries of the fraction of true positives ranked above the "
         "first false positive (another fold); family = same family, superfamily = same "
