@@ -174,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         toks_per_batch=args.toks_per_batch,
+        reload_poll_s=args.reload_poll_s if args.reload_poll_s > 0 else None,
     )
 
 
@@ -261,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="override the model path recorded in the manifest (must match it)")
     s.add_argument("--device", default="auto")
     s.add_argument("--toks-per-batch", type=int, default=4096)
+    s.add_argument(
+        "--reload-poll-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="when INDEX_DIR is a versioned root: seconds between looks at ROOT/current for a new "
+        "version (default 5; 0 = only on SIGHUP or the ReloadIndex RPC)",
+    )
     s.add_argument("-v", "--verbose", action="count", default=0)
     s.set_defaults(func=cmd_serve)
 

@@ -28,7 +28,14 @@ from esmsearch.client.errors import (
     UnimplementedError,
 )
 from esmsearch.client.formats import TSV_COLUMNS, write_json, write_tsv
-from esmsearch.client.types import Embeddings, Hit, IndexInfo, QueryResult, RequestLimits
+from esmsearch.client.types import (
+    Embeddings,
+    Hit,
+    IndexInfo,
+    QueryResult,
+    ReloadResult,
+    RequestLimits,
+)
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -43,6 +50,7 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "QueryResult",
+    "ReloadResult",
     "RequestLimits",
     "ResourceExhaustedError",
     "SearchClient",

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from esmsearch.client.errors import error_from_rpc
-from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, RequestLimits
+from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, ReloadResult, RequestLimits
 from esmsearch.sequences import records_from
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -293,6 +293,32 @@ class SearchClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return IndexInfo.from_proto(msg)
+
+    def reload_index(self, *, timeout_s: float | None | _Default = _DEFAULT) -> ReloadResult:
+        """Admin: make a server started on a versioned index root load ``ROOT/current`` now.
+
+        The server opens and verifies the version ``current`` names (if it is not
+        the served one), checks its model settings, and swaps it in between
+        requests; requests in flight finish on the old version. Give a generous
+        ``timeout_s``: verification reads every file of the new version.
+
+        Returns:
+            :class:`ReloadResult` (``reloaded`` false if ``current`` already named the
+            served version).
+
+        Raises:
+            FailedPreconditionError: the new version was refused (model mismatch,
+                failed verification, missing; the old version keeps serving), or the
+                server serves a fixed index directory, not a root.
+            UnavailableError, DeadlineExceededError, SearchError: the RPC failed.
+            ValueError: the client is closed.
+        """
+        deadline = self._timeout(timeout_s)
+        try:
+            msg = self.stub.ReloadIndex(search_pb2.ReloadIndexRequest(), timeout=deadline)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return ReloadResult.from_proto(msg)
 
     def wait_until_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the channel is connected (not that the index is loaded: see health).

@@ -8,7 +8,7 @@ import numpy as np
 
 from esmsearch.v1 import search_pb2
 
-__all__ = ["Embeddings", "Hit", "IndexInfo", "QueryResult", "RequestLimits"]
+__all__ = ["Embeddings", "Hit", "IndexInfo", "QueryResult", "ReloadResult", "RequestLimits"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,8 @@ class IndexInfo:
         source_fasta_sha256: hex sha256 of the database FASTA file.
         server_version: esmsearch version of the server.
         limits: the server's request limits.
+        reload_error: why the server's last attempt to load a new version of its
+            index root failed (the version above keeps serving); ``""`` if none.
     """
 
     model_name: str
@@ -132,6 +134,7 @@ class IndexInfo:
     source_fasta_sha256: str
     server_version: str
     limits: RequestLimits
+    reload_error: str = ""
 
     @classmethod
     def from_proto(cls, msg: search_pb2.IndexInfo) -> IndexInfo:
@@ -151,6 +154,31 @@ class IndexInfo:
             source_fasta_sha256=msg.source_fasta_sha256,
             server_version=msg.server_version,
             limits=RequestLimits.from_proto(msg.limits),
+            reload_error=msg.reload_error,
+        )
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """Outcome of :meth:`SearchClient.reload_index` (``ReloadIndexResponse`` in search.proto).
+
+    Attributes:
+        reloaded: the call swapped in a new index version.
+        index_version: version serving requests that start from now on.
+        previous_version: version served before the call (== ``index_version`` if
+            not reloaded).
+    """
+
+    reloaded: bool
+    index_version: str
+    previous_version: str
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.ReloadIndexResponse) -> ReloadResult:
+        return cls(
+            reloaded=bool(msg.reloaded),
+            index_version=msg.index_version,
+            previous_version=msg.previous_version,
         )
 
 

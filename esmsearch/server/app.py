@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from esmsearch.server.engine import SearchEngine
+from esmsearch.server.reload import DEFAULT_RELOAD_POLL_S, IndexReloader
 from esmsearch.server.servicer import HomologSearchServicer, RequestLimits
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -69,6 +70,8 @@ class SearchServer(grpc.Server):
         self.health = health_servicer
         self._stop_lock = threading.Lock()
         self._stopped: threading.Event | None = None
+        #: Follows ``ROOT/current`` when serving a versioned root; None for a fixed index.
+        self.reloader: IndexReloader | None = None
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
         self._server.add_generic_rpc_handlers(generic_rpc_handlers)
@@ -99,6 +102,8 @@ class SearchServer(grpc.Server):
             if self._stopped is not None:
                 return self._stopped
             self.health.enter_graceful_shutdown()
+            if self.reloader is not None:
+                self.reloader.stop()
             done = self._server.stop(grace)
             stopped = threading.Event()
             self._stopped = stopped
@@ -125,11 +130,15 @@ def create_server(
     limits: RequestLimits | None = None,
     toks_per_batch: int = 4096,
     engine: SearchEngine | None = None,
+    reload_poll_s: float | None = DEFAULT_RELOAD_POLL_S,
 ) -> tuple[SearchServer, int]:
     """Load an index and its model, and return a started server bound to ``address``.
 
     Args:
-        index_dir: index version directory (with ``manifest.json``).
+        index_dir: index version directory (with ``manifest.json``), or a versioned
+            index root (:meth:`esmsearch.versions.IndexRoot.is_root`): then the version
+            ``ROOT/current`` names is served and new versions are swapped in live
+            (see :class:`esmsearch.server.reload.IndexReloader`).
         address: ``host:port`` to bind; port 0 picks a free port (returned).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the model.
         model: fair-esm pretrained name or ``.pt`` path overriding the manifest's
@@ -139,6 +148,8 @@ def create_server(
         toks_per_batch: token budget per model forward pass.
         engine: an already loaded engine to serve instead of loading ``index_dir``
             (the server closes it on stop).
+        reload_poll_s: with a root, seconds between looks at ``ROOT/current``
+            (``None``: reload only on SIGHUP or the ``ReloadIndex`` RPC).
 
     Returns:
         ``(server, port)``: the started :class:`SearchServer` (health SERVING) and
@@ -152,10 +163,23 @@ def create_server(
         OSError: ``address`` cannot be bound.
     """
     limits = limits or RequestLimits()
+    from esmsearch.versions import IndexRoot
+
+    root = IndexRoot(index_dir) if IndexRoot.is_root(index_dir) else None
     if engine is None:
         engine = SearchEngine.load(
-            index_dir, model=model, device=device, toks_per_batch=toks_per_batch
+            root.current_path() if root is not None else index_dir,
+            model=model,
+            device=device,
+            toks_per_batch=toks_per_batch,
         )
+    reloader = None
+    if root is not None:
+        try:
+            reloader = IndexReloader(engine, root, poll_s=reload_poll_s)
+        except BaseException:
+            engine.close()
+            raise
     # Room for a full request: one-byte residues (Search, Embed) or float32 vectors
     # (SearchByEmbedding), plus ids (<= 1000 bytes each) and framing.
     dim = engine.index.manifest.dim
@@ -170,6 +194,7 @@ def create_server(
         options=[("grpc.max_receive_message_length", max_message)],
     )
     servicer = HomologSearchServicer(engine, limits)
+    servicer.reloader = reloader
     search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -179,6 +204,7 @@ def create_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
     server = SearchServer(grpc_server, engine, servicer, health_servicer)
+    server.reloader = reloader
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -188,6 +214,14 @@ def create_server(
         engine.close()
         raise OSError(f"cannot bind {address}")
     server.start()
+    if reloader is not None:
+        reloader.start()
+        log.info(
+            "following %s/current for new index versions "
+            "(poll every %s s; SIGHUP or ReloadIndex reload now)",
+            root.path if root is not None else "",
+            reload_poll_s,
+        )
     return server, port
 
 
@@ -202,6 +236,7 @@ def serve(
     limits: RequestLimits | None = None,
     toks_per_batch: int = 4096,
     grace_s: float = DEFAULT_GRACE_S,
+    reload_poll_s: float | None = DEFAULT_RELOAD_POLL_S,
 ) -> int:
     """Serve an index until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds.
 
@@ -213,6 +248,8 @@ def serve(
         host: interface to bind (``0.0.0.0`` for all).
         port: TCP port; 0 picks a free one (printed).
         grace_s: seconds in-flight requests get to finish after a stop signal.
+        reload_poll_s: see :func:`create_server`; with a versioned root, SIGHUP
+            also triggers a reload.
 
     Returns:
         0 after a clean shutdown.
@@ -230,6 +267,7 @@ def serve(
         max_workers=max_workers,
         limits=limits,
         toks_per_batch=toks_per_batch,
+        reload_poll_s=reload_poll_s,
     )
     stop_requested = threading.Event()
 
@@ -240,6 +278,14 @@ def serve(
             server.stop(grace_s)
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reloader = server.reloader
+    if reloader is not None:
+
+        def _on_hangup(signum: int, frame: FrameType | None) -> None:
+            log.info("received SIGHUP: reloading %s/current", reloader.root.path)
+            reloader.request()
+
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_hangup)
     try:
         m = server.engine.index.manifest
         shown = f"[{host}]" if ":" in host else host

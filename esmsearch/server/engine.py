@@ -13,14 +13,17 @@ its results come from one index version.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from esmsearch.server.reload import IndexSlot
 
 if TYPE_CHECKING:
     from esmsearch.embedding import Embedder
@@ -81,7 +84,7 @@ class SearchEngine:
 
     def __init__(self, index: Index, embedder: Embedder) -> None:
         embedder.check_manifest(index.manifest)
-        self._index = index
+        self._slot = IndexSlot(index)
         self.embedder = embedder
         self._model_lock = threading.Lock()
 
@@ -123,8 +126,36 @@ class SearchEngine:
 
     @property
     def index(self) -> Index:
-        """The index currently served."""
-        return self._index
+        """The index currently served (to search it, use :meth:`lease_index`)."""
+        return self._slot.current
+
+    @property
+    def _index(self) -> Index:
+        return self._slot.current
+
+    @contextlib.contextmanager
+    def lease_index(self) -> Iterator[Index]:
+        """Use the current index for one request: a concurrent :meth:`swap_index`
+        does not close it until the block ends (reference counting)."""
+        with self._slot.lease() as index:
+            yield index
+
+    def swap_index(self, index: Index) -> Index:
+        """Serve ``index`` for requests that start from now on (live reload).
+
+        Requests in flight finish on the index they leased, which is closed once the
+        last of them ends. See :class:`esmsearch.server.reload.IndexReloader`.
+
+        Returns:
+            The index served before.
+
+        Raises:
+            IndexMismatchError: ``index`` was built with other model settings than the
+                loaded model (checkpoint, layer, pooling, normalisation, dimension);
+                nothing is swapped.
+        """
+        self.embedder.check_manifest(index.manifest)
+        return self._slot.swap(index)
 
     def embed(self, sequences: Sequence[str]) -> tuple[np.ndarray, float, float]:
         """Embed validated sequences under the model lock.
@@ -162,7 +193,10 @@ class SearchEngine:
         Raises:
             IndexFormatError: a hit's row has no metadata (a corrupt index).
         """
-        idx = index if index is not None else self._index
+        if index is None:
+            with self.lease_index() as leased:
+                return self.search_vectors(vectors, k, min_score, index=leased)
+        idx = index
         k_eff = max(1, min(k, idx.count))
         scores, rows = idx.search(vectors, k_eff)
         keep = rows >= 0
@@ -202,13 +236,13 @@ class SearchEngine:
         Returns:
             An :class:`EngineResult` naming the one index version that answered.
         """
-        index = self._index  # one version for the whole request
-        vectors, queue_s, embed_s = self.embed(sequences)
-        t0 = time.perf_counter()
-        hits = self.search_vectors(vectors, k, min_score, index=index)
-        search_s = time.perf_counter() - t0
+        with self.lease_index() as index:  # one version for the whole request
+            vectors, queue_s, embed_s = self.embed(sequences)
+            t0 = time.perf_counter()
+            hits = self.search_vectors(vectors, k, min_score, index=index)
+            search_s = time.perf_counter() - t0
         return EngineResult(hits, index.version, queue_s, embed_s, search_s)
 
     def close(self) -> None:
-        """Close the index (the model is freed with the engine)."""
-        self._index.close()
+        """Close the index once no request uses it (the model is freed with the engine)."""
+        self._slot.close()

@@ -12,16 +12,19 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 import numpy as np
 
 import esmsearch
-from esmsearch.errors import InvalidSequenceError
+from esmsearch.errors import EsmsearchError, InvalidSequenceError
 from esmsearch.sequences import validate_sequence
 from esmsearch.server.engine import EngineHit, SearchEngine
 from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+if TYPE_CHECKING:
+    from esmsearch.server.reload import IndexReloader
 
 __all__ = [
     "MAX_K",
@@ -271,6 +274,8 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
     def __init__(self, engine: SearchEngine, limits: RequestLimits | None = None) -> None:
         self.engine = engine
         self.limits = limits or RequestLimits()
+        #: Follows a versioned root's ``current`` (set by create_server); None = fixed index.
+        self.reloader: IndexReloader | None = None
 
     def _abort(
         self, context: grpc.ServicerContext, rec: _RequestLog, exc: Exception, prefix: str = ""
@@ -338,14 +343,14 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         rec = _RequestLog("SearchByEmbedding")
         try:
             rec.queries, rec.k = len(request.embeddings), request.k
-            index = self.engine.index  # one version for the whole request
-            vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
-            min_score = _check_k(
-                request.k, request.HasField("min_score"), request.min_score, self.limits
-            )
-            t0 = time.perf_counter()
-            hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
-            rec.search_s = time.perf_counter() - t0
+            with self.engine.lease_index() as index:  # one version for the whole request
+                vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
+                min_score = _check_k(
+                    request.k, request.HasField("min_score"), request.min_score, self.limits
+                )
+                t0 = time.perf_counter()
+                hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
+                rec.search_s = time.perf_counter() - t0
             response = search_pb2.SearchResponse(index_version=index.version)
             ids = [e.query_id for e in request.embeddings]
             _fill_results(response, ids, [0] * len(ids), hits)
@@ -405,6 +410,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             source_fasta_sha256=m.source_fasta_sha256,
             server_version=esmsearch.__version__,
             limits=self.limits.to_proto(),
+            reload_error=self.reloader.last_error if self.reloader is not None else "",
         )
         log.info(
             "rpc=GetIndexInfo code=OK peer=%s total_ms=%.1f",
@@ -412,3 +418,37 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             (time.perf_counter() - t0) * 1e3,
         )
         return info
+
+    def ReloadIndex(  # noqa: N802 - gRPC method name
+        self, request: search_pb2.ReloadIndexRequest, context: grpc.ServicerContext
+    ) -> search_pb2.ReloadIndexResponse:
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            reloader = self.reloader
+            if reloader is None:
+                code = grpc.StatusCode.FAILED_PRECONDITION
+                context.abort(
+                    code,
+                    "this server serves a fixed index directory, not a versioned index root; "
+                    "start it on ROOT (esmsearch serve ROOT) to reload new versions",
+                )
+                raise AssertionError("unreachable: abort raises")
+            try:
+                outcome = reloader.reload(force=True)
+            except EsmsearchError as exc:
+                code = grpc.StatusCode.FAILED_PRECONDITION
+                context.abort(code, reloader.last_error or str(exc))
+                raise AssertionError("unreachable: abort raises") from exc
+            return search_pb2.ReloadIndexResponse(
+                reloaded=outcome.reloaded,
+                index_version=outcome.index_version,
+                previous_version=outcome.previous_version,
+            )
+        finally:
+            log.info(
+                "rpc=ReloadIndex code=%s peer=%s total_ms=%.1f",
+                code.name,
+                context.peer(),
+                (time.perf_counter() - t0) * 1e3,
+            )

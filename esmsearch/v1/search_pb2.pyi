@@ -440,6 +440,7 @@ class IndexInfo(_message.Message):
     SOURCE_FASTA_SHA256_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    RELOAD_ERROR_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """ESM-2 model name as recorded in the manifest, e.g. "esm2_t33_650M_UR50D"."""
     checkpoint_sha256: _builtins.str
@@ -476,6 +477,12 @@ class IndexInfo(_message.Message):
     """Hex sha256 of the database FASTA file the index was built from."""
     server_version: _builtins.str
     """Version of the esmsearch that is serving it."""
+    reload_error: _builtins.str
+    """Why the server's last attempt to load a new version of its index root
+    failed (model mismatch, failed verification, missing version), while
+    index_version above keeps serving. Empty when the last attempt succeeded,
+    none was made, or ROOT/current names the served version again.
+    """
     @_builtins.property
     def limits(self) -> Global___RequestLimits:
         """The request limits this server enforces."""
@@ -498,11 +505,67 @@ class IndexInfo(_message.Message):
         source_fasta_sha256: _builtins.str = ...,
         server_version: _builtins.str = ...,
         limits: Global___RequestLimits | None = ...,
+        reload_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "checkpoint_sha256", b"checkpoint_sha256", "count", b"count", "dim", b"dim", "index_factory", b"index_factory", "index_version", b"index_version", "layer", b"layer", "limits", b"limits", "metric", b"metric", "model_name", b"model_name", "normalisation", b"normalisation", "pooling", b"pooling", "server_version", b"server_version", "source_fasta_sha256", b"source_fasta_sha256", "tool_version", b"tool_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "checkpoint_sha256", b"checkpoint_sha256", "count", b"count", "dim", b"dim", "index_factory", b"index_factory", "index_version", b"index_version", "layer", b"layer", "limits", b"limits", "metric", b"metric", "model_name", b"model_name", "normalisation", b"normalisation", "pooling", b"pooling", "reload_error", b"reload_error", "server_version", b"server_version", "source_fasta_sha256", b"source_fasta_sha256", "tool_version", b"tool_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IndexInfo: _TypeAlias = IndexInfo  # noqa: Y015
+
+@_typing.final
+class ReloadIndexRequest(_message.Message):
+    """Request for ReloadIndex; no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadIndexRequest: _TypeAlias = ReloadIndexRequest  # noqa: Y015
+
+@_typing.final
+class ReloadIndexResponse(_message.Message):
+    """Outcome of a successful ReloadIndex call (a refused version is an error
+    status instead, see ReloadIndex).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELOADED_FIELD_NUMBER: _builtins.int
+    INDEX_VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    reloaded: _builtins.bool
+    """True if this call swapped in a new version; false if ROOT/current already
+    named the served version.
+    """
+    index_version: _builtins.str
+    """Version served after the call: the index_version of every response to a
+    request that starts from now on (until the next reload).
+    """
+    previous_version: _builtins.str
+    """Version served before the call (equal to index_version when reloaded is
+    false).
+    """
+    def __init__(
+        self,
+        *,
+        reloaded: _builtins.bool = ...,
+        index_version: _builtins.str = ...,
+        previous_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_version", b"index_version", "previous_version", b"previous_version", "reloaded", b"reloaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadIndexResponse: _TypeAlias = ReloadIndexResponse  # noqa: Y015

@@ -64,6 +64,11 @@ class HomologSearchStub:
                 request_serializer=esmsearch_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
                 response_deserializer=esmsearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.ReloadIndex = channel.unary_unary(
+                '/esmsearch.v1.HomologSearch/ReloadIndex',
+                request_serializer=esmsearch_dot_v1_dot_search__pb2.ReloadIndexRequest.SerializeToString,
+                response_deserializer=esmsearch_dot_v1_dot_search__pb2.ReloadIndexResponse.FromString,
+                _registered_method=True)
 
 
 class HomologSearchServicer:
@@ -117,6 +122,22 @@ class HomologSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadIndex(self, request, context):
+        """Admin: reload the index now instead of at the next poll. A server started
+        on a versioned index root (ROOT/versions/<version>/, ROOT/current) reads
+        where ROOT/current points; if that is not the served version, it opens the
+        new version, verifies it (checksums, row counts), checks that it was built
+        with the loaded model's settings, and swaps it in between requests.
+        Requests in flight finish on the version they started with; later
+        responses carry the new index_version. Errors: FAILED_PRECONDITION when
+        the server serves a fixed index directory rather than a root, or when the
+        new version is refused (model mismatch, failed verification, missing); the
+        served version then stays and IndexInfo.reload_error says why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HomologSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +165,11 @@ def add_HomologSearchServicer_to_server(servicer, server):
                     servicer.SearchStream,
                     request_deserializer=esmsearch_dot_v1_dot_search__pb2.SearchRequest.FromString,
                     response_serializer=esmsearch_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'ReloadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadIndex,
+                    request_deserializer=esmsearch_dot_v1_dot_search__pb2.ReloadIndexRequest.FromString,
+                    response_serializer=esmsearch_dot_v1_dot_search__pb2.ReloadIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -286,6 +312,33 @@ class HomologSearch:
             '/esmsearch.v1.HomologSearch/SearchStream',
             esmsearch_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
             esmsearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esmsearch.v1.HomologSearch/ReloadIndex',
+            esmsearch_dot_v1_dot_search__pb2.ReloadIndexRequest.SerializeToString,
+            esmsearch_dot_v1_dot_search__pb2.ReloadIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

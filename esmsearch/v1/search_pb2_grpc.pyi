@@ -85,6 +85,18 @@ class HomologSearchStub:
     Search request; the first invalid one ends the stream with its status
     (details prefixed with "request #<n>: ", 1-based).
     """
+    ReloadIndex: _grpc.UnaryUnaryMultiCallable[_search_pb2.ReloadIndexRequest, _search_pb2.ReloadIndexResponse]
+    """Admin: reload the index now instead of at the next poll. A server started
+    on a versioned index root (ROOT/versions/<version>/, ROOT/current) reads
+    where ROOT/current points; if that is not the served version, it opens the
+    new version, verifies it (checksums, row counts), checks that it was built
+    with the loaded model's settings, and swaps it in between requests.
+    Requests in flight finish on the version they started with; later
+    responses carry the new index_version. Errors: FAILED_PRECONDITION when
+    the server serves a fixed index directory rather than a root, or when the
+    new version is refused (model mismatch, failed verification, missing); the
+    served version then stays and IndexInfo.reload_error says why.
+    """
 
 @_typing.type_check_only
 class HomologSearchAsyncStub(HomologSearchStub):
@@ -118,6 +130,18 @@ class HomologSearchAsyncStub(HomologSearchStub):
     SearchRequest, in order. Each request is validated and limited like a
     Search request; the first invalid one ends the stream with its status
     (details prefixed with "request #<n>: ", 1-based).
+    """
+    ReloadIndex: _aio.UnaryUnaryMultiCallable[_search_pb2.ReloadIndexRequest, _search_pb2.ReloadIndexResponse]  # type: ignore[assignment]
+    """Admin: reload the index now instead of at the next poll. A server started
+    on a versioned index root (ROOT/versions/<version>/, ROOT/current) reads
+    where ROOT/current points; if that is not the served version, it opens the
+    new version, verifies it (checksums, row counts), checks that it was built
+    with the loaded model's settings, and swaps it in between requests.
+    Requests in flight finish on the version they started with; later
+    responses carry the new index_version. Errors: FAILED_PRECONDITION when
+    the server serves a fixed index directory rather than a root, or when the
+    new version is refused (model mismatch, failed verification, missing); the
+    served version then stays and IndexInfo.reload_error says why.
     """
 
 class HomologSearchServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +203,24 @@ class HomologSearchServicer(metaclass=_abc_1.ABCMeta):
         SearchRequest, in order. Each request is validated and limited like a
         Search request; the first invalid one ends the stream with its status
         (details prefixed with "request #<n>: ", 1-based).
+        """
+
+    @_abc_1.abstractmethod
+    def ReloadIndex(
+        self,
+        request: _search_pb2.ReloadIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_search_pb2.ReloadIndexResponse, _abc.Awaitable[_search_pb2.ReloadIndexResponse]]:
+        """Admin: reload the index now instead of at the next poll. A server started
+        on a versioned index root (ROOT/versions/<version>/, ROOT/current) reads
+        where ROOT/current points; if that is not the served version, it opens the
+        new version, verifies it (checksums, row counts), checks that it was built
+        with the loaded model's settings, and swaps it in between requests.
+        Requests in flight finish on the version they started with; later
+        responses carry the new index_version. Errors: FAILED_PRECONDITION when
+        the server serves a fixed index directory rather than a root, or when the
+        new version is refused (model mismatch, failed verification, missing); the
+        served version then stays and IndexInfo.reload_error says why.
         """
 
 def add_HomologSearchServicer_to_server(servicer: HomologSearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
