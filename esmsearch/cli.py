@@ -289,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failure, 2 usage)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help/--version
+        return int(exc.code or 0)
     from esmsearch.errors import EsmsearchError
 
     user_errors: tuple[type[BaseException], ...] = (EsmsearchError, FileNotFoundError, FileExistsError, PermissionError)

@@ -195,7 +195,9 @@ def records_from(
     if isinstance(queries, (str, os.PathLike)):
         return list(read_fasta(queries))
     if isinstance(queries, Mapping):
-        return [SequenceRecord(str(k), "", validate_sequence(str(k), v)) for k, v in queries.items()]
+        records = [SequenceRecord(str(k), "", validate_sequence(str(k), v)) for k, v in queries.items()]
+        check_unique_ids(records)
+        return records
     out = []
     for i, seq in enumerate(queries, start=1):
         rid = f"query_{i}"

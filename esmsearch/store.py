@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from esmsearch.errors import IndexFormatError, IndexNotFoundError
+from esmsearch.errors import EsmsearchError, IndexFormatError, IndexNotFoundError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -399,6 +399,11 @@ class Index:
             if not (directory / name).is_file():
                 raise IndexFormatError(f"index {directory} is incomplete: {name} missing")
         if verify:
+            if set(manifest.files) != set(DATA_FILES):
+                raise IndexFormatError(
+                    f"index {directory}: manifest lists checksums for {sorted(manifest.files)}, "
+                    f"expected {sorted(DATA_FILES)}"
+                )
             for name, expected in manifest.files.items():
                 actual = _file_sha256(directory / name)
                 if actual != expected:
@@ -409,9 +414,11 @@ class Index:
             index = vector_index.read(directory / FAISS_FILE, mmap=mmap)
         except Exception as exc:
             raise IndexFormatError(f"index {directory}: cannot read {FAISS_FILE} ({exc})") from exc
-        vector_index.apply_search_params(index, vector_index.IndexSpec.from_json(
-            {"factory": manifest.index_factory, **manifest.search_params}
-        ))
+        try:
+            spec = vector_index.IndexSpec.from_json({"factory": manifest.index_factory, **manifest.search_params})
+            vector_index.apply_search_params(index, spec)
+        except EsmsearchError as exc:
+            raise IndexFormatError(f"index {directory}: bad search parameters in manifest ({exc})") from exc
         db = sqlite3.connect(f"file:{directory / METADATA_FILE}?mode=ro", uri=True, check_same_thread=False)
         try:
             (n_meta,) = db.execute("SELECT COUNT(*) FROM sequences").fetchone()

@@ -218,6 +218,8 @@ def _prepare(fasta: Path, cfg: BuildConfig, embedder: Embedder | None) -> _Prepa
     """Stages 1-2: everything that can fail cheaply, before any embedding."""
     from esmsearch import vector_index
 
+    if str(fasta) == "-":
+        raise ConfigError("index builds read the database FASTA twice (validation, then embedding): give a file, not '-'")
     summary = scan_fasta(fasta)
     log.info("validated %s: %d sequences, %d residues", fasta, summary.sequences, summary.residues)
     emb = embedder or Embedder(
