@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import grpc
 import numpy as np
 
+from esmsearch.client.channel import ClientCredentials
 from esmsearch.client.errors import error_from_rpc
+from esmsearch.client.retry import RetryPolicy, call_with_retry
 from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, ReloadResult, RequestLimits
 from esmsearch.sequences import records_from
 from esmsearch.v1 import search_pb2, search_pb2_grpc
@@ -54,6 +56,11 @@ class SearchClient:
             Each method can override it.
         channel: an existing channel to use instead of opening one (the client then
             still closes it in :meth:`close`).
+        credentials: TLS / mutual TLS / bearer token (default: plaintext, no token).
+        retry: retry policy for UNAVAILABLE (default :class:`RetryPolicy`: 4 attempts,
+            exponential backoff with full jitter). Every wrapped RPC except
+            ``reload_index`` is read-only, hence idempotent and safe to retry; pass
+            ``esmsearch.client.retry.NO_RETRY`` to disable.
 
     Attributes:
         address: the server address.
@@ -68,16 +75,19 @@ class SearchClient:
         *,
         timeout_s: float | None = 30.0,
         channel: grpc.Channel | None = None,
+        credentials: ClientCredentials | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds or None, got {timeout_s!r}")
         self.address = address
         self.timeout_s = timeout_s
+        self.credentials = credentials or ClientCredentials()
+        self.retry = retry or RetryPolicy()
+        self._metadata = self.credentials.metadata()
         if channel is None:
             # Responses grow with k x queries (a hit is ~100-200 bytes): no 4 MB cap.
-            channel = grpc.insecure_channel(
-                address, options=[("grpc.max_receive_message_length", -1)]
-            )
+            channel = self.credentials.channel(address)
         self.channel: grpc.Channel = channel
         self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
         self._closed = False
@@ -114,6 +124,84 @@ class SearchClient:
         return timeout_s
 
     # -- RPCs ------------------------------------------------------------------------
+
+    def _unary(self, method: Callable[..., Any], request: Any, deadline: float | None) -> Any:
+        """One read-only unary RPC with the token and UNAVAILABLE retries (raw grpc errors)."""
+        return call_with_retry(
+            lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
+            self.retry,
+            deadline,
+        )
+
+    def search_stream(
+        self,
+        batches: Iterable[Queries],
+        *,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout_s: float | None | _Default = _DEFAULT,
+    ) -> Iterator[list[QueryResult]]:
+        """Search many query batches over one ``SearchStream`` call, lazily.
+
+        Batches are validated and sent as the stream asks for them, and one list of
+        results is yielded per batch, in order, so memory holds only a few batches
+        at a time however many are streamed. Each batch must fit the server's
+        request limits (it is one SearchRequest). Not retried: a stream that
+        fails mid-way raises.
+
+        Args:
+            batches: iterable of query batches, each in any form :meth:`search`
+                accepts (FASTA path, mapping id -> sequence, list of sequences).
+            k, min_score: as for :meth:`search`.
+            timeout_s: deadline of the whole stream in seconds; ``None`` = none.
+
+        Yields:
+            One list of :class:`QueryResult` per batch, in the batch's query order.
+
+        Raises:
+            esmsearch.errors.InvalidSequenceError: a batch has an invalid query
+                (raised while iterating, before it is sent).
+            InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
+                UnavailableError, SearchError: the stream failed (details of a
+                server-side rejection start with ``request #<n>:``).
+            ValueError: the client is closed, or ``min_score`` is NaN.
+        """
+        deadline = self._timeout(timeout_s)
+        if min_score is not None and math.isnan(min_score):
+            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+
+        failure: list[BaseException] = []  # a bad batch, raised here rather than in grpc's thread
+
+        def requests() -> Iterator[search_pb2.SearchRequest]:
+            for batch in batches:
+                try:
+                    records = records_from(batch)
+                except (ValueError, OSError) as exc:
+                    failure.append(exc)
+                    return
+                request = search_pb2.SearchRequest(
+                    queries=[
+                        search_pb2.Query(query_id=r.record_id, sequence=r.sequence)
+                        for r in records
+                    ],
+                    k=k,
+                )
+                if min_score is not None:
+                    request.min_score = min_score
+                yield request
+
+        responses = self.stub.SearchStream(requests(), timeout=deadline, metadata=self._metadata)
+        try:
+            for response in responses:
+                yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
+        except grpc.RpcError as exc:
+            if failure:
+                raise failure[0] from None
+            raise error_from_rpc(exc) from exc
+        finally:
+            responses.cancel()
+        if failure:
+            raise failure[0]
 
     def search(
         self,
@@ -176,7 +264,7 @@ class SearchClient:
             if min_score is not None:
                 request.min_score = min_score
             try:
-                response = self.stub.Search(request, timeout=deadline)
+                response = self._unary(self.stub.Search, request, deadline)
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc) from exc
             results.extend(
@@ -245,7 +333,7 @@ class SearchClient:
         if min_score is not None:
             request.min_score = min_score
         try:
-            response = self.stub.SearchByEmbedding(request, timeout=deadline)
+            response = self._unary(self.stub.SearchByEmbedding, request, deadline)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
@@ -275,7 +363,7 @@ class SearchClient:
             queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
         )
         try:
-            response = self.stub.Embed(request, timeout=deadline)
+            response = self._unary(self.stub.Embed, request, deadline)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return Embeddings.from_proto(response)
@@ -289,7 +377,7 @@ class SearchClient:
         """
         deadline = self._timeout(timeout_s)
         try:
-            msg = self.stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(), timeout=deadline)
+            msg = self._unary(self.stub.GetIndexInfo, search_pb2.GetIndexInfoRequest(), deadline)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return IndexInfo.from_proto(msg)
@@ -315,7 +403,9 @@ class SearchClient:
         """
         deadline = self._timeout(timeout_s)
         try:
-            msg = self.stub.ReloadIndex(search_pb2.ReloadIndexRequest(), timeout=deadline)
+            msg = self.stub.ReloadIndex(
+                search_pb2.ReloadIndexRequest(), timeout=deadline, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return ReloadResult.from_proto(msg)

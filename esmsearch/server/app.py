@@ -20,8 +20,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from esmsearch.server.batcher import BatchingConfig, DynamicBatcher
 from esmsearch.server.engine import SearchEngine
+from esmsearch.server.metrics import ServerMetrics
 from esmsearch.server.reload import DEFAULT_RELOAD_POLL_S, IndexReloader
+from esmsearch.server.security import SecurityConfig, TokenAuthInterceptor, check_bind_host
 from esmsearch.server.servicer import HomologSearchServicer, RequestLimits
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -72,6 +75,12 @@ class SearchServer(grpc.Server):
         self._stopped: threading.Event | None = None
         #: Follows ``ROOT/current`` when serving a versioned root; None for a fixed index.
         self.reloader: IndexReloader | None = None
+        #: The dynamic batcher (None when batching is off); closed after the drain.
+        self.batcher: DynamicBatcher | None = None
+        #: Prometheus metrics of this server (always collected).
+        self.metrics: ServerMetrics | None = None
+        #: Port of the Prometheus ``/metrics`` HTTP endpoint, or None when not exposed.
+        self.metrics_port: int | None = None
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
         self._server.add_generic_rpc_handlers(generic_rpc_handlers)
@@ -110,6 +119,10 @@ class SearchServer(grpc.Server):
 
         def _finish() -> None:
             done.wait()
+            if self.batcher is not None:
+                self.batcher.close()  # in-flight RPCs are done: nothing is queued
+            if self.metrics is not None:
+                self.metrics.stop_http()
             self.engine.close()
             stopped.set()
 
@@ -131,6 +144,9 @@ def create_server(
     toks_per_batch: int = 4096,
     engine: SearchEngine | None = None,
     reload_poll_s: float | None = DEFAULT_RELOAD_POLL_S,
+    batching: BatchingConfig | None = None,
+    security: SecurityConfig | None = None,
+    metrics_port: int | None = None,
 ) -> tuple[SearchServer, int]:
     """Load an index and its model, and return a started server bound to ``address``.
 
@@ -150,6 +166,13 @@ def create_server(
             (the server closes it on stop).
         reload_poll_s: with a root, seconds between looks at ``ROOT/current``
             (``None``: reload only on SIGHUP or the ``ReloadIndex`` RPC).
+        batching: dynamic batching settings (default: on, see
+            :class:`esmsearch.server.batcher.BatchingConfig`).
+        security: TLS, bearer tokens, and whether a non-loopback host may be bound
+            without them (default: plaintext, no tokens, loopback only). Health
+            checks need no token.
+        metrics_port: expose Prometheus metrics at ``http://127.0.0.1:PORT/metrics``
+            (0 picks a free port, see :attr:`SearchServer.metrics_port`); ``None`` = off.
 
     Returns:
         ``(server, port)``: the started :class:`SearchServer` (health SERVING) and
@@ -163,6 +186,9 @@ def create_server(
         OSError: ``address`` cannot be bound.
     """
     limits = limits or RequestLimits()
+    batching = batching or BatchingConfig()
+    security = security or SecurityConfig()
+    check_bind_host(address.rsplit(":", 1)[0], security)  # before the slow model load
     from esmsearch.versions import IndexRoot
 
     root = IndexRoot(index_dir) if IndexRoot.is_root(index_dir) else None
@@ -192,9 +218,14 @@ def create_server(
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="esmsearch-rpc"),
         options=[("grpc.max_receive_message_length", max_message)],
+        interceptors=[TokenAuthInterceptor(security.tokens)] if security.tokens else None,
     )
     servicer = HomologSearchServicer(engine, limits)
     servicer.reloader = reloader
+    metrics = ServerMetrics()
+    servicer.metrics = metrics
+    if batching.enabled:
+        servicer.batcher = DynamicBatcher(engine, batching, metrics=metrics)
     search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -205,13 +236,26 @@ def create_server(
     )
     server = SearchServer(grpc_server, engine, servicer, health_servicer)
     server.reloader = reloader
+    server.batcher, server.metrics = servicer.batcher, metrics
+
+    def _abandon() -> None:
+        if servicer.batcher is not None:
+            servicer.batcher.close()
+        metrics.stop_http()
+        engine.close()
+
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        engine.close()
-        raise OSError(f"cannot bind {address}: {exc}") from exc
+        if security.tls is not None:
+            port = server.add_secure_port(address, security.tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
+        if metrics_port is not None:
+            server.metrics_port = metrics.start_http(metrics_port)
+    except (RuntimeError, OSError) as exc:
+        _abandon()
+        raise OSError(f"cannot bind {address} (or metrics port {metrics_port}): {exc}") from exc
     if port == 0:
-        engine.close()
+        _abandon()
         raise OSError(f"cannot bind {address}")
     server.start()
     if reloader is not None:
@@ -237,6 +281,9 @@ def serve(
     toks_per_batch: int = 4096,
     grace_s: float = DEFAULT_GRACE_S,
     reload_poll_s: float | None = DEFAULT_RELOAD_POLL_S,
+    batching: BatchingConfig | None = None,
+    security: SecurityConfig | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Serve an index until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds.
 
@@ -250,6 +297,9 @@ def serve(
         grace_s: seconds in-flight requests get to finish after a stop signal.
         reload_poll_s: see :func:`create_server`; with a versioned root, SIGHUP
             also triggers a reload.
+        batching, security, metrics_port: see :func:`create_server` (a non-loopback
+            ``host`` without TLS or tokens raises ConfigError unless
+            ``security.insecure_bind_any``).
 
     Returns:
         0 after a clean shutdown.
@@ -268,7 +318,12 @@ def serve(
         limits=limits,
         toks_per_batch=toks_per_batch,
         reload_poll_s=reload_poll_s,
+        batching=batching,
+        security=security,
+        metrics_port=metrics_port,
     )
+    if server.metrics_port is not None:
+        log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", server.metrics_port)
     stop_requested = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:

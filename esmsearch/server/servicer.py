@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import numpy as np
@@ -20,10 +20,12 @@ import numpy as np
 import esmsearch
 from esmsearch.errors import EsmsearchError, InvalidSequenceError
 from esmsearch.sequences import validate_sequence
-from esmsearch.server.engine import EngineHit, SearchEngine
+from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 if TYPE_CHECKING:
+    from esmsearch.server.batcher import DynamicBatcher
+    from esmsearch.server.metrics import ServerMetrics
     from esmsearch.server.reload import IndexReloader
 
 __all__ = [
@@ -242,7 +244,20 @@ class _RequestLog:
         self.embed_s = 0.0
         self.search_s = 0.0
 
-    def emit(self, peer: str) -> None:
+    def emit(self, peer: str, metrics: ServerMetrics | None = None) -> None:
+        total_s = time.perf_counter() - self.t0
+        fields = {
+            "rpc": self.rpc,
+            "code": self.code.name,
+            "peer": peer,
+            "queries": self.queries,
+            "residues": self.residues,
+            "k": self.k,
+            "queue_ms": round(self.queue_s * 1e3, 1),
+            "embed_ms": round(self.embed_s * 1e3, 1),
+            "search_ms": round(self.search_s * 1e3, 1),
+            "total_ms": round(total_s * 1e3, 1),
+        }
         log.info(
             "rpc=%s code=%s peer=%s queries=%d residues=%d k=%d "
             "queue_ms=%.1f embed_ms=%.1f search_ms=%.1f total_ms=%.1f",
@@ -255,8 +270,18 @@ class _RequestLog:
             self.queue_s * 1e3,
             self.embed_s * 1e3,
             self.search_s * 1e3,
-            (time.perf_counter() - self.t0) * 1e3,
+            total_s * 1e3,
+            extra={"fields": fields},  # for esmsearch.server.logs.JsonLinesFormatter
         )
+        if metrics is not None:
+            metrics.observe_request(
+                self.rpc,
+                self.code.name,
+                queue_s=self.queue_s,
+                embed_s=self.embed_s,
+                search_s=self.search_s,
+                total_s=total_s,
+            )
 
 
 class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
@@ -276,6 +301,43 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         self.limits = limits or RequestLimits()
         #: Follows a versioned root's ``current`` (set by create_server); None = fixed index.
         self.reloader: IndexReloader | None = None
+        #: Dynamic batcher that embeds (and searches) for Search, SearchStream and
+        #: Embed (set by create_server); None = each request embeds on its own.
+        self.batcher: DynamicBatcher | None = None
+        #: Prometheus metrics sink (set by create_server); None = no metrics.
+        self.metrics: ServerMetrics | None = None
+
+    def _batched(self, call: Any, context: grpc.ServicerContext) -> Any:
+        """Run a batcher call, mapping its refusals to gRPC statuses."""
+        from esmsearch.server.batcher import (
+            BatcherClosedError,
+            QueueFullError,
+            RequestExpiredError,
+        )
+
+        try:
+            return call(is_active=context.is_active, timeout_s=context.time_remaining())
+        except QueueFullError as exc:
+            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except RequestExpiredError as exc:
+            raise _Reject(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
+        except BatcherClosedError as exc:
+            raise _Reject(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+
+    def _run_search(
+        self,
+        sequences: list[str],
+        k: int,
+        min_score: float | None,
+        context: grpc.ServicerContext | None,
+    ) -> EngineResult:
+        batcher = self.batcher
+        if batcher is None or context is None:
+            return self.engine.search(sequences, k, min_score)
+        result: EngineResult = self._batched(
+            lambda **kw: batcher.search(sequences, k, min_score, **kw), context
+        )
+        return result
 
     def _abort(
         self, context: grpc.ServicerContext, rec: _RequestLog, exc: Exception, prefix: str = ""
@@ -290,7 +352,10 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         )
 
     def _search(
-        self, request: search_pb2.SearchRequest, rec: _RequestLog
+        self,
+        request: search_pb2.SearchRequest,
+        rec: _RequestLog,
+        context: grpc.ServicerContext | None = None,
     ) -> search_pb2.SearchResponse:
         rec.queries, rec.k = len(request.queries), request.k
         sequences = _check_queries(request.queries, self.limits)
@@ -298,7 +363,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             request.k, request.HasField("min_score"), request.min_score, self.limits
         )
         rec.residues = sum(len(s) for s in sequences)
-        result = self.engine.search(sequences, request.k, min_score)
+        result = self._run_search(sequences, request.k, min_score, context)
         rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
         response = search_pb2.SearchResponse(index_version=result.index_version)
         _fill_results(
@@ -314,12 +379,12 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
     ) -> search_pb2.SearchResponse:
         rec = _RequestLog("Search")
         try:
-            return self._search(request, rec)
+            return self._search(request, rec, context)
         except Exception as exc:
             self._abort(context, rec, exc)
             raise  # unreachable: abort raises
         finally:
-            rec.emit(context.peer())
+            rec.emit(context.peer(), self.metrics)
 
     def SearchStream(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[search_pb2.SearchRequest], context: grpc.ServicerContext
@@ -327,14 +392,14 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         for n, request in enumerate(request_iterator, start=1):
             rec = _RequestLog("SearchStream")
             try:
-                response = self._search(request, rec)
+                response = self._search(request, rec, context)
             except Exception as exc:
                 try:
                     self._abort(context, rec, exc, prefix=f"request #{n}: ")
                 finally:
-                    rec.emit(context.peer())
+                    rec.emit(context.peer(), self.metrics)
                 raise  # unreachable: abort raises
-            rec.emit(context.peer())
+            rec.emit(context.peer(), self.metrics)
             yield response
 
     def SearchByEmbedding(  # noqa: N802 - gRPC method name
@@ -359,7 +424,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             self._abort(context, rec, exc)
             raise
         finally:
-            rec.emit(context.peer())
+            rec.emit(context.peer(), self.metrics)
 
     def Embed(  # noqa: N802 - gRPC method name
         self, request: search_pb2.EmbedRequest, context: grpc.ServicerContext
@@ -369,15 +434,21 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             rec.queries = len(request.queries)
             sequences = _check_queries(request.queries, self.limits)
             rec.residues = sum(len(s) for s in sequences)
-            index = self.engine.index
-            vectors, rec.queue_s, rec.embed_s = self.engine.embed(sequences)
-            m = index.manifest
+            m = self.engine.index.manifest  # model settings: the same across swaps
+            batcher = self.batcher
+            if batcher is None:
+                version = self.engine.index.version
+                vectors, rec.queue_s, rec.embed_s = self.engine.embed(sequences)
+            else:
+                vectors, version, rec.queue_s, rec.embed_s = self._batched(
+                    lambda **kw: batcher.embed(sequences, **kw), context
+                )
             response = search_pb2.EmbedResponse(
                 model_name=m.model_name,
                 checkpoint_sha256=m.checkpoint_sha256,
                 layer=m.layer,
                 dim=m.dim,
-                index_version=index.version,
+                index_version=version,
             )
             for query, vector in zip(request.queries, vectors, strict=True):
                 response.embeddings.add(query_id=query.query_id, values=vector.tolist())
@@ -386,7 +457,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             self._abort(context, rec, exc)
             raise
         finally:
-            rec.emit(context.peer())
+            rec.emit(context.peer(), self.metrics)
 
     def GetIndexInfo(  # noqa: N802 - gRPC method name
         self, request: search_pb2.GetIndexInfoRequest, context: grpc.ServicerContext

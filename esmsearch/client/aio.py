@@ -1,0 +1,240 @@
+"""asyncio client of the esmsearch gRPC service (``grpc.aio``), beside the blocking one.
+
+Same methods, arguments, results and errors as :class:`esmsearch.client.SearchClient`,
+as coroutines (``search_stream`` is an async generator)::
+
+    async with AsyncSearchClient("127.0.0.1:50051") as client:
+        results = await client.search({"q1": "MKTAYIAKQR"}, k=5)
+
+Like the blocking client it imports no torch, faiss or fair-esm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from esmsearch.client.channel import ClientCredentials
+from esmsearch.client.client import DEFAULT_ADDRESS, Queries, _split
+from esmsearch.client.errors import UnavailableError, error_from_rpc
+from esmsearch.client.retry import RetryPolicy, call_with_retry_async
+from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, RequestLimits
+from esmsearch.sequences import records_from
+from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+__all__ = ["AsyncSearchClient"]
+
+_DEFAULT: Any = object()
+
+
+class AsyncSearchClient:
+    """asyncio client of one esmsearch server (see :class:`esmsearch.client.SearchClient`).
+
+    Create it inside a running event loop (``grpc.aio`` channels belong to one loop)
+    and close it with ``await client.close()`` or ``async with``.
+
+    Args:
+        address: ``host:port`` of the server.
+        timeout_s: default deadline of each call in seconds; ``None`` = none.
+        credentials: TLS / mutual TLS / bearer token (default: plaintext, no token).
+        retry: retry policy for UNAVAILABLE (read-only calls only; default
+            :class:`RetryPolicy`).
+        channel: an existing ``grpc.aio.Channel`` to use (closed in :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout_s: float | None = 30.0,
+        credentials: ClientCredentials | None = None,
+        retry: RetryPolicy | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds or None, got {timeout_s!r}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.credentials = credentials or ClientCredentials()
+        self.retry = retry or RetryPolicy()
+        self._metadata = self.credentials.metadata()
+        self.channel: grpc.aio.Channel = channel or self.credentials.aio_channel(address)
+        self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
+        self._closed = False
+        self._cached_limits: RequestLimits | None = None
+
+    async def close(self) -> None:
+        """Close the channel; idempotent. Calls after this raise ``ValueError``."""
+        if not self._closed:
+            self._closed = True
+            await self.channel.close()
+
+    async def __aenter__(self) -> AsyncSearchClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"AsyncSearchClient({self.address!r}, timeout_s={self.timeout_s!r}) [{state}]"
+
+    def _timeout(self, timeout_s: Any) -> float | None:
+        if self._closed:
+            raise ValueError("AsyncSearchClient is closed")
+        return self.timeout_s if timeout_s is _DEFAULT else timeout_s
+
+    async def _unary(
+        self, method: Callable[..., Awaitable[Any]], request: Any, deadline: float | None
+    ) -> Any:
+        try:
+            return await call_with_retry_async(
+                lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
+                self.retry,
+                deadline,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    async def search(
+        self,
+        queries: Queries,
+        *,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout_s: float | None = _DEFAULT,
+        split_requests: bool = True,
+    ) -> list[QueryResult]:
+        """See :meth:`esmsearch.client.SearchClient.search` (same arguments, result, errors)."""
+        deadline = self._timeout(timeout_s)
+        if min_score is not None and math.isnan(min_score):
+            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+        records = records_from(queries)
+        queries_pb = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
+        if split_requests and queries_pb:
+            if self._cached_limits is None:
+                self._cached_limits = (await self.index_info(timeout_s=deadline)).limits
+            chunks = _split(queries_pb, self._cached_limits)
+        else:
+            chunks = [queries_pb]
+        results: list[QueryResult] = []
+        for chunk in chunks:
+            request = search_pb2.SearchRequest(queries=chunk, k=k)
+            if min_score is not None:
+                request.min_score = min_score
+            response = await self._unary(self.stub.Search, request, deadline)
+            results.extend(
+                QueryResult.from_proto(r, response.index_version) for r in response.results
+            )
+        return results
+
+    async def search_by_embedding(
+        self,
+        vectors: np.ndarray | Mapping[str, Sequence[float]],
+        *,
+        query_ids: Sequence[str] | None = None,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout_s: float | None = _DEFAULT,
+    ) -> list[QueryResult]:
+        """See :meth:`esmsearch.client.SearchClient.search_by_embedding`."""
+        deadline = self._timeout(timeout_s)
+        if isinstance(vectors, Mapping):
+            ids = [str(key) for key in vectors]
+            array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
+        else:
+            array = np.asarray(vectors, dtype=np.float32)
+            ids = (
+                list(query_ids)
+                if query_ids is not None
+                else [f"query_{i + 1}" for i in range(len(array))]
+            )
+        if array.ndim != 2:
+            raise ValueError(f"vectors must be 2-D [n_queries, dim], got shape {array.shape}")
+        if len(ids) != array.shape[0]:
+            raise ValueError(f"{len(ids)} query_ids for {array.shape[0]} vectors")
+        request = search_pb2.SearchByEmbeddingRequest(
+            embeddings=[
+                search_pb2.Embedding(query_id=qid, values=row.tolist())
+                for qid, row in zip(ids, array, strict=True)
+            ],
+            k=k,
+        )
+        if min_score is not None:
+            request.min_score = min_score
+        response = await self._unary(self.stub.SearchByEmbedding, request, deadline)
+        return [QueryResult.from_proto(r, response.index_version) for r in response.results]
+
+    async def embed(self, queries: Queries, *, timeout_s: float | None = _DEFAULT) -> Embeddings:
+        """See :meth:`esmsearch.client.SearchClient.embed`."""
+        deadline = self._timeout(timeout_s)
+        records = records_from(queries)
+        request = search_pb2.EmbedRequest(
+            queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
+        )
+        return Embeddings.from_proto(await self._unary(self.stub.Embed, request, deadline))
+
+    async def index_info(self, *, timeout_s: float | None = _DEFAULT) -> IndexInfo:
+        """See :meth:`esmsearch.client.SearchClient.index_info`."""
+        deadline = self._timeout(timeout_s)
+        msg = await self._unary(self.stub.GetIndexInfo, search_pb2.GetIndexInfoRequest(), deadline)
+        return IndexInfo.from_proto(msg)
+
+    async def search_stream(
+        self,
+        batches: Iterable[Queries],
+        *,
+        k: int = 10,
+        min_score: float | None = None,
+        timeout_s: float | None = _DEFAULT,
+    ) -> AsyncIterator[list[QueryResult]]:
+        """See :meth:`esmsearch.client.SearchClient.search_stream`: one result list per batch."""
+        deadline = self._timeout(timeout_s)
+        if min_score is not None and math.isnan(min_score):
+            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+        call = self.stub.SearchStream(timeout=deadline, metadata=self._metadata)
+        try:
+            for batch in batches:
+                records = records_from(batch)  # raises before sending a bad batch
+                request = search_pb2.SearchRequest(
+                    queries=[
+                        search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records
+                    ],
+                    k=k,
+                )
+                if min_score is not None:
+                    request.min_score = min_score
+                await call.write(request)
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    await call  # raises the stream's error status
+                    return
+                yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
+            await call.done_writing()
+            await call
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def wait_until_ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until the channel is connected; raises UnavailableError after ``timeout_s`` s."""
+        import asyncio
+
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise UnavailableError(
+                grpc.StatusCode.UNAVAILABLE, f"no connection to {self.address} within {timeout_s} s"
+            ) from exc

@@ -1,0 +1,456 @@
+"""Dynamic batching: queries of concurrent requests share one model forward and one FAISS search.
+
+In the manner of Triton Inference Server's dynamic batcher: requests enqueue their
+(already validated) sequences together with a future; one batcher thread takes the
+oldest request, then keeps gathering queued requests until the batch reaches its
+token budget (``max_batch_toks``, counted as fair-esm counts them: residues + BOS +
+EOS per sequence) or until ``max_wait_ms`` has passed since that first request was
+taken, calls :meth:`SearchEngine.embed` once for the whole batch, runs one FAISS
+search for all of its searching requests (with the largest ``k`` among them), and
+answers each request's future with its own rows.
+
+Isolation: every request is validated before it is enqueued, so a batch only holds
+valid sequences. Should the batched forward still fail, each request of the batch is
+retried alone, so only the request at fault gets the error. Requests whose client
+has gone away (deadline expired or call cancelled) are dropped when dequeued,
+before any embedding. The queue is bounded (``queue_size`` requests); a full queue
+refuses new requests with :class:`QueueFullError` (RESOURCE_EXHAUSTED) instead of
+growing without bound.
+
+Requests arriving while a forward pass runs wait in the queue and form the next
+batch, so a loaded server batches even with ``max_wait_ms=0``; a lone request only
+pays the (small) ``max_wait_ms`` on top of its own forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from esmsearch.errors import ConfigError, EsmsearchError
+from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
+
+if TYPE_CHECKING:
+    from esmsearch.server.metrics import ServerMetrics
+    from esmsearch.store import Index
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_TOKS",
+    "DEFAULT_MAX_WAIT_MS",
+    "DEFAULT_QUEUE_SIZE",
+    "BatcherClosedError",
+    "BatchingConfig",
+    "DynamicBatcher",
+    "QueueFullError",
+    "RequestExpiredError",
+    "hits_from_scores",
+]
+
+#: Default longest wait, in ms, for more requests once a batch has its first one.
+DEFAULT_MAX_WAIT_MS: Final = 2.0
+#: Default token budget of one batch (residues + 2 per sequence), as fair-esm's
+#: ``extract.py --toks_per_batch`` counts them.
+DEFAULT_MAX_BATCH_TOKS: Final = 4096
+#: Default most requests waiting in the queue.
+DEFAULT_QUEUE_SIZE: Final = 256
+
+
+class QueueFullError(EsmsearchError):
+    """The batcher queue holds ``queue_size`` requests already (RESOURCE_EXHAUSTED)."""
+
+
+class RequestExpiredError(EsmsearchError):
+    """A request's client went away (deadline or cancel) before it was embedded."""
+
+
+class BatcherClosedError(EsmsearchError):
+    """The batcher is stopped (the server is shutting down: UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Settings of the dynamic batcher.
+
+    Attributes:
+        enabled: ``False`` embeds each request on its own (no batcher thread).
+        max_wait_ms: longest wait in ms for more requests after the first one of a
+            batch was taken, >= 0.
+        max_batch_toks: token budget of one batch (sum over its sequences of
+            residues + 2), >= 1; a single request larger than this still forms a
+            batch of its own.
+        queue_size: most requests waiting for the batcher, >= 1; further ones get
+            RESOURCE_EXHAUSTED.
+
+    Raises:
+        ConfigError: a value is out of range.
+    """
+
+    enabled: bool = True
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    max_batch_toks: int = DEFAULT_MAX_BATCH_TOKS
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+    def __post_init__(self) -> None:
+        if not (self.max_wait_ms >= 0 and np.isfinite(self.max_wait_ms)):
+            raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
+        for name in ("max_batch_toks", "queue_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class _Request:
+    sequences: list[str]
+    k: int | None  # None: embed only (Embed RPC)
+    min_score: float | None
+    is_active: Callable[[], bool]
+    future: Future[Any]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def toks(self) -> int:
+        return sum(len(s) + 2 for s in self.sequences)
+
+
+def hits_from_scores(
+    index: Index, scores: np.ndarray, rows: np.ndarray, k: int, min_score: float | None
+) -> list[list[EngineHit]]:
+    """Turn FAISS output into hits, keeping the first ``k`` columns of each row.
+
+    Args:
+        index: the index that produced ``scores``/``rows`` (for metadata).
+        scores: float32 ``[q, k_searched]`` cosine scores, descending per row.
+        rows: int64 ``[q, k_searched]`` database rows (-1 = none).
+        k: hits per query to keep, >= 1 (<= ``k_searched`` columns are used).
+        min_score: drop hits with cosine score below this; ``None`` keeps all.
+
+    Returns:
+        One list per query, by descending cosine score, ranks 1.. after filtering.
+    """
+    scores, rows = scores[:, :k], rows[:, :k]
+    keep = rows >= 0
+    if min_score is not None:
+        keep &= scores >= np.float32(min_score)
+    targets = index.targets([int(r) for r in rows[keep]])
+    out: list[list[EngineHit]] = []
+    t = 0
+    for qi in range(rows.shape[0]):
+        hits: list[EngineHit] = []
+        for j in np.flatnonzero(keep[qi]):
+            target = targets[t]
+            t += 1
+            hits.append(
+                EngineHit(
+                    target_id=target.record_id,
+                    target_description=target.description,
+                    cosine_score=float(scores[qi, j]),
+                    rank=len(hits) + 1,
+                    target_length=target.length,
+                )
+            )
+        out.append(hits)
+    return out
+
+
+def _always_active() -> bool:
+    return True
+
+
+class DynamicBatcher:
+    """One thread that batches the embedding (and search) of concurrent requests.
+
+    Args:
+        engine: the engine whose :meth:`SearchEngine.embed` and current index are used
+            (read per batch, so an index swap applies from the next batch on).
+        config: batching settings.
+        metrics: optional metrics sink (queue depth, batch sizes, stage latencies).
+        on_batch: optional hook called in the batcher thread after each batch with
+            ``(n_requests, n_sequences, n_tokens)`` (tests count batches with it).
+        on_enqueue: optional hook called after each request is queued, with the
+            queue depth (tests wait for it instead of sleeping).
+
+    Thread-safe: :meth:`search` and :meth:`embed` may be called from any number of
+    gRPC worker threads.
+    """
+
+    def __init__(
+        self,
+        engine: SearchEngine,
+        config: BatchingConfig | None = None,
+        *,
+        metrics: ServerMetrics | None = None,
+        on_batch: Callable[[int, int, int], None] | None = None,
+        on_enqueue: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config or BatchingConfig()
+        self.metrics = metrics
+        self.on_batch = on_batch
+        self.on_enqueue = on_enqueue
+        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=self.config.queue_size)
+        self._closed = threading.Event()
+        self._submit_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="esmsearch-batcher", daemon=True)
+        self._thread.start()
+
+    # -- producer side ---------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the batcher now."""
+        return self._queue.qsize()
+
+    def _submit(self, request: _Request) -> None:
+        with self._submit_lock:
+            if self._closed.is_set():
+                raise BatcherClosedError("the server is shutting down")
+            try:
+                self._queue.put_nowait(request)
+            except queue.Full as exc:
+                raise QueueFullError(
+                    f"request queue is full ({self.config.queue_size} requests waiting, "
+                    "the server's queue_size limit); retry later"
+                ) from exc
+        depth = self._queue.qsize()
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(depth)
+        if self.on_enqueue is not None:
+            self.on_enqueue(depth)
+
+    def _wait(self, future: Future[Any], timeout_s: float | None) -> object:
+        try:
+            return future.result(timeout=timeout_s)
+        except TimeoutError as exc:
+            raise RequestExpiredError("deadline passed while waiting for the model") from exc
+
+    def search(
+        self,
+        sequences: Sequence[str],
+        k: int,
+        min_score: float | None = None,
+        *,
+        is_active: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> EngineResult:
+        """Embed and search validated ``sequences`` as part of a batch; block for the answer.
+
+        Args:
+            sequences: validated residue strings (one request's queries).
+            k: hits per query, >= 1.
+            min_score: drop hits with cosine score below this; ``None`` keeps all.
+            is_active: returns ``False`` once the caller has gone away (gRPC
+                ``context.is_active``); such a request is dropped before embedding.
+            timeout_s: longest wait in seconds (the call's remaining deadline).
+
+        Returns:
+            An :class:`EngineResult` (hits in input order, the index version, and the
+            request's queue/embed/search seconds; embed and search are the whole
+            batch's times).
+
+        Raises:
+            QueueFullError: the queue is full.
+            RequestExpiredError: the caller went away or ``timeout_s`` passed first.
+            BatcherClosedError: the batcher was closed before the request ran.
+        """
+        future = self.submit_search(sequences, k, min_score, is_active=is_active)
+        result = self._wait(future, timeout_s)
+        assert isinstance(result, EngineResult)
+        return result
+
+    def submit_search(
+        self,
+        sequences: Sequence[str],
+        k: int,
+        min_score: float | None = None,
+        *,
+        is_active: Callable[[], bool] | None = None,
+    ) -> Future[Any]:
+        """Queue a search without waiting: the future resolves to an :class:`EngineResult`.
+
+        Raises:
+            QueueFullError, BatcherClosedError: the request was not queued.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        request = _Request(list(sequences), k, min_score, is_active or _always_active, Future())
+        self._submit(request)
+        return request.future
+
+    def submit_embed(
+        self, sequences: Sequence[str], *, is_active: Callable[[], bool] | None = None
+    ) -> Future[Any]:
+        """Queue an embedding without waiting: the future resolves as :meth:`embed` returns.
+
+        Raises:
+            QueueFullError, BatcherClosedError: the request was not queued.
+        """
+        request = _Request(list(sequences), None, None, is_active or _always_active, Future())
+        self._submit(request)
+        return request.future
+
+    def embed(
+        self,
+        sequences: Sequence[str],
+        *,
+        is_active: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[np.ndarray, str, float, float]:
+        """Embed validated ``sequences`` as part of a batch.
+
+        Returns:
+            ``(vectors, index_version, queue_s, embed_s)``: float32 ``[n, dim]``
+            L2-normalised, in input order; the version of the index served when the
+            batch ran; seconds queued; seconds of the batch's forward pass.
+
+        Raises:
+            QueueFullError, RequestExpiredError, BatcherClosedError: as :meth:`search`.
+        """
+        future = self.submit_embed(sequences, is_active=is_active)
+        result = self._wait(future, timeout_s)
+        assert isinstance(result, tuple)
+        return result
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread after the current batch; queued requests fail with BatcherClosedError."""
+        with self._submit_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            try:
+                self._queue.put_nowait(None)  # wake the thread
+            except queue.Full:
+                pass
+        self._thread.join(timeout_s)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and not item.future.done():
+                item.future.set_exception(BatcherClosedError("the server is shutting down"))
+
+    # -- batcher thread --------------------------------------------------------------
+
+    def _take_live(self, block_s: float | None) -> _Request | None:
+        """Next queued request whose caller is still there, or ``None`` on timeout/close."""
+        deadline = None if block_s is None else time.monotonic() + block_s
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                if remaining is None:
+                    item = self._queue.get()
+                elif remaining == 0.0:
+                    item = self._queue.get_nowait()
+                else:
+                    item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if item is None:
+                return None
+            if not item.is_active():
+                item.future.set_exception(
+                    RequestExpiredError("the client went away (deadline or cancel) while queued")
+                )
+                if self.metrics is not None:
+                    self.metrics.dropped.inc()
+                continue
+            return item
+
+    def _run(self) -> None:
+        cfg = self.config
+        carry: _Request | None = None
+        while not self._closed.is_set():
+            first = carry if carry is not None else self._take_live(None)
+            carry = None
+            if first is None:
+                continue
+            batch, toks = [first], first.toks
+            wait_until = time.monotonic() + cfg.max_wait_ms / 1e3
+            while toks < cfg.max_batch_toks and not self._closed.is_set():
+                nxt = self._take_live(max(0.0, wait_until - time.monotonic()))
+                if nxt is None:
+                    break
+                if toks + nxt.toks > cfg.max_batch_toks:
+                    carry = nxt  # starts the next batch
+                    break
+                batch.append(nxt)
+                toks += nxt.toks
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(self._queue.qsize())
+            self._run_batch(batch)
+        if carry is not None and not carry.future.done():
+            carry.future.set_exception(BatcherClosedError("the server is shutting down"))
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        try:
+            self._answer(batch, started)
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # Isolate the fault: run each request alone.
+            for request in batch:
+                try:
+                    self._answer([request], started)
+                except Exception as exc:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+
+    def _answer(self, batch: list[_Request], started: float) -> None:
+        # One index version for the whole batch; lease it so that a live swap
+        # (issue 5) does not close it under us.
+        lease = getattr(self.engine, "lease_index", None)
+        with lease() if lease is not None else contextlib.nullcontext(self.engine.index) as index:
+            self._answer_with(batch, started, index)
+
+    def _answer_with(self, batch: list[_Request], started: float, index: Index) -> None:
+        engine = self.engine
+        sequences = [s for r in batch for s in r.sequences]
+        vectors, lock_s, embed_s = engine.embed(sequences)
+        searching = [i for i, r in enumerate(batch) if r.k is not None]
+        offsets = np.cumsum([0] + [len(r.sequences) for r in batch])
+        search_s = 0.0
+        hits_of: dict[int, list[list[EngineHit]]] = {}
+        if searching:
+            t0 = time.perf_counter()
+            k_max = max(int(batch[i].k or 1) for i in searching)
+            k_eff = max(1, min(k_max, index.count))
+            sel = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in searching])
+            scores, rows = index.search(np.ascontiguousarray(vectors[sel]), k_eff)
+            at = 0
+            for i in searching:
+                n = len(batch[i].sequences)
+                req = batch[i]
+                hits_of[i] = hits_from_scores(
+                    index, scores[at : at + n], rows[at : at + n], int(req.k or 1), req.min_score
+                )
+                at += n
+            search_s = time.perf_counter() - t0
+        n_toks = sum(r.toks for r in batch)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(sequences), n_toks, embed_s, search_s)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), len(sequences), n_toks)
+        for i, req in enumerate(batch):
+            queue_s = started - req.enqueued_at + lock_s
+            if req.future.done():
+                continue
+            if req.k is None:
+                req.future.set_result(
+                    (vectors[offsets[i] : offsets[i + 1]], index.version, queue_s, embed_s)
+                )
+            else:
+                req.future.set_result(
+                    EngineResult(hits_of[i], index.version, queue_s, embed_s, search_s)
+                )
