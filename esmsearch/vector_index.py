@@ -20,10 +20,12 @@ Supported factory strings (tested in ``tests/test_vector_index.py``)::
     IVF64,Flat          inverted lists, uncompressed vectors; search param nprobe
     IVF64,SQ8           inverted lists, 8-bit scalar-quantised vectors
     IVF64,PQ8           inverted lists, product-quantised codes (8 bytes/vector)
-    OPQ8,IVF64,PQ8      the same after a learned rotation (OPQ)
+    OPQ4,IVF64,PQ8      the same after a learned rotation (OPQ)
     PQ8                 product quantisation, exhaustive scan
     HNSW32              graph index over uncompressed vectors; search param efSearch
-    IVF4096_HNSW32,PQ32 IVF whose coarse quantiser is an HNSW graph (large nlist)
+    IVF4096_HNSW32,PQ32 IVF whose coarse quantiser is an HNSW graph (large nlist;
+                        what auto_spec emits from nlist 2^14; validated, not built,
+                        in the tests)
 
 Any other string FAISS parses is accepted when the resulting index computes inner
 products and is not in the rejected families listed in :func:`validate_factory`.
@@ -475,9 +477,13 @@ def auto_spec(n_vectors: int, dim: int, *, memory_budget_bytes: int | None = Non
 
        a. ``IVF<nlist>,Flat`` when the uncompressed vectors (+ 8-byte ids) fit the
           budget (or there is none): best recall at a given speed.
-       b. else ``IVF<nlist>,PQ<m>`` with the largest ``m`` (bytes per vector, a
-          divisor of ``dim`` no larger than ``dim / 2`` so each 8-bit
-          sub-quantiser covers >= 2 dims) that fits; PQ is the only way to
+       b. else ``IVF<nlist>,SQ8`` (one byte per dimension, 4x smaller) when that
+          fits: no codebook to learn, and cosine errors of ~1e-3.
+       c. else ``IVF<nlist>,PQ<m>`` with the largest ``m`` (bytes per vector, a
+          divisor of ``dim`` no larger than ``dim / 4``, so each 8-bit
+          sub-quantiser covers >= 4 dims as in the FAISS wiki's examples; larger
+          m trains slowly -- PQ160 at dim 320 took minutes on 20,000 vectors --
+          and SQ8 is the better choice at that size) that fits; PQ is the way to
           shrink vectors 10-100x (Jegou et al. 2011, "Product quantization for
           nearest neighbor search").
 
@@ -527,7 +533,9 @@ def auto_spec(n_vectors: int, dim: int, *, memory_budget_bytes: int | None = Non
 
     if fits(f"{ivf},Flat"):
         return validate_factory(f"{ivf},Flat", dim)
-    for m in sorted((d for d in range(1, dim // 2 + 1) if dim % d == 0), reverse=True):
+    if fits(f"{ivf},SQ8"):
+        return validate_factory(f"{ivf},SQ8", dim)
+    for m in sorted((d for d in range(1, dim // 4 + 1) if dim % d == 0), reverse=True):
         if fits(f"{ivf},PQ{m}"):
             return validate_factory(f"{ivf},PQ{m}", dim)
     smallest = estimate_index_bytes(f"{ivf},PQ1", n_vectors, dim)

@@ -335,6 +335,10 @@ def test_auto_spec_small_budget_compresses() -> None:
     assert vi.estimate_index_bytes(spec.factory, n, dim) <= budget
     assert vi.min_training_vectors(spec, dim) <= n
     assert vi.auto_spec(n, dim, memory_budget_bytes=400_000_000).factory == "Flat"
+    sq8 = vi.auto_spec(2_000_000, dim, memory_budget_bytes=1_000_000_000)  # Flat: 2.56 GB
+    assert sq8.factory.endswith(",SQ8")
+    assert vi.estimate_index_bytes(sq8.factory, 2_000_000, dim) <= 1_000_000_000
+    assert int(spec.factory.rsplit("PQ", 1)[1]) <= dim // 4
     with pytest.raises(ConfigError, match="too small"):
         vi.auto_spec(n, dim, memory_budget_bytes=1_000)
 
