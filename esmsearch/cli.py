@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,9 +165,28 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 # -- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from esmsearch.errors import ConfigError
     from esmsearch.server import serve
+    from esmsearch.server.batcher import BatchingConfig
+    from esmsearch.server.logs import use_log_format
+    from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
 
     _configure_logging(max(args.verbose, 1))
+    use_log_format(args.log_format)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    security = SecurityConfig(
+        tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any
+    )
+    batching = BatchingConfig(
+        enabled=not args.no_batching,
+        max_wait_ms=args.max_batch_wait_ms,
+        max_batch_toks=args.batch_toks,
+        queue_size=args.queue_size,
+    )
     return serve(
         args.index_dir,
         host=args.host,
@@ -175,16 +195,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         toks_per_batch=args.toks_per_batch,
         reload_poll_s=args.reload_poll_s if args.reload_poll_s > 0 else None,
+        batching=batching,
+        security=security,
+        metrics_port=args.metrics_port,
     )
 
 
 # -- search -------------------------------------------------------------------------------
 def cmd_search(args: argparse.Namespace) -> int:
     from esmsearch.client import SearchClient
+    from esmsearch.client.channel import TOKEN_ENV, ClientCredentials
     from esmsearch.client.formats import write_json, write_tsv
 
     _configure_logging(args.verbose)
-    with SearchClient(args.server, timeout_s=args.timeout_s) as client:
+    credentials = ClientCredentials(
+        tls=args.tls or args.tls_ca is not None,
+        root_cert_file=args.tls_ca,
+        client_cert_file=args.tls_cert,
+        client_key_file=args.tls_key,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+    )
+    with SearchClient(args.server, timeout_s=args.timeout_s, credentials=credentials) as client:
         results = client.search(args.query, k=args.k, min_score=args.min_score)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
@@ -270,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="when INDEX_DIR is a versioned root: seconds between looks at ROOT/current for a new "
         "version (default 5; 0 = only on SIGHUP or the ReloadIndex RPC)",
     )
+    s.add_argument("--max-batch-wait-ms", type=float, default=2.0, metavar="MS", help="dynamic batching: longest wait for more requests once a batch has one (default 2)")
+    s.add_argument("--batch-toks", type=int, default=4096, metavar="N", help="dynamic batching: token budget of one batch, residues + 2 per sequence (default 4096)")
+    s.add_argument("--queue-size", type=int, default=256, metavar="N", help="most requests waiting for the model; more get RESOURCE_EXHAUSTED (default 256)")
+    s.add_argument("--no-batching", action="store_true", help="embed each request on its own")
+    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key enables TLS")
+    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (PEM): mutual TLS")
+    s.add_argument("--token-file", type=Path, default=None, help="accepted bearer tokens, one per line (also: ESMSEARCH_TOKENS env, comma-separated); health checks need none")
+    s.add_argument("--insecure-bind-any", action="store_true", help="allow a non-loopback --host without TLS or tokens")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default off)")
+    s.add_argument("--log-format", choices=["text", "json"], default="text", help="request log lines as key=value text (default) or JSON lines")
     s.add_argument("-v", "--verbose", action="count", default=0)
     s.set_defaults(func=cmd_serve)
 
@@ -281,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["tsv", "json"], default="tsv")
     q.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
     q.add_argument("--timeout-s", type=float, default=300.0, help="per-call deadline in seconds (default 300)")
+    q.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    q.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (PEM) to verify the server with; implies --tls")
+    q.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM) for mutual TLS")
+    q.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM) for mutual TLS")
+    q.add_argument("--token", default=None, help="bearer token (default: the ESMSEARCH_TOKEN environment variable)")
     q.add_argument("-v", "--verbose", action="count", default=0)
     q.set_defaults(func=cmd_search)
     return parser

@@ -32,6 +32,26 @@ __all__ = ["AsyncSearchClient"]
 _DEFAULT: Any = object()
 
 
+class _Status(grpc.RpcError):
+    """A finished stream's non-OK status, in the shape :func:`error_from_rpc` reads."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+async def _raise_status(call: Any) -> None:
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        raise _Status(code, await call.details() or "")
+
+
 class AsyncSearchClient:
     """asyncio client of one esmsearch server (see :class:`esmsearch.client.SearchClient`).
 
@@ -217,11 +237,11 @@ class AsyncSearchClient:
                 await call.write(request)
                 response = await call.read()
                 if response is grpc.aio.EOF:
-                    await call  # raises the stream's error status
+                    await _raise_status(call)
                     return
                 yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
             await call.done_writing()
-            await call
+            await _raise_status(call)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         finally:

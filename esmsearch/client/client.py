@@ -143,9 +143,11 @@ class SearchClient:
     ) -> Iterator[list[QueryResult]]:
         """Search many query batches over one ``SearchStream`` call, lazily.
 
-        Batches are validated and sent as the stream asks for them, and one list of
-        results is yielded per batch, in order, so memory holds only a few batches
-        at a time however many are streamed. Each batch must fit the server's
+        Batches are read from ``batches``, validated and sent only as gRPC's
+        HTTP/2 flow control lets them go out (the server answers one at a time),
+        and one list of results is yielded per batch, in order; so a generator of
+        batches is never materialised whole, however many are streamed. Each batch
+        must fit the server's
         request limits (it is one SearchRequest). Not retried: a stream that
         fails mid-way raises.
 
