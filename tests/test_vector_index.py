@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -244,10 +245,11 @@ def test_nprobe_is_applied_and_changes_recall(db: np.ndarray, held_out: np.ndarr
 
 def test_ef_search_is_applied(built: dict[str, faiss.Index]) -> None:
     index = built["HNSW32"]
+    hnsw_index: Any = faiss.downcast_index(index)  # borrows: `index` stays alive
     vi.apply_search_params(index, vi.IndexSpec("HNSW32", ef_search=77))
-    assert faiss.downcast_index(index).hnsw.efSearch == 77
+    assert hnsw_index.hnsw.efSearch == 77
     vi.apply_search_params(index, vi.validate_factory("HNSW32", DIM))
-    assert faiss.downcast_index(index).hnsw.efSearch == vi.DEFAULT_EF_SEARCH
+    assert hnsw_index.hnsw.efSearch == vi.DEFAULT_EF_SEARCH
 
 
 # --------------------------------------------------------------------------- search API
