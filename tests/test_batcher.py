@@ -357,3 +357,10 @@ def test_sigterm_drains_requests_held_in_the_batcher(small_index: Path, db) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_call_without_deadline_is_answered_through_the_batcher(server, db) -> None:  # type: ignore[no-untyped-def]
+    address, _ = server
+    with grpc.insecure_channel(address) as ch:
+        response = search_pb2_grpc.HomologSearchStub(ch).Search(_search(db[3].sequence))  # no timeout
+    assert response.results[0].hits[0].target_id == db[3].record_id

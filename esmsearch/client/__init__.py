@@ -14,6 +14,8 @@ Errors are :class:`SearchError` subclasses (tree in :mod:`esmsearch.client.error
 
 from __future__ import annotations
 
+from esmsearch.client.aio import AsyncSearchClient
+from esmsearch.client.channel import TOKEN_ENV, ClientCredentials
 from esmsearch.client.client import DEFAULT_ADDRESS, SearchClient
 from esmsearch.client.errors import (
     CancelledError,
@@ -28,6 +30,7 @@ from esmsearch.client.errors import (
     UnimplementedError,
 )
 from esmsearch.client.formats import TSV_COLUMNS, write_json, write_tsv
+from esmsearch.client.retry import RetryPolicy
 from esmsearch.client.types import (
     Embeddings,
     Hit,
@@ -39,8 +42,11 @@ from esmsearch.client.types import (
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "TOKEN_ENV",
     "TSV_COLUMNS",
+    "AsyncSearchClient",
     "CancelledError",
+    "ClientCredentials",
     "DeadlineExceededError",
     "Embeddings",
     "FailedPreconditionError",
@@ -53,6 +59,7 @@ __all__ = [
     "ReloadResult",
     "RequestLimits",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "SearchClient",
     "SearchError",
     "UnavailableError",

@@ -315,8 +315,11 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             RequestExpiredError,
         )
 
+        remaining = context.time_remaining()  # None or huge without a client deadline
+        if remaining is not None and remaining > 1e6:
+            remaining = None
         try:
-            return call(is_active=context.is_active, timeout_s=context.time_remaining())
+            return call(is_active=context.is_active, timeout_s=remaining)
         except QueueFullError as exc:
             raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         except RequestExpiredError as exc:
@@ -488,6 +491,15 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             context.peer(),
             (time.perf_counter() - t0) * 1e3,
         )
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                "GetIndexInfo",
+                "OK",
+                queue_s=0.0,
+                embed_s=0.0,
+                search_s=0.0,
+                total_s=time.perf_counter() - t0,
+            )
         return info
 
     def ReloadIndex(  # noqa: N802 - gRPC method name
