@@ -6,7 +6,8 @@ One run, same machine, same checkpoint, same index, same queries:
   ``Embedder.embed([seq])`` + ``Index.search(vec, k)``, one query at a time;
   measured before and after the server runs (both printed, to show drift from
   other load on the machine).
-* **server, batching on / off**: ``esmsearch.server.create_server`` in a child
+* **server, batching on / on with max_padding_ratio 1.25 / off**:
+  ``esmsearch.server.create_server`` in a child
   process on loopback (``max_workers`` 64), driven by 1, 8 and 32 concurrent
   client threads, each with its own channel, each sending one-query ``Search``
   requests (k=10) back to back for ``--seconds`` per level.
@@ -48,7 +49,13 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seqdb"
 ECOLI = DATA / "UP000000625_83333_Ecoli_K12_2020.fasta"
 YEAST = DATA / "UP000002311_559292_yeast.fasta.gz"
 K = 10
-PAIRED: dict[bool, tuple[float, float, int]] = {}
+PAIRED: dict[str, tuple[float, float, int]] = {}
+#: Server modes compared: label -> (batching enabled, BatchingConfig.max_padding_ratio).
+MODES: dict[str, tuple[bool, float | None]] = {
+    "on": (True, None),
+    "on,pad<=1.25": (True, 1.25),
+    "off": (False, None),
+}
 
 
 @dataclass
@@ -87,11 +94,7 @@ def build_or_reuse_index(args: argparse.Namespace, work: Path) -> Path:
 
     if args.index is not None and (Path(args.index) / "manifest.json").exists():
         return Path(args.index)
-    ckpt_dir = (
-        work / "ckpt"
-        if args.index is None
-        else Path(args.index).with_name(Path(args.index).name + ".ckpt")
-    )
+    ckpt_dir = work / "ckpt" if args.index is None else Path(args.index).with_name(Path(args.index).name + ".ckpt")
     ckpt = write_random_checkpoint(args.arch, ckpt_dir, seed=0)
     fasta = work / "db.fasta"
     with fasta.open("w") as out:
@@ -107,9 +110,7 @@ def build_or_reuse_index(args: argparse.Namespace, work: Path) -> Path:
     return out_dir
 
 
-def measure_floor(
-    index_dir: Path, queries: list[str], seconds: float, *, in_thread: bool
-) -> list[float]:
+def measure_floor(index_dir: Path, queries: list[str], seconds: float, *, in_thread: bool) -> list[float]:
     """Per-query seconds of Embedder.embed + Index.search in this process, cycling queries.
 
     ``in_thread``: run in a fresh worker thread (as the server runs the model: in its
@@ -119,9 +120,7 @@ def measure_floor(
     """
     if in_thread:
         box: list[list[float]] = []
-        t = threading.Thread(
-            target=lambda: box.append(measure_floor(index_dir, queries, seconds, in_thread=False))
-        )
+        t = threading.Thread(target=lambda: box.append(measure_floor(index_dir, queries, seconds, in_thread=False)))
         t.start()
         t.join()
         return box[0]
@@ -151,7 +150,7 @@ SERVER_SCRIPT = textwrap.dedent(
     import sys
     from esmsearch.server import create_server
     from esmsearch.server.batcher import BatchingConfig
-    cfg = BatchingConfig(enabled={enabled}, max_wait_ms={wait}, max_batch_toks={toks})
+    cfg = BatchingConfig(enabled={enabled}, max_wait_ms={wait}, max_batch_toks={toks}, max_padding_ratio={pad})
     srv, port = create_server({index!r}, "127.0.0.1:0", device="cpu", max_workers=64,
                               batching=cfg)
     print(port, flush=True)
@@ -180,9 +179,7 @@ def run_level(address: str, queries: list[str], clients: int, seconds: float, se
             n = 0
             while time.perf_counter() < stop_at[0]:
                 seq = queries[rng.randrange(len(queries))]
-                req = search_pb2.SearchRequest(
-                    queries=[search_pb2.Query(query_id=f"c{c}q{n}", sequence=seq)], k=K
-                )
+                req = search_pb2.SearchRequest(queries=[search_pb2.Query(query_id=f"c{c}q{n}", sequence=seq)], k=K)
                 t0 = time.perf_counter()
                 try:
                     stub.Search(req, timeout=120)
@@ -214,15 +211,11 @@ def warm_up(address: str, queries: list[str]) -> None:
     with grpc.insecure_channel(address) as ch:
         stub = search_pb2_grpc.HomologSearchStub(ch)
         for i, seq in enumerate(queries):
-            req = search_pb2.SearchRequest(
-                queries=[search_pb2.Query(query_id=f"w{i}", sequence=seq)], k=K
-            )
+            req = search_pb2.SearchRequest(queries=[search_pb2.Query(query_id=f"w{i}", sequence=seq)], k=K)
             stub.Search(req, timeout=300)
 
 
-def paired(
-    address: str, index_dir: Path, queries: list[str], seconds: float
-) -> tuple[list[float], list[float]]:
+def paired(address: str, index_dir: Path, queries: list[str], seconds: float) -> tuple[list[float], list[float]]:
     """Alternate one in-process query (the floor) and one gRPC query, same query each time.
 
     Pairs see the same background load, so their p50 ratio is robust to the load
@@ -250,9 +243,7 @@ def paired(
                 t0 = time.perf_counter()
                 index.search(embedder.embed([q]), K)
                 t1 = time.perf_counter()
-                req = search_pb2.SearchRequest(
-                    queries=[search_pb2.Query(query_id=f"p{i}", sequence=q)], k=K
-                )
+                req = search_pb2.SearchRequest(queries=[search_pb2.Query(query_id=f"p{i}", sequence=q)], k=K)
                 stub.Search(req, timeout=300)
                 t2 = time.perf_counter()
                 floor.append(t1 - t0)
@@ -265,15 +256,12 @@ def paired(
     return floor, served
 
 
-def run_mode(
-    args: argparse.Namespace, index_dir: Path, queries: list[str], enabled: bool
-) -> list[Level]:
+def run_mode(args: argparse.Namespace, index_dir: Path, queries: list[str], mode: str) -> list[Level]:
+    enabled, pad = MODES[mode]
     script = SERVER_SCRIPT.format(
-        enabled=enabled, wait=args.max_wait_ms, toks=args.batch_toks, index=str(index_dir)
+        enabled=enabled, wait=args.max_wait_ms, toks=args.batch_toks, pad=pad, index=str(index_dir)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
@@ -283,7 +271,7 @@ def run_mode(
         for clients in args.levels:
             lv = run_level(address, queries, clients, args.seconds, args.seed)
             print(
-                f"  batching={'on ' if enabled else 'off'} clients={clients:>2}: "
+                f"  batching={mode:<12} clients={clients:>2}: "
                 f"{lv.qps:7.2f} req/s  p50 {lv.pct_ms(50):7.1f} ms  p95 {lv.pct_ms(95):7.1f} ms  "
                 f"p99 {lv.pct_ms(99):7.1f} ms  errors {lv.errors}  (load {_loadavg()})",
                 flush=True,
@@ -293,11 +281,11 @@ def run_mode(
             floor, served = paired(address, index_dir, queries, args.paired_seconds)
             f50, s50 = np.median(floor) * 1e3, np.median(served) * 1e3
             print(
-                f"  batching={'on ' if enabled else 'off'} paired 1-client vs floor over {len(floor)} pairs: "
+                f"  batching={mode:<12} paired 1-client vs floor over {len(floor)} pairs: "
                 f"p50 served {s50:.1f} ms, floor {f50:.1f} ms, ratio {s50 / f50:.3f}  (load {_loadavg()})",
                 flush=True,
             )
-            PAIRED[enabled] = (s50, f50, len(floor))
+            PAIRED[mode] = (s50, f50, len(floor))
         proc.stdin.close()
         proc.wait(60)
         return levels
@@ -308,9 +296,7 @@ def run_mode(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="esm2_t6_8M_UR50D")
     p.add_argument(
         "--db-limit",
@@ -340,9 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    print(
-        f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {_loadavg()}"
-    )
+    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {_loadavg()}")
     with tempfile.TemporaryDirectory(prefix="esmsearch-serve-load-") as tmp:
         index_dir = build_or_reuse_index(args, Path(tmp))
         queries = sample_queries(args.n_queries, args.seed)
@@ -352,44 +336,43 @@ def main(argv: list[str] | None = None) -> int:
         )
         floors: dict[str, list[float]] = {}
         for where in ("main thread", "worker thread"):
-            floors[where] = measure_floor(
-                index_dir, queries, args.seconds, in_thread=where != "main thread"
-            )
+            floors[where] = measure_floor(index_dir, queries, args.seconds, in_thread=where != "main thread")
             print(
                 f"floor (in-process embed+search, 1 query, {where}): "
                 f"p50 {np.median(floors[where]) * 1e3:.1f} ms over {len(floors[where])} queries",
                 flush=True,
             )
         results = {}
-        for enabled in (True, False):
-            results[enabled] = run_mode(args, index_dir, queries, enabled)
+        for mode in MODES:
+            results[mode] = run_mode(args, index_dir, queries, mode)
         floor_after = measure_floor(index_dir, queries, args.seconds, in_thread=True)
         f50_after = float(np.median(floor_after)) * 1e3
         print(f"floor again after the server runs (worker thread): p50 {f50_after:.1f} ms")
 
     print()
-    print(
-        "clients | batching on: req/s  p50  p95  p99 err | batching off: req/s  p50  p95  p99 err | on/off req/s"
-    )
-    for on, off in zip(results[True], results[False], strict=True):
-        print(
-            f"{on.clients:>7} | {on.qps:8.2f} {on.pct_ms(50):6.1f} {on.pct_ms(95):6.1f} {on.pct_ms(99):6.1f} {on.errors:3d} "
-            f"| {off.qps:8.2f} {off.pct_ms(50):6.1f} {off.pct_ms(95):6.1f} {off.pct_ms(99):6.1f} {off.errors:3d} "
-            f"| {on.qps / off.qps:5.2f}x"
-        )
+    print("req/s, p50/p95/p99 latency (ms) and errors per batching mode; last columns: req/s ratio to 'off'")
+    print("clients | " + " | ".join(f"{m}: req/s   p50    p95    p99 err" for m in MODES) + " | ratios")
+
+    def cells(lv: Level) -> str:
+        return f"{lv.qps:8.2f} {lv.pct_ms(50):6.1f} {lv.pct_ms(95):6.1f} {lv.pct_ms(99):6.1f} {lv.errors:3d}"
+
+    for i, off in enumerate(results["off"]):
+        row = [results[m][i] for m in MODES]
+        ratios = " ".join(f"{m} {lv.qps / off.qps:4.2f}x" for m, lv in zip(MODES, row, strict=True) if m != "off")
+        print(f"{off.clients:>7} | " + " | ".join(cells(lv) for lv in row) + f" | {ratios}")
     floor = min(float(np.median(floors["worker thread"])) * 1e3, f50_after)
     print(f"floor used below: the lower worker-thread floor p50, {floor:.1f} ms")
-    for enabled, name in ((True, "on"), (False, "off")):
-        one = next((lv for lv in results[enabled] if lv.clients == 1), None)
+    for name in MODES:
+        one = next((lv for lv in results[name] if lv.clients == 1), None)
         if one is not None:
+            p50 = one.pct_ms(50)
+            print(f"p50(1 client, batching {name}) / floor p50 = {p50:.1f} / {floor:.1f} ms = {p50 / floor:.3f}")
+    for name in MODES:
+        if name in PAIRED:
+            s50, f50, n = PAIRED[name]
+            ratio = s50 / f50
             print(
-                f"p50(1 client, batching {name}) / floor p50 = {one.pct_ms(50):.1f} / {floor:.1f} ms = {one.pct_ms(50) / floor:.3f}"
-            )
-    for enabled, name in ((True, "on"), (False, "off")):
-        if enabled in PAIRED:
-            s50, f50, n = PAIRED[enabled]
-            print(
-                f"paired (batching {name}, {n} pairs): p50 served / p50 floor = {s50:.1f} / {f50:.1f} ms = {s50 / f50:.3f}"
+                f"paired (batching {name}, {n} pairs): p50 served / p50 floor = {s50:.1f} / {f50:.1f} ms = {ratio:.3f}"
             )
     print(f"load average at end: {_loadavg()}")
     return 0

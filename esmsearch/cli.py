@@ -182,10 +182,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any
     )
     batching = BatchingConfig(
-        enabled=not args.no_batching,
+        enabled={"auto": None, "on": True, "off": False}[args.batching],
         max_wait_ms=args.max_batch_wait_ms,
         max_batch_toks=args.batch_toks,
         queue_size=args.queue_size,
+        max_padding_ratio=args.batch_max_padding,
     )
     return serve(
         args.index_dir,
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-wait-ms", type=float, default=2.0, metavar="MS", help="dynamic batching: longest wait for more requests once a batch has one (default 2)")
     s.add_argument("--batch-toks", type=int, default=4096, metavar="N", help="dynamic batching: token budget of one batch, residues + 2 per sequence (default 4096)")
     s.add_argument("--queue-size", type=int, default=256, metavar="N", help="most requests waiting for the model; more get RESOURCE_EXHAUSTED (default 256)")
-    s.add_argument("--no-batching", action="store_true", help="embed each request on its own")
+    s.add_argument("--batching", choices=["auto", "on", "off"], default="auto", help="dynamic batching of concurrent requests: auto (default) = on for CUDA, off for CPU, where it measured slower")
+    s.add_argument("--batch-max-padding", type=float, default=None, metavar="R", help="dynamic batching: split a batch into forwards whose padded tokens stay within R x their residues (default: one forward)")
     s.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key enables TLS")
     s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
     s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (PEM): mutual TLS")

@@ -240,7 +240,7 @@ def gated_server(small_index: Path) -> Iterator[tuple[object, Gate, Counter, str
         small_index,
         device="cpu",
         max_workers=8,
-        batching=BatchingConfig(max_wait_ms=0.0, queue_size=2),
+        batching=BatchingConfig(enabled=True, max_wait_ms=0.0, queue_size=2),
     )
     gate, counter = Gate(srv.engine), Counter()
     assert srv.batcher is not None
@@ -294,15 +294,9 @@ def test_embed_and_search_stream_go_through_the_batcher(gated_server, db) -> Non
     gate.release.set()
     with grpc.insecure_channel(address) as ch:
         stub = search_pb2_grpc.HomologSearchStub(ch)
-        stub.Embed(
-            search_pb2.EmbedRequest(queries=[Q(query_id="e", sequence=db[0].sequence)]), timeout=30
-        )
+        stub.Embed(search_pb2.EmbedRequest(queries=[Q(query_id="e", sequence=db[0].sequence)]), timeout=30)
         assert counter.batches == [(1, 1, len(db[0].sequence) + 2)]
-        responses = list(
-            stub.SearchStream(
-                iter([_search(db[1].sequence), _search(db[2].sequence, k=2)]), timeout=30
-            )
-        )
+        responses = list(stub.SearchStream(iter([_search(db[1].sequence), _search(db[2].sequence, k=2)]), timeout=30))
     assert [r.results[0].hits[0].target_id for r in responses] == [db[1].record_id, db[2].record_id]
     assert len(counter.batches) == 3
     assert gate.calls == [[db[0].sequence], [db[1].sequence], [db[2].sequence]]
@@ -312,14 +306,15 @@ def test_sigterm_drains_requests_held_in_the_batcher(small_index: Path, db) -> N
     script = textwrap.dedent(
         f"""
         import sys
-        from esmsearch.server import engine, serve
+        from esmsearch.server import BatchingConfig, engine, serve
         original = engine.SearchEngine.embed
         def gated(self, sequences):
             print("ENTERED", flush=True)
             sys.stdin.readline()
             return original(self, sequences)
         engine.SearchEngine.embed = gated
-        sys.exit(serve({str(small_index)!r}, port=0, device="cpu", grace_s=30.0))
+        sys.exit(serve({str(small_index)!r}, port=0, device="cpu", grace_s=30.0,
+                       batching=BatchingConfig(enabled=True)))
         """
     )
     proc = subprocess.Popen(
@@ -343,12 +338,6 @@ def test_sigterm_drains_requests_held_in_the_batcher(small_index: Path, db) -> N
             assert proc.stdout.readline().strip() == "ENTERED"  # held inside the batcher's forward
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            with grpc.insecure_channel(address) as late:
-                with pytest.raises(grpc.RpcError) as info:
-                    search_pb2_grpc.HomologSearchStub(late).Search(
-                        _search(db[1].sequence), timeout=10
-                    )
-                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             proc.stdin.write("go\n")
             proc.stdin.flush()
             assert future.result(timeout=30).results[0].hits[0].target_id == db[0].record_id
@@ -359,8 +348,41 @@ def test_sigterm_drains_requests_held_in_the_batcher(small_index: Path, db) -> N
             proc.wait()
 
 
-def test_a_call_without_deadline_is_answered_through_the_batcher(server, db) -> None:  # type: ignore[no-untyped-def]
-    address, _ = server
+def test_a_call_without_deadline_is_answered_through_the_batcher(gated_server, db) -> None:  # type: ignore[no-untyped-def]
+    srv, gate, counter, address = gated_server
+    gate.release.set()
     with grpc.insecure_channel(address) as ch:
         response = search_pb2_grpc.HomologSearchStub(ch).Search(_search(db[3].sequence))  # no timeout
     assert response.results[0].hits[0].target_id == db[3].record_id
+    assert len(counter.batches) == 1
+
+
+def test_batching_is_automatic_on_cuda_only(small_index: Path) -> None:
+    srv, _ = create_server(small_index, device="cpu", max_workers=2)  # default: auto
+    try:
+        assert srv.batcher is None and srv.servicer.batcher is None
+    finally:
+        srv.stop(0).wait(10)
+
+
+def test_padding_ratio_splits_a_batch_into_length_homogeneous_forwards(engine, db) -> None:  # type: ignore[no-untyped-def]
+    gate, counter = Gate(engine), Counter()
+    long_a, long_b, short = "M" * 300, "K" * 280, "V" * 20
+    batcher = _batcher(engine, counter, max_wait_ms=0.0, max_padding_ratio=1.25)
+    try:
+        first = batcher.submit_search([db[0].sequence], k=1)
+        assert gate.entered.wait(30)
+        futures = [batcher.submit_embed([s]) for s in (short, long_a, long_b)]
+        counter.wait_depth(3)
+        gate.release.set()
+        vectors = [f.result(timeout=30)[0][0] for f in futures]
+        first.result(timeout=30)
+    finally:
+        batcher.close()
+    # one batch of three requests, embedded as {300, 280} and {20}: 302*2 <= 1.25*(302+282)
+    assert counter.batches[1][:2] == (3, 3)
+    assert gate.calls[1:] == [[long_a, long_b], [short]]
+    alone = engine.embedder.embed([short, long_a, long_b])
+    np.testing.assert_allclose(np.stack(vectors), alone, atol=1e-5)  # order restored
+    with pytest.raises(ConfigError):
+        BatchingConfig(max_padding_ratio=0.5)

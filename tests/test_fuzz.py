@@ -18,12 +18,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from esmsearch.server import RequestLimits, create_server
+from esmsearch.server import BatchingConfig, RequestLimits, create_server
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
-LIMITS = RequestLimits(
-    max_k=50, max_queries_per_request=5, max_residues_per_query=300, max_residues_per_request=600
-)
+LIMITS = RequestLimits(max_k=50, max_queries_per_request=5, max_residues_per_query=300, max_residues_per_request=600)
 AMINO = "ACDEFGHIKLMNPQRSTVWYXBZUOacdefghiklmnpqrstvwy"
 FUZZ = settings(
     max_examples=100,
@@ -40,7 +38,9 @@ OK, INVALID, EXHAUSTED = (
 
 @pytest.fixture(scope="module")
 def fuzz_server(small_index: Path) -> Iterator[tuple[search_pb2_grpc.HomologSearchStub, int]]:
-    srv, port = create_server(small_index, device="cpu", limits=LIMITS, max_workers=4)
+    srv, port = create_server(
+        small_index, device="cpu", limits=LIMITS, max_workers=4, batching=BatchingConfig(enabled=True)
+    )
     try:
         assert srv.engine.index.manifest.dim == DIM
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -55,9 +55,7 @@ sequences = st.one_of(
     st.text(alphabet=AMINO, min_size=1, max_size=30).map(lambda s: s + "*"),
     st.sampled_from(["", "*", "**", "M*K", " MKV", "MK V", "MKV\n", "ΜΚV", "MKV\x00", "-MKV", "ǅ"]),
 )
-query_ids = st.one_of(
-    st.text(min_size=0, max_size=20), st.just(""), st.just("x" * 1001), st.just("dup")
-)
+query_ids = st.one_of(st.text(min_size=0, max_size=20), st.just(""), st.just("x" * 1001), st.just("dup"))
 hostile_queries = st.lists(st.tuples(query_ids, sequences), min_size=0, max_size=7)
 valid_queries = st.lists(
     st.tuples(st.text(min_size=1, max_size=12), st.text(alphabet=AMINO, min_size=1, max_size=110)),
@@ -96,9 +94,7 @@ def _expected_search_failure(qs: list[tuple[str, str]], k: int, min_score: float
 @given(qs=queries, k=ks, min_score=min_scores)
 def test_search_gets_ok_or_a_precise_error(fuzz_server, qs, k, min_score) -> None:  # type: ignore[no-untyped-def]
     stub, _ = fuzz_server
-    request = search_pb2.SearchRequest(
-        queries=[search_pb2.Query(query_id=i, sequence=s) for i, s in qs], k=k
-    )
+    request = search_pb2.SearchRequest(queries=[search_pb2.Query(query_id=i, sequence=s) for i, s in qs], k=k)
     if min_score is not None:
         request.min_score = min_score
     code, payload = _call(stub.Search, request)
@@ -146,15 +142,9 @@ def test_search_by_embedding_gets_ok_or_a_precise_error(fuzz_server, vectors, k)
     assert code in (OK, INVALID, EXHAUSTED), (code, payload)
     if code == OK:
         assert 1 <= len(vectors) <= LIMITS.max_queries_per_request and 1 <= k <= LIMITS.max_k
-        assert all(
-            len(v) == dim and all(math.isfinite(x) for x in v) and any(v) for _, v in vectors
-        )
+        assert all(len(v) == dim and all(math.isfinite(x) for x in v) and any(v) for _, v in vectors)
         assert len(payload.results) == len(vectors)
-    elif (
-        any(len(v) != dim for _, v in vectors)
-        and vectors
-        and len(vectors) <= LIMITS.max_queries_per_request
-    ):
+    elif any(len(v) != dim for _, v in vectors) and vectors and len(vectors) <= LIMITS.max_queries_per_request:
         assert code == INVALID
 
 
@@ -162,9 +152,7 @@ def test_search_by_embedding_gets_ok_or_a_precise_error(fuzz_server, vectors, k)
 @given(qs=queries)
 def test_embed_gets_ok_or_a_precise_error(fuzz_server, qs) -> None:  # type: ignore[no-untyped-def]
     stub, dim = fuzz_server
-    request = search_pb2.EmbedRequest(
-        queries=[search_pb2.Query(query_id=i, sequence=s) for i, s in qs]
-    )
+    request = search_pb2.EmbedRequest(queries=[search_pb2.Query(query_id=i, sequence=s) for i, s in qs])
     code, payload = _call(stub.Embed, request)
     event(code.name)
     assert code in (OK, INVALID, EXHAUSTED), (code, payload)
@@ -185,9 +173,7 @@ def test_embed_gets_ok_or_a_precise_error(fuzz_server, qs) -> None:  # type: ign
 def test_search_stream_ends_at_the_first_bad_request(fuzz_server, batches) -> None:  # type: ignore[no-untyped-def]
     stub, _ = fuzz_server
     requests = [
-        search_pb2.SearchRequest(
-            queries=[search_pb2.Query(query_id=i, sequence=s) for i, s in qs], k=k
-        )
+        search_pb2.SearchRequest(queries=[search_pb2.Query(query_id=i, sequence=s) for i, s in qs], k=k)
         for qs, k in batches
     ]
     answered = 0
@@ -203,9 +189,7 @@ def test_search_stream_ends_at_the_first_bad_request(fuzz_server, batches) -> No
 
 
 def _by_vector(values: list[float]) -> search_pb2.SearchByEmbeddingRequest:
-    return search_pb2.SearchByEmbeddingRequest(
-        embeddings=[search_pb2.Embedding(query_id="v", values=values)], k=1
-    )
+    return search_pb2.SearchByEmbeddingRequest(embeddings=[search_pb2.Embedding(query_id="v", values=values)], k=1)
 
 
 def test_hostile_sizes_are_refused_and_the_server_keeps_serving(fuzz_server) -> None:  # type: ignore[no-untyped-def]
@@ -227,13 +211,9 @@ def test_hostile_sizes_are_refused_and_the_server_keeps_serving(fuzz_server) -> 
             code, details = _call(fn, request)
             assert code == expected, (code, details)
     ok = stub.Search(
-        search_pb2.SearchRequest(
-            queries=[search_pb2.Query(query_id="a", sequence="MKTAYIAKQR")], k=3
-        ),
+        search_pb2.SearchRequest(queries=[search_pb2.Query(query_id="a", sequence="MKTAYIAKQR")], k=3),
         timeout=60,
     )
     assert len(ok.results[0].hits) == 3
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    assert (
-        rss_after - rss_before < 512 * 1024
-    )  # three rounds of 20 MB requests stay far below 512 MiB
+    assert rss_after - rss_before < 512 * 1024  # three rounds of 20 MB requests stay far below 512 MiB

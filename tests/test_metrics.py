@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from esmsearch.server import create_server
+from esmsearch.server.batcher import BatchingConfig
 from esmsearch.server.logs import JsonLinesFormatter, use_log_format
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -21,7 +22,9 @@ Q = search_pb2.Query
 
 @pytest.fixture(scope="module")
 def metrics_server(small_index: Path) -> Iterator[tuple[str, int]]:
-    srv, port = create_server(small_index, device="cpu", metrics_port=0, max_workers=4)
+    srv, port = create_server(
+        small_index, device="cpu", metrics_port=0, max_workers=4, batching=BatchingConfig(enabled=True)
+    )
     assert srv.metrics_port is not None
     try:
         yield f"127.0.0.1:{port}", srv.metrics_port
@@ -50,12 +53,8 @@ def test_metrics_endpoint_counts_requests_errors_batches_and_stages(metrics_serv
                 timeout=30,
             )
         with pytest.raises(grpc.RpcError):
-            stub.Search(
-                search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=0), timeout=30
-            )
-        stub.Embed(
-            search_pb2.EmbedRequest(queries=[Q(query_id="e", sequence="MKTAYIAKQR")]), timeout=30
-        )
+            stub.Search(search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=0), timeout=30)
+        stub.Embed(search_pb2.EmbedRequest(queries=[Q(query_id="e", sequence="MKTAYIAKQR")]), timeout=30)
     m = _scrape(metrics_port)
     assert m[("esmsearch_requests_total", (("rpc", "Search"),))] == 3
     assert m[("esmsearch_requests_total", (("rpc", "Embed"),))] == 1
@@ -101,8 +100,6 @@ def test_json_lines_formatter_carries_the_request_fields(metrics_server, caplog)
 def test_use_log_format_installs_the_json_formatter() -> None:
     logger = logging.getLogger("esmsearch.test.json")
     use_log_format("json", logger)
-    assert logger.handlers and all(
-        isinstance(h.formatter, JsonLinesFormatter) for h in logger.handlers
-    )
+    assert logger.handlers and all(isinstance(h.formatter, JsonLinesFormatter) for h in logger.handlers)
     with pytest.raises(ValueError, match="log format"):
         use_log_format("xml", logger)

@@ -224,7 +224,10 @@ def create_server(
     servicer.reloader = reloader
     metrics = ServerMetrics()
     servicer.metrics = metrics
-    if batching.enabled:
+    use_batcher = batching.enabled
+    if use_batcher is None:  # auto: batch where a batched forward pays off (GPU)
+        use_batcher = engine.embedder.device.type == "cuda"
+    if use_batcher:
         servicer.batcher = DynamicBatcher(engine, batching, metrics=metrics)
     search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
     health_servicer = health.HealthServicer()

@@ -80,7 +80,13 @@ class BatchingConfig:
     """Settings of the dynamic batcher.
 
     Attributes:
-        enabled: ``False`` embeds each request on its own (no batcher thread).
+        enabled: ``True`` batches, ``False`` embeds each request on its own (no
+            batcher thread); ``None`` (default) = batch on CUDA devices only. On CPU
+            the forward cost follows padded tokens and is already compute-bound for
+            one sequence, so merging queries of different lengths lowered throughput
+            in ``benchmarks/serve_load.py`` (2-core CPU, esm2_t6 architecture: 0.56x
+            at 8 clients; 0.81x with ``max_padding_ratio=1.25``; see
+            ``benchmarks/results/serve_load_ecoli500.txt``).
         max_wait_ms: longest wait in ms for more requests after the first one of a
             batch was taken, >= 0.
         max_batch_toks: token budget of one batch (sum over its sequences of
@@ -88,17 +94,28 @@ class BatchingConfig:
             batch of its own.
         queue_size: most requests waiting for the batcher, >= 1; further ones get
             RESOURCE_EXHAUSTED.
+        max_padding_ratio: ``None`` (default) embeds the whole batch in one
+            :meth:`SearchEngine.embed` call. A number >= 1 splits the batch's
+            sequences, sorted by length, into forward groups whose padded size
+            ``n * (longest + 2)`` stays within this factor of their real tokens
+            (``sum(len + 2)``), each embedded by its own call: on a CPU, where the
+            forward cost follows padded tokens, merging a 50- and a 500-residue
+            query costs more than embedding them apart. The FAISS search stays one
+            call for the batch.
 
     Raises:
         ConfigError: a value is out of range.
     """
 
-    enabled: bool = True
+    enabled: bool | None = None
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_batch_toks: int = DEFAULT_MAX_BATCH_TOKS
     queue_size: int = DEFAULT_QUEUE_SIZE
+    max_padding_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_padding_ratio is not None and not self.max_padding_ratio >= 1.0:
+            raise ConfigError(f"max_padding_ratio must be >= 1 or None, got {self.max_padding_ratio!r}")
         if not (self.max_wait_ms >= 0 and np.isfinite(self.max_wait_ms)):
             raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
         for name in ("max_batch_toks", "queue_size"):
@@ -285,9 +302,7 @@ class DynamicBatcher:
         self._submit(request)
         return request.future
 
-    def submit_embed(
-        self, sequences: Sequence[str], *, is_active: Callable[[], bool] | None = None
-    ) -> Future[Any]:
+    def submit_embed(self, sequences: Sequence[str], *, is_active: Callable[[], bool] | None = None) -> Future[Any]:
         """Queue an embedding without waiting: the future resolves as :meth:`embed` returns.
 
         Raises:
@@ -357,9 +372,7 @@ class DynamicBatcher:
             if item is None:
                 return None
             if not item.is_active():
-                item.future.set_exception(
-                    RequestExpiredError("the client went away (deadline or cancel) while queued")
-                )
+                item.future.set_exception(RequestExpiredError("the client went away (deadline or cancel) while queued"))
                 if self.metrics is not None:
                     self.metrics.dropped.inc()
                 continue
@@ -414,10 +427,39 @@ class DynamicBatcher:
         with lease() if lease is not None else contextlib.nullcontext(self.engine.index) as index:
             self._answer_with(batch, started, index)
 
+    def _embed(self, sequences: list[str]) -> tuple[np.ndarray, float, float]:
+        ratio = self.config.max_padding_ratio
+        if ratio is None or len(sequences) < 2:
+            return self.engine.embed(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+        groups: list[list[int]] = []
+        real = 0
+        for i in order:
+            n = len(sequences[i]) + 2
+            if groups:
+                g = groups[-1]
+                longest = len(sequences[g[0]]) + 2
+                if longest * (len(g) + 1) <= ratio * (real + n):
+                    g.append(i)
+                    real += n
+                    continue
+            groups.append([i])
+            real = n
+        vectors: np.ndarray | None = None
+        lock_s = embed_s = 0.0
+        for g in groups:
+            part, wait_s, forward_s = self.engine.embed([sequences[i] for i in g])
+            if vectors is None:
+                vectors = np.empty((len(sequences), part.shape[1]), dtype=part.dtype)
+            vectors[g] = part
+            lock_s += wait_s
+            embed_s += forward_s
+        assert vectors is not None
+        return vectors, lock_s, embed_s
+
     def _answer_with(self, batch: list[_Request], started: float, index: Index) -> None:
-        engine = self.engine
         sequences = [s for r in batch for s in r.sequences]
-        vectors, lock_s, embed_s = engine.embed(sequences)
+        vectors, lock_s, embed_s = self._embed(sequences)
         searching = [i for i, r in enumerate(batch) if r.k is not None]
         offsets = np.cumsum([0] + [len(r.sequences) for r in batch])
         search_s = 0.0
@@ -447,10 +489,6 @@ class DynamicBatcher:
             if req.future.done():
                 continue
             if req.k is None:
-                req.future.set_result(
-                    (vectors[offsets[i] : offsets[i + 1]], index.version, queue_s, embed_s)
-                )
+                req.future.set_result((vectors[offsets[i] : offsets[i + 1]], index.version, queue_s, embed_s))
             else:
-                req.future.set_result(
-                    EngineResult(hits_of[i], index.version, queue_s, embed_s, search_s)
-                )
+                req.future.set_result(EngineResult(hits_of[i], index.version, queue_s, embed_s, search_s))
