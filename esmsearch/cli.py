@@ -258,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layer", type=int, default=None, help="representation layer (default: last; negative counts from the end)")
     b.add_argument("--toks-per-batch", type=int, default=4096, help="token budget per forward pass (default 4096)")
     b.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (default fp32)")
+    b.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="compute precision (default fp32; auto = bf16 where the hardware runs it natively)",
+    )
     b.add_argument("--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path (-o)")
     b.add_argument("--keep", type=int, default=None, metavar="N", help="with --root: keep only the newest N versions (never the live one)")

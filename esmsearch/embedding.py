@@ -73,7 +73,6 @@ POOLING = "mean_residues"
 #: Normalisation recorded in manifests.
 NORMALISATION = "l2"
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -270,7 +269,10 @@ class Embedder:
         toks_per_batch: token budget per forward pass (fair-esm's ``scripts/extract.py``
             default is 4096): ``n_items * (longest + 2) <= toks_per_batch``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``fp32`` (default), ``bf16`` or ``fp16`` (CUDA only) compute.
+        precision: ``fp32`` (default), ``bf16``, ``fp16`` (CUDA only) or ``auto`` (bf16
+            where the hardware runs it natively, else fp32; see
+            :func:`esmsearch.esm2_fast.default_precision`). The resolved value is in
+            :attr:`precision` and recorded in index manifests.
 
     Raises:
         ModelLoadError: see :func:`load_model`.
@@ -291,11 +293,10 @@ class Embedder:
                 f"toks_per_batch={toks_per_batch} must be at least {WINDOW_RESIDUES + 2} "
                 "(one full-length window plus BOS and EOS)"
             )
-        if precision not in _PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(_PRECISIONS)}")
+        from esmsearch.esm2_fast import resolve_precision
+
         self.device = resolve_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("precision fp16 is only supported on CUDA; use fp32 or bf16 on CPU")
+        precision = resolve_precision(precision, self.device)
         loaded = load_model(model)
         esm_model = loaded.model
         num_layers = int(esm_model.num_layers)
@@ -323,20 +324,9 @@ class Embedder:
         self._token_table = table
 
     def _make_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        try:
-            from esmsearch.esm2_fast import Esm2Encoder
-        except ImportError:  # pragma: no cover - fast path not available
-            Esm2Encoder = None  # noqa: N806
-        if Esm2Encoder is not None:
-            return Esm2Encoder(self._model, self.layer, precision=self.precision).to(self.device)  # type: ignore[no-any-return]
-        if self.precision != "fp32":
-            raise ConfigError("reduced precision needs esmsearch.esm2_fast")
-        layer = self.layer
+        from esmsearch.esm2_fast import Esm2Encoder
 
-        def reference(tokens: torch.Tensor) -> torch.Tensor:
-            return self._model(tokens, repr_layers=[layer])["representations"][layer]  # type: ignore[no-any-return]
-
-        return reference
+        return Esm2Encoder(self._model, self.layer, precision=self.precision).to(self.device)
 
     # -- properties recorded in manifests -------------------------------------------------
     @property

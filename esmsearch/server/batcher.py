@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from esmsearch.errors import ConfigError, EsmsearchError
-from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
+from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine, hits_from_scores
 
 if TYPE_CHECKING:
     from esmsearch.server.metrics import ServerMetrics
@@ -136,46 +136,6 @@ class _Request:
     @property
     def toks(self) -> int:
         return sum(len(s) + 2 for s in self.sequences)
-
-
-def hits_from_scores(
-    index: Index, scores: np.ndarray, rows: np.ndarray, k: int, min_score: float | None
-) -> list[list[EngineHit]]:
-    """Turn FAISS output into hits, keeping the first ``k`` columns of each row.
-
-    Args:
-        index: the index that produced ``scores``/``rows`` (for metadata).
-        scores: float32 ``[q, k_searched]`` cosine scores, descending per row.
-        rows: int64 ``[q, k_searched]`` database rows (-1 = none).
-        k: hits per query to keep, >= 1 (<= ``k_searched`` columns are used).
-        min_score: drop hits with cosine score below this; ``None`` keeps all.
-
-    Returns:
-        One list per query, by descending cosine score, ranks 1.. after filtering.
-    """
-    scores, rows = scores[:, :k], rows[:, :k]
-    keep = rows >= 0
-    if min_score is not None:
-        keep &= scores >= np.float32(min_score)
-    targets = index.targets([int(r) for r in rows[keep]])
-    out: list[list[EngineHit]] = []
-    t = 0
-    for qi in range(rows.shape[0]):
-        hits: list[EngineHit] = []
-        for j in np.flatnonzero(keep[qi]):
-            target = targets[t]
-            t += 1
-            hits.append(
-                EngineHit(
-                    target_id=target.record_id,
-                    target_description=target.description,
-                    cosine_score=float(scores[qi, j]),
-                    rank=len(hits) + 1,
-                    target_length=target.length,
-                )
-            )
-        out.append(hits)
-    return out
 
 
 def _always_active() -> bool:
