@@ -18,10 +18,12 @@ from esmsearch.client import (
     Hit,
     InternalError,
     InvalidArgumentError,
+    PermissionDeniedError,
     QueryResult,
     ResourceExhaustedError,
     SearchClient,
     SearchError,
+    UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
     write_json,
@@ -213,7 +215,9 @@ class _FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.UNAVAILABLE, UnavailableError),
         (grpc.StatusCode.UNIMPLEMENTED, UnimplementedError),
         (grpc.StatusCode.INTERNAL, InternalError),
-        (grpc.StatusCode.PERMISSION_DENIED, SearchError),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
+        (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
+        (grpc.StatusCode.ABORTED, SearchError),  # no dedicated class: the base
     ],
 )
 def test_error_from_rpc_table(code: grpc.StatusCode, cls: type[SearchError]) -> None:

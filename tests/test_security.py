@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from esmsearch.client import SearchClient, SearchError, UnavailableError
+from esmsearch.client import SearchClient, UnauthenticatedError, UnavailableError
 from esmsearch.client.aio import AsyncSearchClient
 from esmsearch.client.channel import ClientCredentials
 from esmsearch.client.retry import NO_RETRY
@@ -252,7 +252,7 @@ def test_clients_send_the_token(token_server: int) -> None:
     with SearchClient(address, credentials=ClientCredentials(token=TOKEN), timeout_s=30) as c:
         assert c.search([SEQ], k=1)[0].hits
     with SearchClient(address, retry=NO_RETRY, timeout_s=30) as c:
-        with pytest.raises(SearchError) as info:
+        with pytest.raises(UnauthenticatedError) as info:
             c.index_info()
         assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
 

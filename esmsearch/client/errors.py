@@ -9,6 +9,8 @@ code and the server's details, and chained to the original ``grpc.RpcError``
         ├── InvalidArgumentError         INVALID_ARGUMENT: bad sequence, k, min_score, ids
         ├── ResourceExhaustedError       RESOURCE_EXHAUSTED: over a server request limit
         ├── FailedPreconditionError      FAILED_PRECONDITION: model/index mismatch
+        ├── UnauthenticatedError         UNAUTHENTICATED: missing or wrong bearer token
+        ├── PermissionDeniedError        PERMISSION_DENIED
         ├── UnavailableError             UNAVAILABLE: server down, draining or unreachable
         ├── DeadlineExceededError        DEADLINE_EXCEEDED: timeout_s elapsed
         ├── NotFoundError                NOT_FOUND
@@ -35,7 +37,9 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "ResourceExhaustedError",
+    "PermissionDeniedError",
     "SearchError",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
     "error_from_rpc",
@@ -69,6 +73,14 @@ class FailedPreconditionError(SearchError):
     """FAILED_PRECONDITION: the server's model does not match its index."""
 
 
+class UnauthenticatedError(SearchError):
+    """UNAUTHENTICATED: the server requires a bearer token and none or a wrong one was sent."""
+
+
+class PermissionDeniedError(SearchError):
+    """PERMISSION_DENIED: the caller is authenticated but not allowed this call."""
+
+
 class UnavailableError(SearchError):
     """UNAVAILABLE: the server is unreachable, not yet loaded, or draining."""
 
@@ -99,6 +111,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SearchError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,

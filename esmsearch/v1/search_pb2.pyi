@@ -16,9 +16,16 @@ the reason where one query is at fault):
                       a residue outside the accepted alphabet (details give the
                       query id and the 1-based residue position), k out of
                       [1, max_k], min_score outside [-1, 1] or NaN.
-  RESOURCE_EXHAUSTED  the request exceeds a limit in RequestLimits.
+  RESOURCE_EXHAUSTED  the request exceeds a limit in RequestLimits, or the
+                      server's embedding queue is full (retry later).
   FAILED_PRECONDITION the server's model does not match the index (the server
-                      refuses to start in that case, so clients rarely see it).
+                      refuses to start in that case, so clients rarely see it),
+                      or ReloadIndex refused a new version (details say why).
+  UNAUTHENTICATED     the server requires a bearer token ("authorization:
+                      Bearer <token>" metadata) and none or a wrong one was
+                      sent. The health service never requires a token.
+  DEADLINE_EXCEEDED   the caller's deadline passed, possibly while the request
+                      was queued (it is then dropped before embedding).
   UNAVAILABLE         the server is draining or not yet loaded.
 
 Compatibility rules for this file: never renumber or reuse a field number;
