@@ -204,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- search -------------------------------------------------------------------------------
 def cmd_search(args: argparse.Namespace) -> int:
-    from esmsearch.client import SearchClient
+    from esmsearch.client import SearchClient, UnavailableError
     from esmsearch.client.channel import TOKEN_ENV, ClientCredentials
     from esmsearch.client.formats import write_json, write_tsv
 
@@ -217,7 +217,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         token=args.token or os.environ.get(TOKEN_ENV) or None,
     )
     with SearchClient(args.server, timeout_s=args.timeout_s, credentials=credentials) as client:
-        results = client.search(args.query, k=args.k, min_score=args.min_score)
+        try:
+            results = client.search(args.query, k=args.k, min_score=args.min_score)
+        except UnavailableError as exc:
+            raise UnavailableError(
+                exc.code, f"cannot reach an esmsearch server at {args.server} (is `esmsearch serve` running?): {exc.details}"
+            ) from exc
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         if args.format == "json":
