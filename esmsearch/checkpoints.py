@@ -107,9 +107,7 @@ def write_random_checkpoint(
 
     if isinstance(architecture, str):
         if architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown ESM-2 architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}"
-            )
+            raise ValueError(f"unknown ESM-2 architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
         arch = ARCHITECTURES[architecture]
     else:
         arch = architecture

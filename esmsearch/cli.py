@@ -178,9 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    security = SecurityConfig(
-        tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any
-    )
+    security = SecurityConfig(tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any)
     batching = BatchingConfig(
         enabled={"auto": None, "on": True, "off": False}[args.batching],
         max_wait_ms=args.max_batch_wait_ms,
@@ -221,7 +219,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             results = client.search(args.query, k=args.k, min_score=args.min_score)
         except UnavailableError as exc:
             raise UnavailableError(
-                exc.code, f"cannot reach an esmsearch server at {args.server} (is `esmsearch serve` running?): {exc.details}"
+                exc.code,
+                f"cannot reach an esmsearch server at {args.server} (is `esmsearch serve` running?): {exc.details}",
             ) from exc
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
@@ -260,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"fair-esm ESM-2 pretrained name (downloaded on first use) or local .pt path (default {DEFAULT_MODEL})",
     )
-    b.add_argument("--layer", type=int, default=None, help="representation layer (default: last; negative counts from the end)")
+    b.add_argument(
+        "--layer", type=int, default=None, help="representation layer (default: last; negative counts from the end)"
+    )
     b.add_argument("--toks-per-batch", type=int, default=4096, help="token budget per forward pass (default 4096)")
     b.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     b.add_argument(
@@ -269,10 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16", "auto"],
         help="compute precision (default fp32; auto = bf16 where the hardware runs it natively)",
     )
-    b.add_argument("--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto")
+    b.add_argument(
+        "--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto"
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path (-o)")
-    b.add_argument("--keep", type=int, default=None, metavar="N", help="with --root: keep only the newest N versions (never the live one)")
-    b.add_argument("--no-reuse", action="store_true", help="with --root: re-embed everything instead of reusing unchanged vectors")
+    b.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --root: keep only the newest N versions (never the live one)",
+    )
+    b.add_argument(
+        "--no-reuse", action="store_true", help="with --root: re-embed everything instead of reusing unchanged vectors"
+    )
     b.add_argument(
         "--resume",
         action="store_true",
@@ -312,18 +323,79 @@ def build_parser() -> argparse.ArgumentParser:
         help="when INDEX_DIR is a versioned root: seconds between looks at ROOT/current for a new "
         "version (default 5; 0 = only on SIGHUP or the ReloadIndex RPC)",
     )
-    s.add_argument("--max-batch-wait-ms", type=float, default=2.0, metavar="MS", help="dynamic batching: longest wait for more requests once a batch has one (default 2)")
-    s.add_argument("--batch-toks", type=int, default=4096, metavar="N", help="dynamic batching: token budget of one batch, residues + 2 per sequence (default 4096)")
-    s.add_argument("--queue-size", type=int, default=256, metavar="N", help="most requests waiting for the model; more get RESOURCE_EXHAUSTED (default 256)")
-    s.add_argument("--batching", choices=["auto", "on", "off"], default="auto", help="dynamic batching of concurrent requests: auto (default) = on for CUDA, off for CPU, where it measured slower")
-    s.add_argument("--batch-max-padding", type=float, default=None, metavar="R", help="dynamic batching: split a batch into forwards whose padded tokens stay within R x their residues (default: one forward)")
-    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key enables TLS")
+    s.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="dynamic batching: longest wait for more requests once a batch has one (default 2)",
+    )
+    s.add_argument(
+        "--batch-toks",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="dynamic batching: token budget of one batch, residues + 2 per sequence (default 4096)",
+    )
+    s.add_argument(
+        "--queue-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most requests waiting for the model; more get RESOURCE_EXHAUSTED (default 256)",
+    )
+    s.add_argument(
+        "--batching",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help=(
+            "dynamic batching of concurrent requests: auto (default) = on for CUDA, "
+            "off for CPU, where it measured slower"
+        ),
+    )
+    s.add_argument(
+        "--batch-max-padding",
+        type=float,
+        default=None,
+        metavar="R",
+        help=(
+            "dynamic batching: split a batch into forwards whose padded tokens stay within "
+            "R x their residues (default: one forward)"
+        ),
+    )
+    s.add_argument(
+        "--tls-cert", type=Path, default=None, help="server certificate chain (PEM); with --tls-key enables TLS"
+    )
     s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
-    s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates signed by this CA (PEM): mutual TLS")
-    s.add_argument("--token-file", type=Path, default=None, help="accepted bearer tokens, one per line (also: ESMSEARCH_TOKENS env, comma-separated); health checks need none")
+    s.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
+    s.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=(
+            "accepted bearer tokens, one per line (also: ESMSEARCH_TOKENS env, comma-separated); "
+            "health checks need none"
+        ),
+    )
     s.add_argument("--insecure-bind-any", action="store_true", help="allow a non-loopback --host without TLS or tokens")
-    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default off)")
-    s.add_argument("--log-format", choices=["text", "json"], default="text", help="request log lines as key=value text (default) or JSON lines")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default off)",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="request log lines as key=value text (default) or JSON lines",
+    )
     s.add_argument("-v", "--verbose", action="count", default=0)
     s.set_defaults(func=cmd_serve)
 
@@ -336,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
     q.add_argument("--timeout-s", type=float, default=300.0, help="per-call deadline in seconds (default 300)")
     q.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    q.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (PEM) to verify the server with; implies --tls")
+    q.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA certificate (PEM) to verify the server with; implies --tls"
+    )
     q.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM) for mutual TLS")
     q.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM) for mutual TLS")
     q.add_argument("--token", default=None, help="bearer token (default: the ESMSEARCH_TOKEN environment variable)")

@@ -74,7 +74,6 @@ POOLING = "mean_residues"
 NORMALISATION = "l2"
 
 
-
 @dataclass
 class LoadedModel:
     """A fair-esm ESM-2 model with what the index manifest records about it."""
@@ -142,9 +141,7 @@ def load_model(spec: str) -> LoadedModel:
                 f"cannot read model checkpoint {path}: not a fair-esm .pt file or corrupt ({exc})"
             ) from exc
         if not isinstance(model_data, dict) or "cfg" not in model_data or "model" not in model_data:
-            raise ModelLoadError(
-                f"{path} is not a fair-esm ESM-2 checkpoint (expected keys 'cfg' and 'model')"
-            )
+            raise ModelLoadError(f"{path} is not a fair-esm ESM-2 checkpoint (expected keys 'cfg' and 'model')")
         regression_path = path.with_name(path.stem + "-contact-regression.pt")
         regression_data = None
         if regression_path.is_file():
@@ -159,9 +156,7 @@ def load_model(spec: str) -> LoadedModel:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Regression weights not found")
-                model, alphabet = esm.pretrained.load_model_and_alphabet_core(
-                    core_name, model_data, regression_data
-                )
+                model, alphabet = esm.pretrained.load_model_and_alphabet_core(core_name, model_data, regression_data)
         except Exception as exc:
             raise ModelLoadError(f"cannot build an ESM-2 model from {path}: {exc}") from exc
         source, sha = str(path), _sha256(path)
@@ -232,7 +227,9 @@ class _WorkItem:
     keep_to: int
 
 
-def plan_windows(length: int, window: int = WINDOW_RESIDUES, overlap: int = WINDOW_OVERLAP) -> list[tuple[int, int, int, int]]:
+def plan_windows(
+    length: int, window: int = WINDOW_RESIDUES, overlap: int = WINDOW_OVERLAP
+) -> list[tuple[int, int, int, int]]:
     """Cut a sequence of ``length`` residues into overlapping windows.
 
     Returns:

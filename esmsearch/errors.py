@@ -67,8 +67,7 @@ class DuplicateRecordError(InvalidSequenceError):
     def __init__(self, record_id: str, first_index: int, second_index: int) -> None:
         super().__init__(
             record_id,
-            f"duplicate record id (records #{first_index} and #{second_index}); "
-            "record ids must be unique",
+            f"duplicate record id (records #{first_index} and #{second_index}); record ids must be unique",
         )
         self.first_index = first_index
         self.second_index = second_index

@@ -125,9 +125,7 @@ def _parse(handle: IO[str], source: str) -> Iterator[SequenceRecord]:
     if not first:
         return
     if not first.startswith(">"):
-        raise FastaFormatError(
-            f"{source}: not FASTA: expected a '>' header line, found {first.strip()[:40]!r}"
-        )
+        raise FastaFormatError(f"{source}: not FASTA: expected a '>' header line, found {first.strip()[:40]!r}")
     chained = _prepend(first, handle)
     seen: dict[str, int] = {}
     for n, (header, raw_seq) in enumerate(SimpleFastaParser(chained), start=1):

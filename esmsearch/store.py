@@ -112,7 +112,11 @@ class Manifest:
             IndexFormatError: missing or unknown keys, or an unsupported format version.
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = required - data.keys()
         if missing:
             raise IndexFormatError(f"{source}: missing keys {sorted(missing)}")
@@ -258,9 +262,7 @@ class IndexWriter:
 
     def iter_metadata(self) -> Iterator[tuple[int, str, str, int, str]]:
         """Rows written so far: ``(row, record_id, description, length, sha256)`` in row order."""
-        yield from self._db.execute(
-            "SELECT row, record_id, description, length, sha256 FROM sequences ORDER BY row"
-        )
+        yield from self._db.execute("SELECT row, record_id, description, length, sha256 FROM sequences ORDER BY row")
 
     @property
     def rows(self) -> int:

@@ -15,7 +15,9 @@ from esmsearch.versions import IndexRoot
 
 
 @pytest.fixture(scope="module")
-def root3(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder, ecoli_fasta: Path) -> tuple[Path, list[str]]:
+def root3(
+    tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Embedder, ecoli_fasta: Path
+) -> tuple[Path, list[str]]:
     """A root with three published versions of the same FASTA (the last is current)."""
     root = tmp_path_factory.mktemp("roots") / "root"
     versions = []
@@ -61,9 +63,13 @@ def test_rollback_defaults_to_the_previous_version_then_explicit(tmp_path: Path,
         r.set_current(versions[-1])
 
 
-def test_prune_keeps_the_newest_and_never_the_live_one(tiny_embedder: Embedder, ecoli_fasta: Path, tmp_path: Path) -> None:
+def test_prune_keeps_the_newest_and_never_the_live_one(
+    tiny_embedder: Embedder, ecoli_fasta: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "r"
-    versions = [build_version(ecoli_fasta, root, model="unused", embedder=tiny_embedder).manifest.version for _ in range(3)]
+    versions = [
+        build_version(ecoli_fasta, root, model="unused", embedder=tiny_embedder).manifest.version for _ in range(3)
+    ]
     r = IndexRoot(root)
     r.set_current(versions[0])  # the live one is the oldest
     deleted = r.prune(1)

@@ -219,7 +219,9 @@ def _prepare(fasta: Path, cfg: BuildConfig, embedder: Embedder | None) -> _Prepa
     from esmsearch import vector_index
 
     if str(fasta) == "-":
-        raise ConfigError("index builds read the database FASTA twice (validation, then embedding): give a file, not '-'")
+        raise ConfigError(
+            "index builds read the database FASTA twice (validation, then embedding): give a file, not '-'"
+        )
     summary = scan_fasta(fasta)
     log.info("validated %s: %d sequences, %d residues", fasta, summary.sequences, summary.residues)
     emb = embedder or Embedder(
@@ -345,7 +347,9 @@ def _build_in(
                     bar.update(sum(len(r.sequence) for i, r in enumerate(chunk) if i not in embedding))
                 if to_embed:
                     t0 = time.perf_counter()
-                    vectors[to_embed] = emb.embed([chunk[i].sequence for i in to_embed], on_batch=bar.update if bar else None)
+                    vectors[to_embed] = emb.embed(
+                        [chunk[i].sequence for i in to_embed], on_batch=bar.update if bar else None
+                    )
                     embed_seconds += time.perf_counter() - t0
                     embedded_residues += sum(len(chunk[i].sequence) for i in to_embed)
                     counts["embedded"] += len(to_embed)
@@ -392,13 +396,17 @@ def _build_in(
         shutil.rmtree(shard_dir)
         state.path.unlink()
 
-        reuse = ReuseCounts(reused=counts["reused"], embedded=counts["embedded"], reused_residues=counts["reused_residues"])
+        reuse = ReuseCounts(
+            reused=counts["reused"], embedded=counts["embedded"], reused_residues=counts["reused_residues"]
+        )
         if previous is not None:
             new_ids = {}
             for _row, rid, _d, _l, sha in writer.iter_metadata():
                 new_ids[rid] = sha
             added = sum(1 for rid in new_ids if rid not in previous.sha_by_id)
-            changed = sum(1 for rid, sha in new_ids.items() if rid in previous.sha_by_id and previous.sha_by_id[rid] != sha)
+            changed = sum(
+                1 for rid, sha in new_ids.items() if rid in previous.sha_by_id and previous.sha_by_id[rid] != sha
+            )
             removed = sum(1 for rid in previous.sha_by_id if rid not in new_ids)
             reuse = ReuseCounts(
                 reused=counts["reused"],
