@@ -78,7 +78,7 @@ def load_model(ckpt: Path):  # type: ignore[no-untyped-def]
     return model.eval(), alphabet
 
 
-def reference_embed(model, alphabet, records: Sequence[tuple[str, str]], layer: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+def reference_embed(model, alphabet, records: Sequence[tuple[str, str]], layer: int, device: str = "cpu") -> np.ndarray:  # type: ignore[no-untyped-def]
     """fair-esm scripts/extract.py (``--include mean``); L2-normalised float32 [n, dim]."""
     import esm
 
@@ -93,7 +93,7 @@ def reference_embed(model, alphabet, records: Sequence[tuple[str, str]], layer: 
     means: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch_labels, strs, toks in data_loader:
-            out = model(toks, repr_layers=[layer], return_contacts=False)
+            out = model(toks.to(device), repr_layers=[layer], return_contacts=False)
             rep = out["representations"][layer].to(device="cpu")
             for i, label in enumerate(batch_labels):
                 truncate_len = min(TRUNCATION_SEQ_LENGTH, len(strs[i]))
@@ -132,12 +132,12 @@ def encoder_direct_embed(  # type: ignore[no-untyped-def]
         for batch in batches:
             _, _, toks = converter([records[i] for i in batch])
             reps = encoder(toks)  # (B, T, E) float32
-            lengths = torch.tensor([len(records[i][1]) for i in batch])
-            pos = torch.arange(toks.shape[1])
+            lengths = torch.tensor([len(records[i][1]) for i in batch], device=reps.device)
+            pos = torch.arange(toks.shape[1], device=reps.device)
             residue = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])  # (B, T)
             summed = torch.einsum("bte,bt->be", reps, residue.to(reps.dtype))
             mean = summed / lengths[:, None].to(reps.dtype)
-            out[batch] = torch.nn.functional.normalize(mean, dim=1).numpy()
+            out[batch] = torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
         return out
 
     return run
@@ -195,6 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="esm2_t6_8M_UR50D", choices=sorted(ARCHITECTURES))
     parser.add_argument("--n-seqs", type=int, default=300)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for both paths (default cpu)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="precision of esmsearch's Embedder (b); the reference is always fp32 (default fp32)",
+    )
     parser.add_argument("--fasta", type=Path, default=DEFAULT_FASTA)
     parser.add_argument("--max-residues", type=int, default=TRUNCATION_SEQ_LENGTH)
     parser.add_argument("--seed", type=int, default=0, help="sequence sample and checkpoint seed")
@@ -230,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(args.arch, tmp, seed=args.seed)
         model, alphabet = load_model(ckpt)
+        model = model.to(args.device)
         layer = model.num_layers if args.layer is None else args.layer
         print(
             f"arch {args.arch} (random weights, seed {args.seed}), layer {layer}, "
@@ -243,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         direct_tpb = args.toks_per_batch or 4096
         ref_name = "(a) fair-esm extract.py fp32"
         methods: dict[str, Callable[[], np.ndarray]] = {
-            ref_name: lambda: reference_embed(model, alphabet, records, layer),
+            ref_name: lambda: reference_embed(model, alphabet, records, layer, args.device),
             f"    encoder-direct fp32 (tpb {direct_tpb})": encoder_direct_embed(
                 model, alphabet, records, layer, direct_tpb, "fp32"
             ),
@@ -253,10 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from esmsearch.embedding import Embedder
 
             kwargs = {} if args.toks_per_batch is None else {"toks_per_batch": args.toks_per_batch}
-            embedder = Embedder(str(ckpt), device="cpu", precision="fp32", **kwargs)
-            methods["(b) esmsearch Embedder fp32"] = lambda: embedder.embed(seqs)
-            if run_bf16:
-                embedder_bf16 = Embedder(str(ckpt), device="cpu", precision="bf16", **kwargs)
+            embedder = Embedder(str(ckpt), device=args.device, precision=args.precision, **kwargs)
+            methods[f"(b) esmsearch Embedder {embedder.precision}"] = lambda: embedder.embed(seqs)
+            if run_bf16 and embedder.precision != "bf16":
+                embedder_bf16 = Embedder(str(ckpt), device=args.device, precision="bf16", **kwargs)
                 methods["(b) esmsearch Embedder bf16"] = lambda: embedder_bf16.embed(seqs)
         else:
             print("    (esmsearch.embedding.Embedder not available yet: (b) = encoder-direct)")
