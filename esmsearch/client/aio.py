@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from esmsearch.client.channel import ClientCredentials
-from esmsearch.client.client import DEFAULT_ADDRESS, Queries, _split
+from esmsearch.client.client import DEFAULT_ADDRESS, Queries, _split, search_by_embedding_request
 from esmsearch.client.errors import UnavailableError, error_from_rpc
 from esmsearch.client.retry import RetryPolicy, call_with_retry_async
 from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, RequestLimits
@@ -169,29 +169,7 @@ class AsyncSearchClient:
     ) -> list[QueryResult]:
         """See :meth:`esmsearch.client.SearchClient.search_by_embedding`."""
         deadline = self._timeout(timeout_s)
-        if isinstance(vectors, Mapping):
-            ids = [str(key) for key in vectors]
-            array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
-        else:
-            array = np.asarray(vectors, dtype=np.float32)
-            ids = (
-                list(query_ids)
-                if query_ids is not None
-                else [f"query_{i + 1}" for i in range(len(array))]
-            )
-        if array.ndim != 2:
-            raise ValueError(f"vectors must be 2-D [n_queries, dim], got shape {array.shape}")
-        if len(ids) != array.shape[0]:
-            raise ValueError(f"{len(ids)} query_ids for {array.shape[0]} vectors")
-        request = search_pb2.SearchByEmbeddingRequest(
-            embeddings=[
-                search_pb2.Embedding(query_id=qid, values=row.tolist())
-                for qid, row in zip(ids, array, strict=True)
-            ],
-            k=k,
-        )
-        if min_score is not None:
-            request.min_score = min_score
+        request = search_by_embedding_request(vectors, query_ids, k, min_score)
         response = await self._unary(self.stub.SearchByEmbedding, request, deadline)
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
 

@@ -311,29 +311,7 @@ class SearchClient:
                 or the client is closed.
         """
         deadline = self._timeout(timeout_s)
-        if isinstance(vectors, Mapping):
-            ids = [str(key) for key in vectors]
-            array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
-        else:
-            array = np.asarray(vectors, dtype=np.float32)
-            ids = (
-                list(query_ids)
-                if query_ids is not None
-                else [f"query_{i + 1}" for i in range(len(array))]
-            )
-        if array.ndim != 2:
-            raise ValueError(f"vectors must be 2-D [n_queries, dim], got shape {array.shape}")
-        if len(ids) != array.shape[0]:
-            raise ValueError(f"{len(ids)} query_ids for {array.shape[0]} vectors")
-        request = search_pb2.SearchByEmbeddingRequest(
-            embeddings=[
-                search_pb2.Embedding(query_id=qid, values=row.tolist())
-                for qid, row in zip(ids, array, strict=True)
-            ],
-            k=k,
-        )
-        if min_score is not None:
-            request.min_score = min_score
+        request = search_by_embedding_request(vectors, query_ids, k, min_score)
         try:
             response = self._unary(self.stub.SearchByEmbedding, request, deadline)
         except grpc.RpcError as exc:
@@ -449,3 +427,40 @@ def _split(queries: list[search_pb2.Query], limits: RequestLimits) -> list[list[
         current.append(q)
         residues += n
     return chunks
+
+
+def search_by_embedding_request(
+    vectors: np.ndarray | Mapping[str, Sequence[float]],
+    query_ids: Sequence[str] | None,
+    k: int,
+    min_score: float | None,
+) -> search_pb2.SearchByEmbeddingRequest:
+    """Build a SearchByEmbedding request (shared by the sync and asyncio clients).
+
+    Raises:
+        ValueError: ``vectors`` is not 2-D or ``query_ids`` has the wrong length.
+    """
+    if isinstance(vectors, Mapping):
+        ids = [str(key) for key in vectors]
+        array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
+    else:
+        array = np.asarray(vectors, dtype=np.float32)
+        ids = (
+            list(query_ids)
+            if query_ids is not None
+            else [f"query_{i + 1}" for i in range(len(array))]
+        )
+    if array.ndim != 2:
+        raise ValueError(f"vectors must be 2-D [n_queries, dim], got shape {array.shape}")
+    if len(ids) != array.shape[0]:
+        raise ValueError(f"{len(ids)} query_ids for {array.shape[0]} vectors")
+    request = search_pb2.SearchByEmbeddingRequest(
+        embeddings=[
+            search_pb2.Embedding(query_id=qid, values=row.tolist())
+            for qid, row in zip(ids, array, strict=True)
+        ],
+        k=k,
+    )
+    if min_score is not None:
+        request.min_score = min_score
+    return request
