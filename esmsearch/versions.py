@@ -92,13 +92,14 @@ def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 
             raise IndexFormatError(f"index {path} has no sequences")
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
-        vectors = np.asarray(index.embeddings()[rows], dtype=np.float32)
+        stored = index.embeddings()  # memory-mapped once
+        vectors = np.asarray(stored[rows], dtype=np.float32)
         scores, hits = index.search(vectors, 1)
         ok = 0
         for row, vec, hit, score in zip(rows, vectors, hits[:, 0], scores[:, 0], strict=True):
             if hit == row:
                 ok += 1
-            elif hit >= 0 and float(np.dot(vec, index.embeddings()[hit])) >= 1.0 - 1e-5 and score >= 1.0 - 1e-3:
+            elif hit >= 0 and float(np.dot(vec, stored[hit])) >= 1.0 - 1e-5 and score >= 1.0 - 1e-3:
                 ok += 1
         exact = index.manifest.index_factory.replace(" ", "") in ("Flat", "IDMap,Flat")
         needed = len(rows) if exact else int(np.ceil(0.9 * len(rows)))
