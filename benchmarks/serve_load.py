@@ -148,14 +148,13 @@ def measure_floor(index_dir: Path, queries: list[str], seconds: float, *, in_thr
 SERVER_SCRIPT = textwrap.dedent(
     """
     import sys
-    from esmsearch.server import create_server
+    from esmsearch.server import ServerConfig, create_server
     from esmsearch.server.batcher import BatchingConfig
     cfg = BatchingConfig(enabled={enabled}, max_wait_ms={wait}, max_batch_toks={toks}, max_padding_ratio={pad})
-    srv, port = create_server({index!r}, "127.0.0.1:0", device="cpu", max_workers=64,
-                              batching=cfg)
+    srv, port = create_server(ServerConfig(index={index!r}, port=0, device="cpu", max_workers=64, batching=cfg))
     print(port, flush=True)
     sys.stdin.read()
-    srv.stop(5.0).wait(30)
+    srv.stop(5.0)
     """
 )
 

@@ -42,8 +42,7 @@ AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 def random_records(n: int, seed: int, prefix: str) -> dict[str, str]:
     rng = np.random.default_rng(seed)
     return {
-        f"{prefix}{i:06d}": "".join(rng.choice(list(AMINO_ACIDS), size=int(rng.integers(50, 300))))
-        for i in range(n)
+        f"{prefix}{i:06d}": "".join(rng.choice(list(AMINO_ACIDS), size=int(rng.integers(50, 300)))) for i in range(n)
     }
 
 
@@ -92,9 +91,7 @@ class Hammer:
         self.outcomes: list[Outcome] = []
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(threads)
-        ]
+        self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(threads)]
 
     def _run(self, worker: int) -> None:
         rng = np.random.default_rng(1000 + worker)
@@ -113,9 +110,7 @@ class Hammer:
     def wait_after(self, t0: float, n: int, timeout_s: float = 600.0) -> None:
         """Block until ``n`` requests sent at or after ``t0`` have been answered."""
         with self._lock:
-            if not self._lock.wait_for(
-                lambda: sum(o.sent_s >= t0 for o in self.outcomes) >= n, timeout=timeout_s
-            ):
+            if not self._lock.wait_for(lambda: sum(o.sent_s >= t0 for o in self.outcomes) >= n, timeout=timeout_s):
                 raise TimeoutError(f"fewer than {n} responses within {timeout_s} s")
 
     def start(self) -> None:
@@ -133,9 +128,7 @@ class Hammer:
             return [o for o in self.outcomes if t0 <= o.sent_s < t1]
 
 
-def summarise(
-    name: str, outcomes: list[Outcome], seconds: float, published: set[str]
-) -> dict[str, float]:
+def summarise(name: str, outcomes: list[Outcome], seconds: float, published: set[str]) -> dict[str, float]:
     ok = [o for o in outcomes if o.error is None and o.version in published]
     failed = [o for o in outcomes if o not in ok]
     lat_ms = np.array([o.latency_s * 1e3 for o in ok]) if ok else np.zeros(1)
@@ -165,21 +158,13 @@ def summarise(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--arch", default="esm2_t6_8M_UR50D", help="ESM-2 architecture (random weights)"
-    )
-    parser.add_argument(
-        "--sequences", type=int, default=2000, help="database sequences (50..300 residues)"
-    )
-    parser.add_argument(
-        "--changed", type=int, default=100, help="sequences changed per new version"
-    )
+    parser.add_argument("--arch", default="esm2_t6_8M_UR50D", help="ESM-2 architecture (random weights)")
+    parser.add_argument("--sequences", type=int, default=2000, help="database sequences (50..300 residues)")
+    parser.add_argument("--changed", type=int, default=100, help="sequences changed per new version")
     parser.add_argument("--threads", type=int, default=4, help="concurrent client threads")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--phase-s", type=float, default=10.0, help="seconds of the steady phase")
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="keep files here (default: a temp dir)"
-    )
+    parser.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
     args = parser.parse_args()
 
     import torch
@@ -187,7 +172,7 @@ def main() -> int:
     from esmsearch.checkpoints import write_random_checkpoint
     from esmsearch.embedding import Embedder
     from esmsearch.indexer import build_version
-    from esmsearch.server import create_server
+    from esmsearch.server import ServerConfig, create_server
     from esmsearch.versions import IndexRoot
 
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
@@ -201,9 +186,7 @@ def main() -> int:
         releases.append(next_release(releases[0], args.changed, seed=2))
         releases.append(next_release(releases[1], args.changed, seed=3))
         t0 = time.perf_counter()
-        v1 = build_version(
-            write_fasta(work / "r1.fasta", releases[0]), root, model=str(ckpt), embedder=embedder
-        )
+        v1 = build_version(write_fasta(work / "r1.fasta", releases[0]), root, model=str(ckpt), embedder=embedder)
         print(
             f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
             f"model {args.arch} (random weights); "
@@ -211,9 +194,7 @@ def main() -> int:
         )
         print(f"v1 built from scratch in {time.perf_counter() - t0:.1f} s: {v1.manifest.version}")
 
-        server, port = create_server(
-            root, "127.0.0.1:0", device="cpu", max_workers=8, reload_poll_s=None
-        )
+        server, port = create_server(ServerConfig(index=root, port=0, device="cpu", max_workers=8, reload_poll_s=None))
         from esmsearch.client import SearchClient
 
         admin = SearchClient(f"127.0.0.1:{port}", timeout_s=300.0)
@@ -268,7 +249,7 @@ def main() -> int:
         finally:
             hammer.stop()
             admin.close()
-            server.stop(grace=5.0).wait(30.0)
+            server.stop(5.0)
         for line in events:
             print(line)
         print(f"{args.threads} client threads, one query per request, k={args.k}")
@@ -276,10 +257,7 @@ def main() -> int:
         swapping = summarise("swapping", hammer.between(s1, s2), s2 - s1, published)
         print(
             "swapping/steady ratio: "
-            + ", ".join(
-                f"{key} {swapping[key] / steady[key]:.2f}x"
-                for key in ("rps", "p50", "p95", "p99", "max")
-            )
+            + ", ".join(f"{key} {swapping[key] / steady[key]:.2f}x" for key in ("rps", "p50", "p95", "p99", "max"))
         )
         # Requests sent after a reload returned must be answered by the version it swapped in.
         ends = [t for t, _ in swaps[1:]] + [float("inf")]

@@ -30,6 +30,11 @@ from esmsearch import __version__
 __all__ = ["main"]
 
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"
+# Server defaults, repeated here so that `esmsearch --help` does not import torch/grpc server code.
+DEFAULT_MAX_QUERIES_IN_FLIGHT = 1024
+DEFAULT_MAX_QUEUED_RESIDUES = 1_048_576
+DEFAULT_MAX_WORKERS = 64
+DEFAULT_GRACE_S = 10.0
 log = logging.getLogger("esmsearch")
 
 
@@ -166,8 +171,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from esmsearch.errors import ConfigError
-    from esmsearch.server import serve
-    from esmsearch.server.batcher import BatchingConfig
+    from esmsearch.server import AdmissionConfig, BatchingConfig, ServerConfig, serve
     from esmsearch.server.logs import use_log_format
     from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
 
@@ -179,25 +183,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     security = SecurityConfig(tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any)
-    batching = BatchingConfig(
-        enabled={"auto": None, "on": True, "off": False}[args.batching],
-        max_wait_ms=args.max_batch_wait_ms,
-        max_batch_toks=args.batch_toks,
-        queue_size=args.queue_size,
-        max_padding_ratio=args.batch_max_padding,
-    )
-    return serve(
-        args.index_dir,
+    config = ServerConfig(
+        index=args.index_dir,
         host=args.host,
         port=args.port,
         model=args.model,
         device=args.device,
+        max_workers=args.max_workers,
         toks_per_batch=args.toks_per_batch,
         reload_poll_s=args.reload_poll_s if args.reload_poll_s > 0 else None,
-        batching=batching,
+        batching=BatchingConfig(
+            enabled={"auto": None, "on": True, "off": False}[args.batching],
+            max_wait_ms=args.max_batch_wait_ms,
+            max_batch_toks=args.batch_toks,
+            max_padding_ratio=args.batch_max_padding,
+        ),
+        admission=AdmissionConfig(
+            max_queries_in_flight=args.max_queries_in_flight,
+            max_queued_residues=args.max_queued_residues,
+        ),
         security=security,
         metrics_port=args.metrics_port,
+        grace_s=args.grace_s,
     )
+    return serve(config)
 
 
 # -- search -------------------------------------------------------------------------------
@@ -338,11 +347,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="dynamic batching: token budget of one batch, residues + 2 per sequence (default 4096)",
     )
     s.add_argument(
-        "--queue-size",
+        "--max-queries-in-flight",
         type=int,
-        default=256,
+        default=DEFAULT_MAX_QUERIES_IN_FLIGHT,
         metavar="N",
-        help="most requests waiting for the model; more get RESOURCE_EXHAUSTED (default 256)",
+        help="admission: most query sequences queued or being embedded; beyond it requests get "
+        f"RESOURCE_EXHAUSTED with retry-after-ms (default {DEFAULT_MAX_QUERIES_IN_FLIGHT:,})",
+    )
+    s.add_argument(
+        "--max-queued-residues",
+        type=int,
+        default=DEFAULT_MAX_QUEUED_RESIDUES,
+        metavar="N",
+        help="admission: most residues of those sequences (default "
+        f"{DEFAULT_MAX_QUEUED_RESIDUES:,}); per-request limits are lowered to fit both",
+    )
+    s.add_argument(
+        "--max-workers",
+        type=int,
+        default=DEFAULT_MAX_WORKERS,
+        metavar="N",
+        help=f"gRPC worker threads, i.e. RPCs handled at once (default {DEFAULT_MAX_WORKERS})",
+    )
+    s.add_argument(
+        "--grace-s",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        metavar="S",
+        help=f"on SIGTERM/SIGINT, seconds in-flight requests get to finish (default {DEFAULT_GRACE_S:g})",
     )
     s.add_argument(
         "--batching",

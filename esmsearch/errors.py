@@ -1,40 +1,62 @@
-"""Exceptions raised by esmsearch's library code.
-
-The tree, in the manner of httpx's one-docstring map::
+"""Exceptions raised by esmsearch, all of them, in one tree (as httpx draws its own)::
 
     EsmsearchError                      base of everything esmsearch raises on purpose
-    ├── InvalidSequenceError            a FASTA record or query sequence is unusable
+    ├── InvalidSequenceError            a FASTA record or query sequence is unusable (ValueError)
     │   └── DuplicateRecordError        a record id occurs twice in one input
-    ├── FastaFormatError                the input is not FASTA at all
+    ├── FastaFormatError                the input is not FASTA at all (ValueError)
     ├── ModelLoadError                  a model name or checkpoint cannot be loaded
-    ├── IndexError_                     base of index-directory problems
-    │   ├── IndexNotFoundError          no index (manifest.json) at the given path
+    ├── IndexDirectoryError             base of index-directory problems
+    │   ├── IndexNotFoundError          no index (manifest.json) at the given path (FileNotFoundError)
     │   ├── IndexFormatError            manifest, checksums or files are inconsistent
     │   └── IndexMismatchError          model settings differ from the index's manifest
-    ├── InvalidIndexFactoryError        a FAISS factory string is rejected
-    └── ConfigError                     a setting is out of its valid range
+    ├── BuildLockedError                another build holds a versioned root's lock
+    ├── InvalidIndexFactoryError        a FAISS factory string is rejected (ValueError)
+    ├── ConfigError                     a setting is out of its valid range (ValueError)
+    ├── ServerRefusal                   the server will not run a (valid) request now
+    │   ├── ServerBusyError             admission full: RESOURCE_EXHAUSTED + retry-after-ms
+    │   ├── RequestTooLargeError        over a permanent limit: RESOURCE_EXHAUSTED, no retry-after
+    │   ├── RequestExpiredError         deadline passed / caller gone before embedding: DEADLINE_EXCEEDED
+    │   └── ServerClosingError          the server is draining: UNAVAILABLE
+    └── SearchError                     esmsearch.client.errors: a failed RPC, seen by a client
+        ├── InvalidArgumentError        INVALID_ARGUMENT, OUT_OF_RANGE
+        ├── ResourceExhaustedError      RESOURCE_EXHAUSTED (.retry_after_s: None = permanent)
+        ├── FailedPreconditionError     FAILED_PRECONDITION
+        ├── UnauthenticatedError        UNAUTHENTICATED
+        ├── PermissionDeniedError       PERMISSION_DENIED
+        ├── UnavailableError            UNAVAILABLE
+        ├── DeadlineExceededError       DEADLINE_EXCEEDED (also a TimeoutError)
+        ├── NotFoundError               NOT_FOUND
+        ├── UnimplementedError          UNIMPLEMENTED
+        ├── CancelledError              CANCELLED
+        └── InternalError               INTERNAL, UNKNOWN, DATA_LOSS (details carry an error id)
 
-Client-side errors (gRPC status mapped to classes) live in
-:mod:`esmsearch.client.errors` so the client imports without torch or faiss.
-
-Library code raises these, chained with ``raise ... from exc`` where a lower-layer
-error is the cause; it never logs and returns ``None``.
+The client-side classes live in :mod:`esmsearch.client.errors` (they need grpc for
+their status code, and the client imports without torch or faiss); everything else is
+defined here. Library code raises these, chained with ``raise ... from exc`` where a
+lower-layer error is the cause; it never logs and returns ``None``. The server maps
+each class to one gRPC status in one place (:mod:`esmsearch.server.rpc`).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BuildLockedError",
     "ConfigError",
     "DuplicateRecordError",
     "EsmsearchError",
     "FastaFormatError",
-    "IndexError_",
+    "IndexDirectoryError",
     "IndexFormatError",
     "IndexMismatchError",
     "IndexNotFoundError",
     "InvalidIndexFactoryError",
     "InvalidSequenceError",
     "ModelLoadError",
+    "RequestExpiredError",
+    "RequestTooLargeError",
+    "ServerBusyError",
+    "ServerClosingError",
+    "ServerRefusal",
 ]
 
 
@@ -81,20 +103,24 @@ class ModelLoadError(EsmsearchError):
     """A model name or checkpoint path cannot be loaded."""
 
 
-class IndexError_(EsmsearchError):  # noqa: N801 - avoid shadowing builtin IndexError
+class IndexDirectoryError(EsmsearchError):
     """Base class of index-directory problems."""
 
 
-class IndexNotFoundError(IndexError_, FileNotFoundError):
+class IndexNotFoundError(IndexDirectoryError, FileNotFoundError):
     """No index (manifest.json) exists at the given path."""
 
 
-class IndexFormatError(IndexError_):
+class IndexFormatError(IndexDirectoryError):
     """An index directory is inconsistent: bad manifest, checksum or row count."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(IndexDirectoryError):
     """The loaded model's settings differ from those recorded in an index manifest."""
+
+
+class BuildLockedError(EsmsearchError):
+    """Another build holds a versioned index root's lock file (two builds never overlap)."""
 
 
 class InvalidIndexFactoryError(EsmsearchError, ValueError):
@@ -103,3 +129,31 @@ class InvalidIndexFactoryError(EsmsearchError, ValueError):
 
 class ConfigError(EsmsearchError, ValueError):
     """A configuration value is outside its valid range."""
+
+
+class ServerRefusal(EsmsearchError):
+    """The server will not run a valid request now (admission, deadline or shutdown)."""
+
+
+class ServerBusyError(ServerRefusal):
+    """The admitted work is at its bounds; retrying after ``retry_after_s`` should find room.
+
+    Attributes:
+        retry_after_s: seconds the work ahead needs at the measured embedding rate.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLargeError(ServerRefusal):
+    """A request exceeds a permanent limit of the server; it must be split, never retried."""
+
+
+class RequestExpiredError(ServerRefusal):
+    """A request's caller went away (deadline passed or call cancelled) before it was embedded."""
+
+
+class ServerClosingError(ServerRefusal):
+    """The server is draining for shutdown and takes no more model work."""

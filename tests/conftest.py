@@ -60,13 +60,13 @@ def server(small_index: Path):  # type: ignore[no-untyped-def]
 
     Yields ``(address, index_path)``; stopped (drained) at session teardown.
     """
-    from esmsearch.server import create_server
+    from esmsearch.server import ServerConfig, create_server
 
-    srv, port = create_server(small_index, "127.0.0.1:0", device="cpu", max_workers=4)
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=4))
     try:
         yield f"127.0.0.1:{port}", small_index
     finally:
-        srv.stop(grace=1.0).wait(10.0)
+        srv.stop(1.0)
 
 
 @pytest.fixture()

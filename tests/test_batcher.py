@@ -21,16 +21,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from esmsearch.errors import ConfigError
+from esmsearch.errors import ConfigError, RequestExpiredError, ServerBusyError, ServerClosingError
 from esmsearch.sequences import read_fasta
-from esmsearch.server import SERVICE_NAME, create_server
-from esmsearch.server.batcher import (
-    BatcherClosedError,
-    BatchingConfig,
-    DynamicBatcher,
-    QueueFullError,
-    RequestExpiredError,
-)
+from esmsearch.server import SERVICE_NAME, ServerConfig, create_server
+from esmsearch.server.admission import Admission, AdmissionConfig
+from esmsearch.server.batcher import BatchingConfig, DynamicBatcher
 from esmsearch.server.engine import SearchEngine
 from esmsearch.store import Index
 from esmsearch.v1 import search_pb2, search_pb2_grpc
@@ -95,10 +90,13 @@ class Counter:
             assert self._cond.wait_for(lambda: self.depth >= depth, timeout=30)
 
 
-def _batcher(engine: SearchEngine, counter: Counter, **config: object) -> DynamicBatcher:
+def _batcher(
+    engine: SearchEngine, counter: Counter, admission: AdmissionConfig | None = None, **config: object
+) -> DynamicBatcher:
     return DynamicBatcher(
         engine,
-        BatchingConfig(**config),  # type: ignore[arg-type]
+        BatchingConfig(**{"enabled": True, **config}),  # type: ignore[arg-type]
+        admission=Admission(admission),
         on_batch=counter.on_batch,
         on_enqueue=counter.on_enqueue,
     )
@@ -109,10 +107,12 @@ def test_config_validates_itself() -> None:
         {"max_wait_ms": -1.0},
         {"max_wait_ms": float("nan")},
         {"max_batch_toks": 0},
-        {"queue_size": 0},
     ):
         with pytest.raises(ConfigError):
             BatchingConfig(**bad)  # type: ignore[arg-type]
+    for bad in ({"max_queries_in_flight": 0}, {"max_queued_residues": 0}, {"max_queries_in_flight": True}):
+        with pytest.raises(ConfigError):
+            AdmissionConfig(**bad)  # type: ignore[arg-type]
 
 
 def test_requests_queued_behind_a_forward_are_merged_into_one_batch(engine, db) -> None:  # type: ignore[no-untyped-def]
@@ -211,23 +211,24 @@ def test_expired_request_is_dropped_before_embedding(engine, db) -> None:  # typ
     assert all(db[5].sequence not in call for call in gate.calls)
 
 
-def test_full_queue_refuses_and_close_fails_queued_requests(engine, db) -> None:  # type: ignore[no-untyped-def]
+def test_full_admission_refuses_and_close_fails_queued_requests(engine, db) -> None:  # type: ignore[no-untyped-def]
     gate, counter = Gate(engine), Counter()
-    batcher = _batcher(engine, counter, queue_size=2)
+    batcher = _batcher(engine, counter, AdmissionConfig(max_queries_in_flight=3))
     first = batcher.submit_search([db[0].sequence], k=1)
     assert gate.entered.wait(30)
     queued = [batcher.submit_search([db[i].sequence], k=1) for i in (1, 2)]
-    with pytest.raises(QueueFullError, match="queue is full"):
+    with pytest.raises(ServerBusyError, match="server busy") as busy:
         batcher.submit_search([db[3].sequence], k=1)
+    assert busy.value.retry_after_s > 0
     closer = threading.Thread(target=batcher.close)
     closer.start()
     gate.release.set()
     closer.join(30)
     assert first.result(timeout=30).hits[0][0].target_id == db[0].record_id
     for f in queued:  # never run: the batcher stopped after the batch in progress
-        with pytest.raises(BatcherClosedError):
+        with pytest.raises(ServerClosingError):
             f.result(timeout=30)
-    with pytest.raises(BatcherClosedError):
+    with pytest.raises(ServerClosingError):
         batcher.submit_search([db[3].sequence], k=1)
 
 
@@ -237,10 +238,14 @@ def test_full_queue_refuses_and_close_fails_queued_requests(engine, db) -> None:
 @pytest.fixture()
 def gated_server(small_index: Path) -> Iterator[tuple[object, Gate, Counter, str]]:
     srv, port = create_server(
-        small_index,
-        device="cpu",
-        max_workers=8,
-        batching=BatchingConfig(enabled=True, max_wait_ms=0.0, queue_size=2),
+        ServerConfig(
+            index=small_index,
+            port=0,
+            device="cpu",
+            max_workers=8,
+            batching=BatchingConfig(enabled=True, max_wait_ms=0.0),
+            admission=AdmissionConfig(max_queries_in_flight=3),
+        )
     )
     gate, counter = Gate(srv.engine), Counter()
     assert srv.batcher is not None
@@ -249,7 +254,7 @@ def gated_server(small_index: Path) -> Iterator[tuple[object, Gate, Counter, str
         yield srv, gate, counter, f"127.0.0.1:{port}"
     finally:
         gate.release.set()
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 def _search(seq: str, qid: str = "q", k: int = 1) -> search_pb2.SearchRequest:
@@ -277,7 +282,8 @@ def test_grpc_queue_full_is_resource_exhausted_and_deadline_expiry_drops(gated_s
         with pytest.raises(grpc.RpcError) as info:
             stub.Search(_search(db[9].sequence), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue is full" in info.value.details()
+        assert "server busy" in info.value.details()
+        assert dict(info.value.trailing_metadata())["retry-after-ms"].isdigit()
         with pytest.raises(grpc.RpcError) as info:
             short.result(timeout=30)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -306,15 +312,15 @@ def test_sigterm_drains_requests_held_in_the_batcher(small_index: Path, db) -> N
     script = textwrap.dedent(
         f"""
         import sys
-        from esmsearch.server import BatchingConfig, engine, serve
+        from esmsearch.server import BatchingConfig, ServerConfig, engine, serve
         original = engine.SearchEngine.embed
         def gated(self, sequences):
             print("ENTERED", flush=True)
             sys.stdin.readline()
             return original(self, sequences)
         engine.SearchEngine.embed = gated
-        sys.exit(serve({str(small_index)!r}, port=0, device="cpu", grace_s=30.0,
-                       batching=BatchingConfig(enabled=True)))
+        sys.exit(serve(ServerConfig(index={str(small_index)!r}, port=0, device="cpu", grace_s=30.0,
+                                    batching=BatchingConfig(enabled=True))))
         """
     )
     proc = subprocess.Popen(
@@ -358,11 +364,11 @@ def test_a_call_without_deadline_is_answered_through_the_batcher(gated_server, d
 
 
 def test_batching_is_automatic_on_cuda_only(small_index: Path) -> None:
-    srv, _ = create_server(small_index, device="cpu", max_workers=2)  # default: auto
+    srv, _ = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))  # default: auto
     try:
-        assert srv.batcher is None and srv.servicer.batcher is None
+        assert srv.batcher is srv.servicer.batcher and not srv.batcher.merges
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 def test_padding_ratio_splits_a_batch_into_length_homogeneous_forwards(engine, db) -> None:  # type: ignore[no-untyped-def]

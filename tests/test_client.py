@@ -34,7 +34,7 @@ from esmsearch.client.errors import error_from_rpc
 from esmsearch.client.types import RequestLimits as ClientLimits
 from esmsearch.errors import InvalidSequenceError
 from esmsearch.sequences import read_fasta
-from esmsearch.server import RequestLimits, SearchServer, create_server
+from esmsearch.server import RequestLimits, SearchServer, ServerConfig, create_server
 from esmsearch.store import Manifest
 from esmsearch.v1 import search_pb2
 
@@ -44,9 +44,7 @@ def db(ecoli_fasta: Path) -> list:  # type: ignore[type-arg]
     return list(read_fasta(ecoli_fasta))
 
 
-def test_search_fasta_path_gives_self_hits_in_order_with_version(
-    client, ecoli_fasta, db, server
-) -> None:  # type: ignore[no-untyped-def]
+def test_search_fasta_path_gives_self_hits_in_order_with_version(client, ecoli_fasta, db, server) -> None:  # type: ignore[no-untyped-def]
     _, index_path = server
     version = Manifest.read(index_path).version
     results = client.search(ecoli_fasta, k=2)
@@ -80,9 +78,7 @@ def test_min_score_filters_hits(client, db) -> None:  # type: ignore[no-untyped-
     (all_hits,) = client.search([db[3].sequence], k=40)
     cut = all_hits.hits[9].cosine_score
     (kept,) = client.search([db[3].sequence], k=40, min_score=cut)
-    assert [h.target_id for h in kept.hits] == [
-        h.target_id for h in all_hits.hits if h.cosine_score >= cut
-    ]
+    assert [h.target_id for h in kept.hits] == [h.target_id for h in all_hits.hits if h.cosine_score >= cut]
     assert len(kept.hits) < len(all_hits.hits) == 40
 
 
@@ -131,15 +127,13 @@ def test_unreachable_server_is_unavailable() -> None:
 @pytest.fixture(scope="module")
 def own_server(small_index: Path) -> Iterator[tuple[SearchServer, SearchClient]]:
     """A server with small request limits, and a client of it."""
-    limits = RequestLimits(
-        max_queries_per_request=2, max_residues_per_query=200, max_residues_per_request=250
-    )
-    srv, port = create_server(small_index, device="cpu", limits=limits, max_workers=2)
+    limits = RequestLimits(max_queries_per_request=2, max_residues_per_query=200, max_residues_per_request=250)
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", limits=limits, max_workers=2))
     try:
         with SearchClient(f"127.0.0.1:{port}") as c:
             yield srv, c
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 def test_resource_exhausted_is_mapped(own_server) -> None:  # type: ignore[no-untyped-def]
@@ -164,18 +158,11 @@ def test_search_splits_requests_within_server_limits(own_server, db) -> None:  #
 
 
 def test_split_is_greedy_and_keeps_order() -> None:
-    queries = [
-        search_pb2.Query(query_id=str(i), sequence="M" * n)
-        for i, n in enumerate([5, 5, 9, 1, 1, 1, 20])
-    ]
-    limits = ClientLimits(
-        max_k=10, max_queries_per_request=3, max_residues_per_query=100, max_residues_per_request=10
-    )
+    queries = [search_pb2.Query(query_id=str(i), sequence="M" * n) for i, n in enumerate([5, 5, 9, 1, 1, 1, 20])]
+    limits = ClientLimits(max_k=10, max_queries_per_request=3, max_residues_per_query=100, max_residues_per_request=10)
     chunks = _split(queries, limits)
     assert [[q.query_id for q in c] for c in chunks] == [["0", "1"], ["2", "3"], ["4", "5"], ["6"]]
-    unlimited = ClientLimits(
-        max_k=0, max_queries_per_request=0, max_residues_per_query=0, max_residues_per_request=0
-    )
+    unlimited = ClientLimits(max_k=0, max_queries_per_request=0, max_residues_per_query=0, max_residues_per_request=0)
     assert [len(c) for c in _split(queries, unlimited)] == [7]
 
 
@@ -260,9 +247,7 @@ def test_write_tsv_one_hit_per_line_with_header() -> None:
     out = io.StringIO()
     write_tsv(RESULTS, out)
     lines = out.getvalue().splitlines()
-    assert lines[0] == (
-        "query_id\ttarget_id\tcosine_score\trank\tquery_length\ttarget_length\ttarget_description"
-    )
+    assert lines[0] == ("query_id\ttarget_id\tcosine_score\trank\tquery_length\ttarget_length\ttarget_description")
     assert lines[0].split("\t") == list(TSV_COLUMNS)
     assert lines[1:] == [
         "q1\tt1\t0.987654\t1\t120\t100\tfirst target",

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from esmsearch.server import BatchingConfig, RequestLimits, create_server
+from esmsearch.server import BatchingConfig, RequestLimits, ServerConfig, create_server
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 LIMITS = RequestLimits(max_k=50, max_queries_per_request=5, max_residues_per_query=300, max_residues_per_request=600)
@@ -39,14 +39,16 @@ OK, INVALID, EXHAUSTED = (
 @pytest.fixture(scope="module")
 def fuzz_server(small_index: Path) -> Iterator[tuple[search_pb2_grpc.HomologSearchStub, int]]:
     srv, port = create_server(
-        small_index, device="cpu", limits=LIMITS, max_workers=4, batching=BatchingConfig(enabled=True)
+        ServerConfig(
+            index=small_index, port=0, device="cpu", limits=LIMITS, max_workers=4, batching=BatchingConfig(enabled=True)
+        )
     )
     try:
         assert srv.engine.index.manifest.dim == DIM
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             yield search_pb2_grpc.HomologSearchStub(ch), DIM
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 sequences = st.one_of(

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esmsearch.server import create_server
+from esmsearch.server import ServerConfig, create_server
 from esmsearch.server.batcher import BatchingConfig
 from esmsearch.server.logs import JsonLinesFormatter, use_log_format
 from esmsearch.v1 import search_pb2, search_pb2_grpc
@@ -23,13 +23,20 @@ Q = search_pb2.Query
 @pytest.fixture(scope="module")
 def metrics_server(small_index: Path) -> Iterator[tuple[str, int]]:
     srv, port = create_server(
-        small_index, device="cpu", metrics_port=0, max_workers=4, batching=BatchingConfig(enabled=True)
+        ServerConfig(
+            index=small_index,
+            port=0,
+            device="cpu",
+            metrics_port=0,
+            max_workers=4,
+            batching=BatchingConfig(enabled=True),
+        )
     )
     assert srv.metrics_port is not None
     try:
         yield f"127.0.0.1:{port}", srv.metrics_port
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -73,11 +80,11 @@ def test_metrics_endpoint_counts_requests_errors_batches_and_stages(metrics_serv
 
 
 def test_metrics_http_is_off_by_default(small_index: Path) -> None:
-    srv, _ = create_server(small_index, device="cpu", max_workers=2)
+    srv, _ = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))
     try:
         assert srv.metrics_port is None
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 def test_json_lines_formatter_carries_the_request_fields(metrics_server, caplog) -> None:  # type: ignore[no-untyped-def]

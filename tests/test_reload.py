@@ -28,8 +28,8 @@ import pytest
 
 from esmsearch.client import FailedPreconditionError, SearchClient
 from esmsearch.indexer import build_version
-from esmsearch.server import create_server
-from esmsearch.server.reload import IndexSlot
+from esmsearch.server import ServerConfig, create_server
+from esmsearch.server.slot import IndexSlot
 from esmsearch.store import Index
 from esmsearch.versions import IndexRoot
 
@@ -40,8 +40,7 @@ def random_records(n: int, seed: int, prefix: str = "seq") -> dict[str, str]:
     """``n`` seeded random proteins of 30..90 residues: record id -> sequence."""
     rng = np.random.default_rng(seed)
     return {
-        f"{prefix}{i:04d}": "".join(rng.choice(list(AMINO_ACIDS), size=int(rng.integers(30, 91))))
-        for i in range(n)
+        f"{prefix}{i:04d}": "".join(rng.choice(list(AMINO_ACIDS), size=int(rng.integers(30, 91)))) for i in range(n)
     }
 
 
@@ -50,9 +49,7 @@ def write_fasta(path: Path, records: dict[str, str]) -> Path:
     return path
 
 
-def wait_for(
-    condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition"
-) -> None:
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
     """Poll ``condition`` until true; fail after ``timeout_s`` seconds."""
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -74,29 +71,23 @@ class Root:
 def root(tmp_path: Path, tiny_checkpoint: Path, tiny_embedder) -> Root:  # type: ignore[no-untyped-def]
     records = random_records(60, seed=21)
     fasta = write_fasta(tmp_path / "db_v1.fasta", records)
-    result = build_version(
-        fasta, tmp_path / "root", model=str(tiny_checkpoint), embedder=tiny_embedder
-    )
+    result = build_version(fasta, tmp_path / "root", model=str(tiny_checkpoint), embedder=tiny_embedder)
     return Root(tmp_path / "root", records, result.manifest.version, tmp_path, str(tiny_checkpoint))
 
 
 def publish(root: Root, records: dict[str, str], name: str, tiny_embedder) -> str:  # type: ignore[no-untyped-def]
     fasta = write_fasta(root.tmp / f"{name}.fasta", records)
-    return build_version(
-        fasta, root.path, model=root.model, embedder=tiny_embedder
-    ).manifest.version
+    return build_version(fasta, root.path, model=root.model, embedder=tiny_embedder).manifest.version
 
 
 @pytest.fixture()
 def root_server(root: Root) -> Iterator[tuple[SearchClient, object]]:
-    server, port = create_server(
-        root.path, "127.0.0.1:0", device="cpu", max_workers=8, reload_poll_s=None
-    )
+    server, port = create_server(ServerConfig(index=root.path, port=0, device="cpu", max_workers=8, reload_poll_s=None))
     try:
         with SearchClient(f"127.0.0.1:{port}", timeout_s=60.0) as client:
             yield client, server
     finally:
-        server.stop(grace=1.0).wait(10.0)
+        server.stop(1.0)
 
 
 def test_swapped_out_index_is_closed_only_after_its_last_lease(small_index: Path) -> None:
@@ -153,7 +144,7 @@ def test_reload_rpc_swaps_in_the_new_current_and_follows_a_rollback(
 
 
 def test_polling_picks_up_a_new_version(root: Root, tiny_embedder) -> None:  # type: ignore[no-untyped-def]
-    server, port = create_server(root.path, "127.0.0.1:0", device="cpu", reload_poll_s=0.05)
+    server, port = create_server(ServerConfig(index=root.path, port=0, device="cpu", reload_poll_s=0.05))
     try:
         with SearchClient(f"127.0.0.1:{port}", timeout_s=60.0) as client:
             assert client.index_info().index_version == root.v1
@@ -162,7 +153,7 @@ def test_polling_picks_up_a_new_version(root: Root, tiny_embedder) -> None:  # t
             assert client.index_info().count == 50
             assert client.search({"q": root.records["seq0001"]}, k=1)[0].index_version == v2
     finally:
-        server.stop(grace=1.0).wait(10.0)
+        server.stop(1.0)
 
 
 def test_version_built_with_another_model_is_refused_and_old_one_keeps_serving(

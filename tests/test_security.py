@@ -27,7 +27,7 @@ from esmsearch.client.aio import AsyncSearchClient
 from esmsearch.client.channel import ClientCredentials
 from esmsearch.client.retry import NO_RETRY
 from esmsearch.errors import ConfigError
-from esmsearch.server import create_server
+from esmsearch.server import ServerConfig, create_server
 from esmsearch.server.security import (
     SecurityConfig,
     TlsConfig,
@@ -82,9 +82,7 @@ def _cert(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write(
-    path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None
-) -> None:
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
         path.with_suffix(".key").write_bytes(
@@ -132,30 +130,28 @@ def mtls_token_server(small_index: Path, pki: Pki) -> Iterator[int]:
         tls=TlsConfig(pki.server_cert, pki.server_key, client_ca_file=pki.ca),
         tokens=frozenset({TOKEN}),
     )
-    srv, port = create_server(
-        small_index, "127.0.0.1:0", device="cpu", security=security, max_workers=4
-    )
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", security=security, max_workers=4))
     try:
         yield port
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 @pytest.fixture(scope="module")
 def token_server(small_index: Path) -> Iterator[int]:
     """Plaintext loopback with a token."""
     srv, port = create_server(
-        small_index, device="cpu", security=SecurityConfig(tokens=frozenset({TOKEN})), max_workers=4
+        ServerConfig(
+            index=small_index, port=0, device="cpu", security=SecurityConfig(tokens=frozenset({TOKEN})), max_workers=4
+        )
     )
     try:
         yield port
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
-def _creds(
-    pki: Pki, *, client: bool = True, token: str | None = TOKEN, rogue: bool = False
-) -> ClientCredentials:
+def _creds(pki: Pki, *, client: bool = True, token: str | None = TOKEN, rogue: bool = False) -> ClientCredentials:
     cert, key = (pki.rogue_cert, pki.rogue_key) if rogue else (pki.client_cert, pki.client_key)
     return ClientCredentials(
         root_cert_file=pki.ca,
@@ -184,18 +180,14 @@ def test_mtls_with_token_is_accepted(mtls_token_server: int, pki: Pki) -> None:
         "untrusted server",
     ],
 )
-def test_tls_handshake_failures_are_unavailable(
-    mtls_token_server: int, pki: Pki, kind: str
-) -> None:
+def test_tls_handshake_failures_are_unavailable(mtls_token_server: int, pki: Pki, kind: str) -> None:
     address = f"localhost:{mtls_token_server}"
     if kind == "plaintext":
         creds = ClientCredentials(token=TOKEN)
     elif kind == "untrusted server":
         creds = ClientCredentials(root_cert_file=pki.other_ca, token=TOKEN)
     else:
-        creds = _creds(
-            pki, client=kind != "no client certificate", rogue=kind != "no client certificate"
-        )
+        creds = _creds(pki, client=kind != "no client certificate", rogue=kind != "no client certificate")
     with SearchClient(address, credentials=creds, retry=NO_RETRY, timeout_s=10) as c:
         with pytest.raises(UnavailableError):
             c.index_info()
@@ -239,9 +231,7 @@ def test_missing_or_wrong_token_is_unauthenticated(token_server: int, metadata) 
 def test_valid_token_is_accepted_and_health_needs_none(token_server: int) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{token_server}") as ch:
         stub = search_pb2_grpc.HomologSearchStub(ch)
-        response = stub.Search(
-            _request(), timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),)
-        )
+        response = stub.Search(_request(), timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
         assert len(response.results[0].hits) == 2
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -294,7 +284,7 @@ def test_loopback_detection(host: str, loopback: bool) -> None:
 
 def test_non_loopback_bind_without_credentials_is_refused(small_index: Path, pki: Pki) -> None:
     with pytest.raises(ConfigError, match="--insecure-bind-any"):
-        create_server(small_index, "0.0.0.0:0", device="cpu")
+        create_server(ServerConfig(index=small_index, host="0.0.0.0", port=0, device="cpu"))
     check_bind_host("0.0.0.0", SecurityConfig(insecure_bind_any=True))
     check_bind_host("0.0.0.0", SecurityConfig(tokens=frozenset({TOKEN})))
     check_bind_host("0.0.0.0", SecurityConfig(tls=TlsConfig(pki.server_cert, pki.server_key)))
@@ -308,10 +298,7 @@ def test_non_loopback_bind_without_credentials_is_refused(small_index: Path, pki
 def test_cli_serve_refuses_an_open_bind_and_half_tls(small_index: Path, pki: Pki, capsys) -> None:  # type: ignore[no-untyped-def]
     from esmsearch.cli import main
 
-    assert (
-        main(["serve", str(small_index), "--host", "0.0.0.0", "--port", "0", "--device", "cpu"])
-        == 1
-    )
+    assert main(["serve", str(small_index), "--host", "0.0.0.0", "--port", "0", "--device", "cpu"]) == 1
     assert "--insecure-bind-any" in capsys.readouterr().err
     assert main(["serve", str(small_index), "--tls-cert", str(pki.server_cert), "--port", "0"]) == 1
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err

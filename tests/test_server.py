@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from esmsearch.errors import IndexMismatchError
 from esmsearch.sequences import read_fasta
-from esmsearch.server import MAX_K, SERVICE_NAME, RequestLimits, create_server
+from esmsearch.server import MAX_K, SERVICE_NAME, RequestLimits, ServerConfig, create_server
 from esmsearch.store import Manifest
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -41,9 +41,7 @@ def db(ecoli_fasta: Path) -> list:  # type: ignore[type-arg]
     return list(read_fasta(ecoli_fasta))
 
 
-def _error(
-    stub: search_pb2_grpc.HomologSearchStub, request: search_pb2.SearchRequest
-) -> grpc.RpcError:
+def _error(stub: search_pb2_grpc.HomologSearchStub, request: search_pb2.SearchRequest) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         stub.Search(request, timeout=30)
     return info.value
@@ -54,9 +52,7 @@ def _error(
 
 def test_every_database_sequence_finds_itself_at_rank_1(stub, db, server) -> None:  # type: ignore[no-untyped-def]
     _, index_path = server
-    request = search_pb2.SearchRequest(
-        queries=[Q(query_id=r.record_id, sequence=r.sequence) for r in db], k=3
-    )
+    request = search_pb2.SearchRequest(queries=[Q(query_id=r.record_id, sequence=r.sequence) for r in db], k=3)
     response = stub.Search(request, timeout=60)
     assert response.index_version == Manifest.read(index_path).version
     assert [r.query_id for r in response.results] == [r.record_id for r in db]
@@ -76,9 +72,7 @@ def test_every_database_sequence_finds_itself_at_rank_1(stub, db, server) -> Non
 def test_results_follow_query_order_and_lowercase_stop_is_accepted(stub, db) -> None:  # type: ignore[no-untyped-def]
     picked = [db[7], db[0], db[3]]
     request = search_pb2.SearchRequest(
-        queries=[
-            Q(query_id=f"q{i}", sequence=r.sequence.lower() + "*") for i, r in enumerate(picked)
-        ],
+        queries=[Q(query_id=f"q{i}", sequence=r.sequence.lower() + "*") for i, r in enumerate(picked)],
         k=1,
     )
     response = stub.Search(request, timeout=30)
@@ -99,9 +93,7 @@ def test_min_score_drops_hits_below_it(stub, db) -> None:  # type: ignore[no-unt
     query = Q(query_id="a", sequence=db[5].sequence)
     (everything,) = stub.Search(search_pb2.SearchRequest(queries=[query], k=40), timeout=30).results
     threshold = everything.hits[4].cosine_score  # 5th best score
-    (kept,) = stub.Search(
-        search_pb2.SearchRequest(queries=[query], k=40, min_score=threshold), timeout=30
-    ).results
+    (kept,) = stub.Search(search_pb2.SearchRequest(queries=[query], k=40, min_score=threshold), timeout=30).results
     expected = [h.target_id for h in everything.hits if h.cosine_score >= threshold]
     assert [h.target_id for h in kept.hits] == expected
     assert 5 <= len(kept.hits) < 40
@@ -164,9 +156,7 @@ def test_invalid_requests_are_rejected_with_a_reason(stub, queries, k, expected)
 
 @pytest.mark.parametrize("min_score", [1.5, -1.01, float("nan")])
 def test_min_score_outside_cosine_range_is_invalid(stub, min_score: float) -> None:  # type: ignore[no-untyped-def]
-    request = search_pb2.SearchRequest(
-        queries=[Q(query_id="a", sequence="MKV")], k=1, min_score=min_score
-    )
+    request = search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=1, min_score=min_score)
     err = _error(stub, request)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "min_score" in err.details()
@@ -193,15 +183,13 @@ def test_each_request_logs_one_line_with_code_and_timings(stub, caplog) -> None:
 
 @pytest.fixture(scope="module")
 def limited_stub(small_index: Path) -> Iterator[search_pb2_grpc.HomologSearchStub]:
-    limits = RequestLimits(
-        max_k=5, max_queries_per_request=3, max_residues_per_query=20, max_residues_per_request=30
-    )
-    srv, port = create_server(small_index, device="cpu", limits=limits, max_workers=2)
+    limits = RequestLimits(max_k=5, max_queries_per_request=3, max_residues_per_query=20, max_residues_per_request=30)
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", limits=limits, max_workers=2))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             yield search_pb2_grpc.HomologSearchStub(ch)
     finally:
-        srv.stop(0).wait(10)
+        srv.stop(0)
 
 
 @pytest.mark.parametrize(
@@ -228,9 +216,7 @@ def test_limits_are_inclusive_and_max_k_is_configurable(limited_stub) -> None:  
     )
     response = limited_stub.Search(at_limit, timeout=30)
     assert [len(r.hits) for r in response.results] == [5, 5]
-    err = _error(
-        limited_stub, search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=6)
-    )
+    err = _error(limited_stub, search_pb2.SearchRequest(queries=[Q(query_id="a", sequence="MKV")], k=6))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "[1, 5]" in err.details()
 
@@ -243,9 +229,7 @@ def test_request_limits_validate_themselves() -> None:
 # -- FAILED_PRECONDITION at startup ------------------------------------------------------
 
 
-def test_server_refuses_a_model_that_does_not_match_the_index(
-    small_index: Path, tmp_path: Path
-) -> None:
+def test_server_refuses_a_model_that_does_not_match_the_index(small_index: Path, tmp_path: Path) -> None:
     from esmsearch.checkpoints import write_random_checkpoint
 
     other = write_random_checkpoint(
@@ -258,7 +242,7 @@ def test_server_refuses_a_model_that_does_not_match_the_index(
         name="esm2_other",
     )
     with pytest.raises(IndexMismatchError, match="checkpoint_sha256"):
-        create_server(small_index, device="cpu", model=str(other))
+        create_server(ServerConfig(index=small_index, port=0, device="cpu", model=str(other)))
 
 
 # -- health, reflection, draining --------------------------------------------------------
@@ -283,17 +267,16 @@ def test_reflection_lists_the_services(channel) -> None:  # type: ignore[no-unty
 
 
 def test_health_turns_not_serving_when_stop_begins(small_index: Path) -> None:
-    srv, port = create_server(small_index, device="cpu", max_workers=2)
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        watch = health_pb2_grpc.HealthStub(ch).Watch(
-            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
-        )
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        stopped = srv.stop(grace=5.0)
+        srv.begin_stop(5.0)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
-    assert stopped.wait(15)
-    assert srv.stop(grace=5.0) is stopped  # idempotent
+    srv.stop(5.0)
+    assert srv.stopped
+    srv.stop(5.0)  # idempotent: returns at once
 
 
 def test_serve_prints_its_address_and_exits_0_on_sigterm(small_index: Path) -> None:
@@ -301,7 +284,8 @@ def test_serve_prints_its_address_and_exits_0_on_sigterm(small_index: Path) -> N
         f"""
         import sys
         from esmsearch.server import serve
-        sys.exit(serve({str(small_index)!r}, port=0, device="cpu", grace_s=2.0))
+        from esmsearch.server import ServerConfig
+        sys.exit(serve(ServerConfig(index={str(small_index)!r}, port=0, device="cpu", grace_s=2.0)))
         """
     )
     proc = subprocess.Popen(
@@ -314,14 +298,10 @@ def test_serve_prints_its_address_and_exits_0_on_sigterm(small_index: Path) -> N
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith(
-            f"serving {small_index} (40 sequences, model esm2_tiny_test, version "
-        ), line
+        assert line.startswith(f"serving {small_index} (40 sequences, model esm2_tiny_test, version "), line
         address = line.rsplit(" on ", 1)[1].strip()
         with grpc.insecure_channel(address) as ch:
-            info = search_pb2_grpc.HomologSearchStub(ch).GetIndexInfo(
-                search_pb2.GetIndexInfoRequest(), timeout=30
-            )
+            info = search_pb2_grpc.HomologSearchStub(ch).GetIndexInfo(search_pb2.GetIndexInfoRequest(), timeout=30)
         assert info.count == 40
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -341,9 +321,7 @@ def test_embed_returns_the_index_vectors_of_database_sequences(stub, db, server)
 
     _, index_path = server
     picked = [0, 5, 39]
-    request = search_pb2.EmbedRequest(
-        queries=[Q(query_id=db[i].record_id, sequence=db[i].sequence) for i in picked]
-    )
+    request = search_pb2.EmbedRequest(queries=[Q(query_id=db[i].record_id, sequence=db[i].sequence) for i in picked])
     response = stub.Embed(request, timeout=30)
     assert [e.query_id for e in response.embeddings] == [db[i].record_id for i in picked]
     assert response.dim == 32 and response.layer == 2
@@ -385,9 +363,7 @@ def test_search_by_embedding_matches_search_and_normalises(stub, db, server) -> 
     for v, s in zip(by_vector.results, by_sequence.results, strict=True):
         assert v.query_length == 0
         assert [h.target_id for h in v.hits] == [h.target_id for h in s.hits]
-        assert [h.cosine_score for h in v.hits] == pytest.approx(
-            [h.cosine_score for h in s.hits], abs=1e-4
-        )
+        assert [h.cosine_score for h in v.hits] == pytest.approx([h.cosine_score for h in s.hits], abs=1e-4)
     assert by_vector.results[1].hits[0].cosine_score <= 1.0001
 
 
@@ -400,9 +376,7 @@ def test_search_by_embedding_matches_search_and_normalises(stub, db, server) -> 
     ],
 )
 def test_search_by_embedding_rejects_bad_vectors(stub, values, expected) -> None:  # type: ignore[no-untyped-def]
-    request = search_pb2.SearchByEmbeddingRequest(
-        embeddings=[search_pb2.Embedding(query_id="v", values=values)], k=1
-    )
+    request = search_pb2.SearchByEmbeddingRequest(embeddings=[search_pb2.Embedding(query_id="v", values=values)], k=1)
     with pytest.raises(grpc.RpcError) as info:
         stub.SearchByEmbedding(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -432,7 +406,7 @@ def test_search_stream_answers_in_order_and_stops_at_first_bad_request(stub, db)
 def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(small_index: Path, db) -> None:  # type: ignore[no-untyped-def]
     import threading
 
-    srv, port = create_server(small_index, device="cpu", max_workers=2)
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))
     entered, release = threading.Event(), threading.Event()
     original = srv.engine.embed
 
@@ -447,7 +421,7 @@ def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(small_index: P
         request = search_pb2.SearchRequest(queries=[Q(query_id="a", sequence=db[0].sequence)], k=1)
         future = search_pb2_grpc.HomologSearchStub(ch).Search.future(request, timeout=60)
         assert entered.wait(30)  # the request is inside the engine
-        stopped = srv.stop(grace=30.0)
+        srv.begin_stop(30.0)
         with grpc.insecure_channel(address) as late:
             with pytest.raises(grpc.RpcError) as info:
                 search_pb2_grpc.HomologSearchStub(late).Search(request, timeout=10)
@@ -455,4 +429,5 @@ def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(small_index: P
         release.set()
         response = future.result(timeout=30)
     assert response.results[0].hits[0].target_id == db[0].record_id
-    assert stopped.wait(30)
+    srv.stop()
+    assert srv.stopped

@@ -21,7 +21,7 @@ import numpy as np
 
 from esmsearch.client.channel import ClientCredentials
 from esmsearch.client.client import DEFAULT_ADDRESS, Queries, _split, search_by_embedding_request
-from esmsearch.client.errors import UnavailableError, error_from_rpc
+from esmsearch.client.errors import UnavailableError, map_rpc_errors
 from esmsearch.client.retry import RetryPolicy, call_with_retry_async
 from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, RequestLimits
 from esmsearch.sequences import records_from
@@ -114,17 +114,13 @@ class AsyncSearchClient:
             raise ValueError("AsyncSearchClient is closed")
         return self.timeout_s if timeout_s is _DEFAULT else timeout_s
 
-    async def _unary(
-        self, method: Callable[..., Awaitable[Any]], request: Any, deadline: float | None
-    ) -> Any:
-        try:
+    async def _unary(self, method: Callable[..., Awaitable[Any]], request: Any, deadline: float | None) -> Any:
+        with map_rpc_errors():
             return await call_with_retry_async(
                 lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
                 self.retry,
                 deadline,
             )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
 
     async def search(
         self,
@@ -153,9 +149,7 @@ class AsyncSearchClient:
             if min_score is not None:
                 request.min_score = min_score
             response = await self._unary(self.stub.Search, request, deadline)
-            results.extend(
-                QueryResult.from_proto(r, response.index_version) for r in response.results
-            )
+            results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
         return results
 
     async def search_by_embedding(
@@ -202,26 +196,23 @@ class AsyncSearchClient:
             raise ValueError("min_score must be a number in [-1, 1], got NaN")
         call = self.stub.SearchStream(timeout=deadline, metadata=self._metadata)
         try:
-            for batch in batches:
-                records = records_from(batch)  # raises before sending a bad batch
-                request = search_pb2.SearchRequest(
-                    queries=[
-                        search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records
-                    ],
-                    k=k,
-                )
-                if min_score is not None:
-                    request.min_score = min_score
-                await call.write(request)
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    await _raise_status(call)
-                    return
-                yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
-            await call.done_writing()
-            await _raise_status(call)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+            with map_rpc_errors():
+                for batch in batches:
+                    records = records_from(batch)  # raises before sending a bad batch
+                    request = search_pb2.SearchRequest(
+                        queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records],
+                        k=k,
+                    )
+                    if min_score is not None:
+                        request.min_score = min_score
+                    await call.write(request)
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        await _raise_status(call)
+                        return
+                    yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
+                await call.done_writing()
+                await _raise_status(call)
         finally:
             if not call.done():
                 call.cancel()

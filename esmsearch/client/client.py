@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from esmsearch.client.channel import ClientCredentials
-from esmsearch.client.errors import error_from_rpc
+from esmsearch.client.errors import map_rpc_errors
 from esmsearch.client.retry import RetryPolicy, call_with_retry
 from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, ReloadResult, RequestLimits
 from esmsearch.sequences import records_from
@@ -57,10 +57,12 @@ class SearchClient:
         channel: an existing channel to use instead of opening one (the client then
             still closes it in :meth:`close`).
         credentials: TLS / mutual TLS / bearer token (default: plaintext, no token).
-        retry: retry policy for UNAVAILABLE (default :class:`RetryPolicy`: 4 attempts,
-            exponential backoff with full jitter). Every wrapped RPC except
-            ``reload_index`` is read-only, hence idempotent and safe to retry; pass
-            ``esmsearch.client.retry.NO_RETRY`` to disable.
+        retry: retry policy (default :class:`RetryPolicy`: 4 attempts): UNAVAILABLE
+            with exponential backoff and full jitter, and RESOURCE_EXHAUSTED after the
+            server's ``retry-after-ms`` hint (a busy server), always within the call's
+            deadline. Every wrapped unary RPC except ``reload_index`` is read-only,
+            hence idempotent and safe to retry; pass ``esmsearch.client.retry.NO_RETRY``
+            to disable.
 
     Attributes:
         address: the server address.
@@ -126,12 +128,17 @@ class SearchClient:
     # -- RPCs ------------------------------------------------------------------------
 
     def _unary(self, method: Callable[..., Any], request: Any, deadline: float | None) -> Any:
-        """One read-only unary RPC with the token and UNAVAILABLE retries (raw grpc errors)."""
-        return call_with_retry(
-            lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
-            self.retry,
-            deadline,
-        )
+        """One read-only unary RPC with the token and retries (:mod:`esmsearch.client.retry`).
+
+        Raises:
+            SearchError: (a subclass of) the last attempt's failure.
+        """
+        with map_rpc_errors():
+            return call_with_retry(
+                lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
+                self.retry,
+                deadline,
+            )
 
     def search_stream(
         self,
@@ -182,10 +189,7 @@ class SearchClient:
                     failure.append(exc)
                     return
                 request = search_pb2.SearchRequest(
-                    queries=[
-                        search_pb2.Query(query_id=r.record_id, sequence=r.sequence)
-                        for r in records
-                    ],
+                    queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records],
                     k=k,
                 )
                 if min_score is not None:
@@ -194,12 +198,14 @@ class SearchClient:
 
         responses = self.stub.SearchStream(requests(), timeout=deadline, metadata=self._metadata)
         try:
-            for response in responses:
-                yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
-        except grpc.RpcError as exc:
-            if failure:
-                raise failure[0] from None
-            raise error_from_rpc(exc) from exc
+            with map_rpc_errors():
+                try:
+                    for response in responses:
+                        yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
+                except grpc.RpcError:
+                    if failure:
+                        raise failure[0] from None
+                    raise
         finally:
             responses.cancel()
         if failure:
@@ -265,13 +271,8 @@ class SearchClient:
             request = search_pb2.SearchRequest(queries=chunk, k=k)
             if min_score is not None:
                 request.min_score = min_score
-            try:
-                response = self._unary(self.stub.Search, request, deadline)
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc) from exc
-            results.extend(
-                QueryResult.from_proto(r, response.index_version) for r in response.results
-            )
+            response = self._unary(self.stub.Search, request, deadline)
+            results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
         return results
 
     def _limits(self, deadline: float | None) -> RequestLimits:
@@ -312,15 +313,10 @@ class SearchClient:
         """
         deadline = self._timeout(timeout_s)
         request = search_by_embedding_request(vectors, query_ids, k, min_score)
-        try:
-            response = self._unary(self.stub.SearchByEmbedding, request, deadline)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        response = self._unary(self.stub.SearchByEmbedding, request, deadline)
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
 
-    def embed(
-        self, queries: Queries, *, timeout_s: float | None | _Default = _DEFAULT
-    ) -> Embeddings:
+    def embed(self, queries: Queries, *, timeout_s: float | None | _Default = _DEFAULT) -> Embeddings:
         """Embed query sequences with the served index's model (one ``Embed`` RPC).
 
         Args:
@@ -342,10 +338,7 @@ class SearchClient:
         request = search_pb2.EmbedRequest(
             queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
         )
-        try:
-            response = self._unary(self.stub.Embed, request, deadline)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        response = self._unary(self.stub.Embed, request, deadline)
         return Embeddings.from_proto(response)
 
     def index_info(self, *, timeout_s: float | None | _Default = _DEFAULT) -> IndexInfo:
@@ -356,10 +349,7 @@ class SearchClient:
             ValueError: the client is closed.
         """
         deadline = self._timeout(timeout_s)
-        try:
-            msg = self._unary(self.stub.GetIndexInfo, search_pb2.GetIndexInfoRequest(), deadline)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        msg = self._unary(self.stub.GetIndexInfo, search_pb2.GetIndexInfoRequest(), deadline)
         return IndexInfo.from_proto(msg)
 
     def reload_index(self, *, timeout_s: float | None | _Default = _DEFAULT) -> ReloadResult:
@@ -382,12 +372,8 @@ class SearchClient:
             ValueError: the client is closed.
         """
         deadline = self._timeout(timeout_s)
-        try:
-            msg = self.stub.ReloadIndex(
-                search_pb2.ReloadIndexRequest(), timeout=deadline, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        with map_rpc_errors():  # never retried: an admin action
+            msg = self.stub.ReloadIndex(search_pb2.ReloadIndexRequest(), timeout=deadline, metadata=self._metadata)
         return ReloadResult.from_proto(msg)
 
     def wait_until_ready(self, timeout_s: float = 30.0) -> None:
@@ -445,19 +431,14 @@ def search_by_embedding_request(
         array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
     else:
         array = np.asarray(vectors, dtype=np.float32)
-        ids = (
-            list(query_ids)
-            if query_ids is not None
-            else [f"query_{i + 1}" for i in range(len(array))]
-        )
+        ids = list(query_ids) if query_ids is not None else [f"query_{i + 1}" for i in range(len(array))]
     if array.ndim != 2:
         raise ValueError(f"vectors must be 2-D [n_queries, dim], got shape {array.shape}")
     if len(ids) != array.shape[0]:
         raise ValueError(f"{len(ids)} query_ids for {array.shape[0]} vectors")
     request = search_pb2.SearchByEmbeddingRequest(
         embeddings=[
-            search_pb2.Embedding(query_id=qid, values=row.tolist())
-            for qid, row in zip(ids, array, strict=True)
+            search_pb2.Embedding(query_id=qid, values=row.tolist()) for qid, row in zip(ids, array, strict=True)
         ],
         k=k,
     )

@@ -2,12 +2,15 @@
 
 Every failed RPC is mapped from its gRPC status code to one class, keeping the
 code and the server's details, and chained to the original ``grpc.RpcError``
-(``raise ... from exc``)::
+(``raise ... from exc``) -- in one place, :func:`map_rpc_errors`, which every call
+of the blocking and asyncio clients runs inside (httpx's ``map_httpcore_exceptions``
+pattern)::
 
     EsmsearchError                       (esmsearch.errors)
     └── SearchError                      any failed RPC; .code, .details
         ├── InvalidArgumentError         INVALID_ARGUMENT: bad sequence, k, min_score, ids
-        ├── ResourceExhaustedError       RESOURCE_EXHAUSTED: over a server request limit
+        ├── ResourceExhaustedError       RESOURCE_EXHAUSTED: server busy (.retry_after_s) or
+        │                                over a permanent request limit (.retry_after_s None)
         ├── FailedPreconditionError      FAILED_PRECONDITION: model/index mismatch
         ├── UnauthenticatedError         UNAUTHENTICATED: missing or wrong bearer token
         ├── PermissionDeniedError        PERMISSION_DENIED
@@ -16,7 +19,8 @@ code and the server's details, and chained to the original ``grpc.RpcError``
         ├── NotFoundError                NOT_FOUND
         ├── UnimplementedError           UNIMPLEMENTED: RPC not served by this server
         ├── CancelledError               CANCELLED
-        └── InternalError                INTERNAL / UNKNOWN / DATA_LOSS: server-side bug
+        └── InternalError                INTERNAL / UNKNOWN / DATA_LOSS: server-side bug (details
+                                         carry an error id that the server log has too)
 
 Bad query sequences are usually caught before any RPC, by
 :func:`esmsearch.sequences.records_from`, which raises
@@ -25,11 +29,16 @@ Bad query sequences are usually caught before any RPC, by
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Final
+
 import grpc
 
 from esmsearch.errors import EsmsearchError
 
 __all__ = [
+    "RETRY_AFTER_KEY",
     "CancelledError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -43,7 +52,12 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "error_from_rpc",
+    "map_rpc_errors",
+    "retry_after_s",
 ]
+
+#: Trailing-metadata key of the server's retry hint (milliseconds, ASCII digits).
+RETRY_AFTER_KEY: Final = "retry-after-ms"
 
 
 class SearchError(EsmsearchError):
@@ -66,7 +80,17 @@ class InvalidArgumentError(SearchError):
 
 
 class ResourceExhaustedError(SearchError):
-    """RESOURCE_EXHAUSTED: the request exceeds one of the server's request limits."""
+    """RESOURCE_EXHAUSTED: the server is busy, or the request exceeds one of its limits.
+
+    Attributes:
+        retry_after_s: seconds the server asked the client to wait before retrying
+            (its ``retry-after-ms`` trailing metadata) when it was busy; ``None`` when
+            the request is over a permanent limit and retrying cannot succeed.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None) -> None:
+        super().__init__(code, details)
+        self.retry_after_s = retry_after_s
 
 
 class FailedPreconditionError(SearchError):
@@ -123,11 +147,29 @@ _BY_CODE: dict[grpc.StatusCode, type[SearchError]] = {
 }
 
 
+def retry_after_s(exc: grpc.RpcError) -> float | None:
+    """The ``retry-after-ms`` hint of a failed call in seconds, or ``None`` when absent or malformed."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    if not callable(trailing):
+        return None
+    try:
+        metadata = trailing() or ()
+    except Exception:  # noqa: BLE001 - some RpcError shapes cannot report metadata
+        return None
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            if text.isdigit():
+                return int(text) / 1e3
+    return None
+
+
 def error_from_rpc(exc: grpc.RpcError) -> SearchError:
     """Map a failed call's ``grpc.RpcError`` to the matching :class:`SearchError` subclass.
 
     The caller raises the result ``from exc``. Codes without a dedicated class
-    map to :class:`SearchError` itself.
+    map to :class:`SearchError` itself; RESOURCE_EXHAUSTED keeps the server's
+    ``retry-after-ms`` hint as :attr:`ResourceExhaustedError.retry_after_s`.
     """
     code_fn = getattr(exc, "code", None)
     details_fn = getattr(exc, "details", None)
@@ -135,5 +177,20 @@ def error_from_rpc(exc: grpc.RpcError) -> SearchError:
     details = details_fn() if callable(details_fn) else str(exc)
     if code is None:
         code = grpc.StatusCode.UNKNOWN
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhaustedError(code, details or "", retry_after_s(exc))
     cls = _BY_CODE.get(code, SearchError)
     return cls(code, details or "")
+
+
+@contextlib.contextmanager
+def map_rpc_errors() -> Iterator[None]:
+    """Turn a ``grpc.RpcError`` raised inside the block into its :class:`SearchError` class.
+
+    Raises:
+        SearchError: (a subclass of) for any failed RPC, chained ``from`` the gRPC error.
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from exc

@@ -4,12 +4,19 @@ Pieces, one job each:
 
 * :class:`SearchEngine` (``engine.py``): embed queries, FAISS search, metadata lookup;
   thread-safe, no gRPC.
+* :class:`IndexSlot` (``slot.py``): the served index, swapped under reference-counted leases.
 * :class:`HomologSearchServicer` (``servicer.py``): request validation, limits,
-  protobuf conversion, per-request log line.
-* :func:`create_server` / :func:`serve` (``app.py``): loading, health, reflection,
-  binding, signal-driven draining.
-* :class:`DynamicBatcher` (``batcher.py``): merges concurrent requests into one model
-  batch and one FAISS search.
+  protobuf conversion.
+* ``rpc.py``: the one place where failures become gRPC statuses (INTERNAL answers
+  carry an error id, never exception text), plus each RPC's log line and metrics.
+* :class:`DynamicBatcher` (``batcher.py``): the model scheduler every model request
+  goes through: admission (``admission.py``: bounded queries in flight and queued
+  residues, RESOURCE_EXHAUSTED with ``retry-after-ms``), deadlines checked right
+  before embedding, and (optionally) merging of concurrent requests.
+* :class:`IndexReloader` (``reload.py``): follows a versioned root's ``current``.
+* :class:`ServerConfig` (``config.py``): one frozen configuration;
+  :func:`create_server` / :func:`serve` (``app.py``) build and compose the parts,
+  serve, and stop in one sequence (signal handlers only set an event).
 * ``security.py``: TLS / mutual TLS, bearer-token interceptor, loopback-only default bind.
 * :class:`ServerMetrics` (``metrics.py``): Prometheus metrics on an HTTP port;
   ``logs.py``: JSON-lines request logs.
@@ -17,15 +24,10 @@ Pieces, one job each:
 
 from __future__ import annotations
 
-from esmsearch.server.app import (
-    DEFAULT_GRACE_S,
-    DEFAULT_MAX_WORKERS,
-    SERVICE_NAME,
-    SearchServer,
-    create_server,
-    serve,
-)
+from esmsearch.server.admission import AdmissionConfig
+from esmsearch.server.app import SERVICE_NAME, SearchServer, create_server, serve
 from esmsearch.server.batcher import BatchingConfig, DynamicBatcher
+from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, ServerConfig
 from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
 from esmsearch.server.metrics import ServerMetrics
 from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
@@ -46,6 +48,7 @@ __all__ = [
     "MAX_RESIDUES_PER_QUERY",
     "MAX_RESIDUES_PER_REQUEST",
     "SERVICE_NAME",
+    "AdmissionConfig",
     "BatchingConfig",
     "DynamicBatcher",
     "EngineHit",
@@ -55,6 +58,7 @@ __all__ = [
     "SearchEngine",
     "SearchServer",
     "SecurityConfig",
+    "ServerConfig",
     "ServerMetrics",
     "TlsConfig",
     "create_server",

@@ -1,31 +1,48 @@
-"""Server wiring: load model + index, register services, bind, serve, drain on signals.
+"""Server wiring: build every part from one :class:`ServerConfig`, serve, stop cleanly.
 
 Follows grpc's ``examples/python`` layout: :func:`create_server` returns
-``(server, port)`` (bind port 0 in tests), health and reflection are registered
-from the service descriptor, and shutdown is ``server.stop(grace)``.
+``(server, port)`` (port 0 in tests binds a free one), health and reflection are
+registered from the service descriptor, and shutdown is a graceful ``stop(grace)``.
+The ``grpc.Server`` is composed, not subclassed: :class:`SearchServer` holds it next
+to the engine, the model scheduler, the reloader and the metrics, all passed in.
+
+Shutdown (:meth:`SearchServer.stop`) is one sequence run by the caller's thread --
+for :func:`serve`, the main thread; signal handlers only set an event:
+
+1. health NOT_SERVING (load balancers stop routing here) and the reloader stops;
+2. gRPC stops taking new RPCs and gives in-flight ones ``grace_s`` to finish;
+3. the model scheduler, the metrics endpoint and the index are closed;
+4. the RPC thread pool and every thread gRPC started are joined.
+
+Step 4 is what keeps the process from aborting at exit: gRPC's serving thread lives
+on for a moment after the server reports termination, and a process that exits
+while such a thread is still inside gRPC's C++ core dies with ``terminate called
+without an active exception`` (SIGABRT) even though every request was answered.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
 from concurrent import futures
 from types import FrameType
-from typing import Any, Final
+from typing import Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from esmsearch.server.batcher import BatchingConfig, DynamicBatcher
+from esmsearch.server.admission import Admission
+from esmsearch.server.batcher import DynamicBatcher
+from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, ServerConfig
 from esmsearch.server.engine import SearchEngine
 from esmsearch.server.metrics import ServerMetrics
-from esmsearch.server.reload import DEFAULT_RELOAD_POLL_S, IndexReloader
-from esmsearch.server.security import SecurityConfig, TokenAuthInterceptor, check_bind_host
-from esmsearch.server.servicer import HomologSearchServicer, RequestLimits
+from esmsearch.server.reload import IndexReloader
+from esmsearch.server.rpc import RpcObserver
+from esmsearch.server.security import TokenAuthInterceptor
+from esmsearch.server.servicer import HomologSearchServicer
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 __all__ = [
@@ -41,324 +58,295 @@ log = logging.getLogger("esmsearch.server")
 
 #: Fully-qualified name of the search service (also its health-check service name).
 SERVICE_NAME: Final = search_pb2.DESCRIPTOR.services_by_name["HomologSearch"].full_name
-#: Seconds in-flight requests get to finish after SIGTERM/SIGINT.
-DEFAULT_GRACE_S: Final = 10.0
-#: gRPC worker threads (requests in flight; model forwards are serialised anyway).
-DEFAULT_MAX_WORKERS: Final = 8
+#: Seconds to wait for a thread gRPC started to end after the server terminated.
+_THREAD_JOIN_S: Final = 10.0
 
 
-class SearchServer(grpc.Server):
-    """A ``grpc.Server`` that also owns the search engine and health servicer.
+def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t is not threading.current_thread()]
 
-    Behaves as the wrapped ``grpc.Server``; :meth:`stop` first sets every health
-    status to NOT_SERVING (so load balancers stop routing here), then stops the
-    gRPC server with the given grace, then closes the index once drained.
+
+class SearchServer:
+    """A running search server: the ``grpc.Server`` and the parts it serves, composed.
+
+    Built by :func:`create_server`; every attribute is set here, never afterwards.
 
     Attributes:
-        engine: the loaded :class:`SearchEngine`.
-        servicer: the :class:`HomologSearchServicer`.
+        config: the configuration it was built from.
+        port: the bound gRPC port.
+        engine: the loaded model + served index.
+        batcher: the model scheduler (admission, deadlines, batching).
+        servicer: the ``HomologSearch`` servicer.
         health: the ``grpc.health.v1`` servicer.
+        reloader: follows ``ROOT/current`` of a versioned root; ``None`` for a fixed index.
+        metrics: the Prometheus metrics (always collected).
+        metrics_port: port of the ``/metrics`` HTTP endpoint, or ``None`` when not exposed.
     """
 
     def __init__(
         self,
-        server: grpc.Server,
+        *,
+        config: ServerConfig,
+        grpc_server: grpc.Server,
+        executor: futures.ThreadPoolExecutor,
+        port: int,
         engine: SearchEngine,
+        batcher: DynamicBatcher,
         servicer: HomologSearchServicer,
         health_servicer: health.HealthServicer,
+        reloader: IndexReloader | None,
+        metrics: ServerMetrics,
+        metrics_port: int | None,
     ) -> None:
-        self._server = server
+        self.config = config
+        self.port = port
         self.engine = engine
+        self.batcher = batcher
         self.servicer = servicer
         self.health = health_servicer
+        self.reloader = reloader
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self._grpc = grpc_server
+        self._executor = executor
+        self._grpc_threads: list[threading.Thread] = []
         self._stop_lock = threading.Lock()
-        self._stopped: threading.Event | None = None
-        #: Follows ``ROOT/current`` when serving a versioned root; None for a fixed index.
-        self.reloader: IndexReloader | None = None
-        #: The dynamic batcher (None when batching is off); closed after the drain.
-        self.batcher: DynamicBatcher | None = None
-        #: Prometheus metrics of this server (always collected).
-        self.metrics: ServerMetrics | None = None
-        #: Port of the Prometheus ``/metrics`` HTTP endpoint, or None when not exposed.
-        self.metrics_port: int | None = None
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
-        self._server.add_registered_method_handlers(service_name, method_handlers)
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
+        self._grpc_done: threading.Event | None = None
+        self._closing = False
+        self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Start serving and mark the health status SERVING."""
-        self._server.start()
+        """Start serving, mark health SERVING, and start following the root (if any)."""
+        before = set(threading.enumerate())
+        self._grpc.start()
+        self._grpc_threads += _new_threads(before)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.reloader is not None:
+            self.reloader.start()
 
-    def stop(self, grace: float | None) -> threading.Event:
-        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace`` s.
+    def begin_stop(self, grace_s: float | None = None) -> None:
+        """Start draining without waiting: health NOT_SERVING, no new RPCs, a grace period.
 
-        Returns:
-            An event set once the server has stopped (and the index is closed).
-            Idempotent: later calls return the same event.
+        In-flight RPCs get ``grace_s`` seconds (default: ``config.grace_s``) to finish;
+        :meth:`stop` waits for them and closes everything. Idempotent.
         """
+        grace = self.config.grace_s if grace_s is None else grace_s
         with self._stop_lock:
-            if self._stopped is not None:
-                return self._stopped
+            if self._grpc_done is not None:
+                return
             self.health.enter_graceful_shutdown()
             if self.reloader is not None:
                 self.reloader.stop()
-            done = self._server.stop(grace)
-            stopped = threading.Event()
-            self._stopped = stopped
+            before = set(threading.enumerate())
+            self._grpc_done = self._grpc.stop(grace)
+            self._grpc_threads += _new_threads(before)  # gRPC's cancel-after-grace thread
 
-        def _finish() -> None:
-            done.wait()
-            if self.batcher is not None:
-                self.batcher.close()  # in-flight RPCs are done: nothing is queued
-            if self.metrics is not None:
-                self.metrics.stop_http()
-            self.engine.close()
-            stopped.set()
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop; returns once everything is closed and every server thread joined.
 
-        threading.Thread(target=_finish, name="esmsearch-drain", daemon=True).start()
-        return stopped
-
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._server.wait_for_termination(timeout)
-
-
-def create_server(
-    index_dir: str | os.PathLike[str],
-    address: str = "127.0.0.1:0",
-    *,
-    device: str = "auto",
-    model: str | None = None,
-    max_workers: int = DEFAULT_MAX_WORKERS,
-    limits: RequestLimits | None = None,
-    toks_per_batch: int = 4096,
-    engine: SearchEngine | None = None,
-    reload_poll_s: float | None = DEFAULT_RELOAD_POLL_S,
-    batching: BatchingConfig | None = None,
-    security: SecurityConfig | None = None,
-    metrics_port: int | None = None,
-) -> tuple[SearchServer, int]:
-    """Load an index and its model, and return a started server bound to ``address``.
-
-    Args:
-        index_dir: index version directory (with ``manifest.json``), or a versioned
-            index root (:meth:`esmsearch.versions.IndexRoot.is_root`): then the version
-            ``ROOT/current`` names is served and new versions are swapped in live
-            (see :class:`esmsearch.server.reload.IndexReloader`).
-        address: ``host:port`` to bind; port 0 picks a free port (returned).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for the model.
-        model: fair-esm pretrained name or ``.pt`` path overriding the manifest's
-            model source; it must be the same checkpoint the index was built with.
-        max_workers: gRPC worker threads (concurrent RPCs).
-        limits: request limits (defaults: :class:`RequestLimits`).
-        toks_per_batch: token budget per model forward pass.
-        engine: an already loaded engine to serve instead of loading ``index_dir``
-            (the server closes it on stop).
-        reload_poll_s: with a root, seconds between looks at ``ROOT/current``
-            (``None``: reload only on SIGHUP or the ``ReloadIndex`` RPC).
-        batching: dynamic batching settings (default: on, see
-            :class:`esmsearch.server.batcher.BatchingConfig`).
-        security: TLS, bearer tokens, and whether a non-loopback host may be bound
-            without them (default: plaintext, no tokens, loopback only). Health
-            checks need no token.
-        metrics_port: expose Prometheus metrics at ``http://127.0.0.1:PORT/metrics``
-            (0 picks a free port, see :attr:`SearchServer.metrics_port`); ``None`` = off.
-
-    Returns:
-        ``(server, port)``: the started :class:`SearchServer` (health SERVING) and
-        the bound port.
-
-    Raises:
-        IndexNotFoundError, IndexFormatError: no usable index at ``index_dir``.
-        ModelLoadError: the model cannot be loaded.
-        IndexMismatchError: the model does not match the index (the FAILED_PRECONDITION
-            case: the server refuses to start).
-        OSError: ``address`` cannot be bound.
-    """
-    limits = limits or RequestLimits()
-    batching = batching or BatchingConfig()
-    security = security or SecurityConfig()
-    check_bind_host(address.rsplit(":", 1)[0], security)  # before the slow model load
-    from esmsearch.versions import IndexRoot
-
-    root = IndexRoot(index_dir) if IndexRoot.is_root(index_dir) else None
-    if engine is None:
-        engine = SearchEngine.load(
-            root.current_path() if root is not None else index_dir,
-            model=model,
-            device=device,
-            toks_per_batch=toks_per_batch,
-        )
-    reloader = None
-    if root is not None:
+        :meth:`begin_stop` (if not begun yet), then wait for the in-flight RPCs, close
+        the scheduler, metrics endpoint and index, and join the RPC thread pool and
+        gRPC's threads (see the module docstring). Safe to call from any thread and
+        more than once: later calls wait for the first one to finish.
+        """
+        self.begin_stop(grace_s)
+        with self._stop_lock:
+            first = not self._closing
+            self._closing = True
+        if not first:
+            self._stopped.wait()
+            return
         try:
-            reloader = IndexReloader(engine, root, poll_s=reload_poll_s)
-        except BaseException:
-            engine.close()
-            raise
+            assert self._grpc_done is not None
+            self._grpc_done.wait()
+            self.batcher.close()  # in-flight RPCs are done: nothing is queued
+            self.metrics.stop_http()
+            self.engine.close()
+            self._executor.shutdown(wait=True)
+            for thread in self._grpc_threads:
+                thread.join(_THREAD_JOIN_S)
+                if thread.is_alive():
+                    log.warning("gRPC thread %s still running %.0f s after stop", thread.name, _THREAD_JOIN_S)
+        finally:
+            self._stopped.set()
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` has finished."""
+        return self._stopped.is_set()
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        """Block until the gRPC server has terminated (or ``timeout_s`` passed); True if it has."""
+        return bool(self._grpc.wait_for_termination(timeout_s))
+
+
+def _max_message_bytes(config: ServerConfig, dim: int) -> int:
     # Room for a full request: one-byte residues (Search, Embed) or float32 vectors
     # (SearchByEmbedding), plus ids (<= 1000 bytes each) and framing.
-    dim = engine.index.manifest.dim
+    limits = config.effective_limits
     per_query = 4 * dim + 1100
-    max_message = max(
+    return max(
         4 << 20,
         2 * limits.max_residues_per_request + (1 << 20),
         limits.max_queries_per_request * per_query + (1 << 20),
     )
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="esmsearch-rpc"),
-        options=[("grpc.max_receive_message_length", max_message)],
-        interceptors=[TokenAuthInterceptor(security.tokens)] if security.tokens else None,
-    )
-    servicer = HomologSearchServicer(engine, limits)
-    servicer.reloader = reloader
+
+
+def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -> tuple[SearchServer, int]:
+    """Load the index and its model, and return a started server.
+
+    Args:
+        config: what to serve and how (see :class:`ServerConfig`).
+        engine: an already loaded engine to serve instead of loading ``config.index``
+            (the server closes it on stop).
+
+    Returns:
+        ``(server, port)``: the started :class:`SearchServer` (health SERVING) and the
+        bound port.
+
+    Raises:
+        IndexNotFoundError, IndexFormatError: no usable index at ``config.index``.
+        ModelLoadError: the model cannot be loaded.
+        IndexMismatchError: the model does not match the index (the server refuses
+            to start).
+        ConfigError: the index's precision cannot run on ``config.device``.
+        OSError: the address or the metrics port cannot be bound.
+    """
+    from esmsearch.versions import IndexRoot
+
+    root = IndexRoot(config.index) if IndexRoot.is_root(config.index) else None
+    if engine is None:
+        engine = SearchEngine.load(
+            root.current_path() if root is not None else config.index,
+            model=config.model,
+            device=config.device,
+            toks_per_batch=config.toks_per_batch,
+        )
     metrics = ServerMetrics()
-    servicer.metrics = metrics
-    use_batcher = batching.enabled
-    if use_batcher is None:  # auto: batch where a batched forward pays off (GPU)
-        use_batcher = engine.embedder.device.type == "cuda"
-    if use_batcher:
-        servicer.batcher = DynamicBatcher(engine, batching, metrics=metrics)
-    search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
-    )
-    server = SearchServer(grpc_server, engine, servicer, health_servicer)
-    server.reloader = reloader
-    server.batcher, server.metrics = servicer.batcher, metrics
-
-    def _abandon() -> None:
-        if servicer.batcher is not None:
-            servicer.batcher.close()
-        metrics.stop_http()
-        engine.close()
-
+    observer = RpcObserver(metrics)
+    parts: list[object] = []  # closed in reverse if anything below fails
     try:
-        if security.tls is not None:
-            port = server.add_secure_port(address, security.tls.server_credentials())
-        else:
-            port = server.add_insecure_port(address)
-        if metrics_port is not None:
-            server.metrics_port = metrics.start_http(metrics_port)
-    except (RuntimeError, OSError) as exc:
-        _abandon()
-        raise OSError(f"cannot bind {address} (or metrics port {metrics_port}): {exc}") from exc
-    if port == 0:
-        _abandon()
-        raise OSError(f"cannot bind {address}")
+        reloader = IndexReloader(engine, root, poll_s=config.reload_poll_s) if root is not None else None
+        batcher = DynamicBatcher(engine, config.batching, admission=Admission(config.admission), metrics=metrics)
+        parts.append(batcher)
+        executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="esmsearch-rpc")
+        parts.append(executor)
+        tokens = config.security.tokens
+        interceptors = [TokenAuthInterceptor(tokens, observer=observer)] if tokens else []
+        grpc_server = grpc.server(
+            executor,
+            options=[("grpc.max_receive_message_length", _max_message_bytes(config, engine.index.manifest.dim))],
+            interceptors=interceptors,
+        )
+        servicer = HomologSearchServicer(
+            engine, batcher, limits=config.effective_limits, reloader=reloader, observer=observer
+        )
+        search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+        try:
+            if config.security.tls is not None:
+                port = grpc_server.add_secure_port(config.address, config.security.tls.server_credentials())
+            else:
+                port = grpc_server.add_insecure_port(config.address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind {config.address}: {exc}") from exc
+        if port == 0:
+            raise OSError(f"cannot bind {config.address}")
+        metrics_port = None
+        if config.metrics_port is not None:
+            try:
+                metrics_port = metrics.start_http(config.metrics_port)
+            except OSError as exc:
+                raise OSError(f"cannot bind the metrics port {config.metrics_port}: {exc}") from exc
+    except BaseException:
+        metrics.stop_http()
+        for part in reversed(parts):
+            if isinstance(part, DynamicBatcher):
+                part.close()
+            elif isinstance(part, futures.ThreadPoolExecutor):
+                part.shutdown(wait=True)
+        engine.close()
+        raise
+    server = SearchServer(
+        config=config,
+        grpc_server=grpc_server,
+        executor=executor,
+        port=port,
+        engine=engine,
+        batcher=batcher,
+        servicer=servicer,
+        health_servicer=health_servicer,
+        reloader=reloader,
+        metrics=metrics,
+        metrics_port=metrics_port,
+    )
     server.start()
-    if reloader is not None:
-        reloader.start()
+    if reloader is not None and root is not None:
         log.info(
-            "following %s/current for new index versions "
-            "(poll every %s s; SIGHUP or ReloadIndex reload now)",
-            root.path if root is not None else "",
-            reload_poll_s,
+            "following %s/current for new index versions (poll every %s s; SIGHUP or ReloadIndex reload now)",
+            root.path,
+            config.reload_poll_s,
         )
     return server, port
 
 
-def serve(
-    index_dir: str | os.PathLike[str],
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    *,
-    device: str = "auto",
-    model: str | None = None,
-    max_workers: int = DEFAULT_MAX_WORKERS,
-    limits: RequestLimits | None = None,
-    toks_per_batch: int = 4096,
-    grace_s: float = DEFAULT_GRACE_S,
-    reload_poll_s: float | None = DEFAULT_RELOAD_POLL_S,
-    batching: BatchingConfig | None = None,
-    security: SecurityConfig | None = None,
-    metrics_port: int | None = None,
-) -> int:
-    """Serve an index until SIGTERM or SIGINT, then drain for up to ``grace_s`` seconds.
+def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then drain for up to ``config.grace_s`` seconds.
 
-    Prints ``serving INDEX (N sequences, model M, version V) on HOST:PORT`` on
-    stdout once ready (health SERVING). Must run in the main thread (signal handlers).
-
-    Args:
-        index_dir, device, model, max_workers, limits, toks_per_batch: see :func:`create_server`.
-        host: interface to bind (``0.0.0.0`` for all).
-        port: TCP port; 0 picks a free one (printed).
-        grace_s: seconds in-flight requests get to finish after a stop signal.
-        reload_poll_s: see :func:`create_server`; with a versioned root, SIGHUP
-            also triggers a reload.
-        batching, security, metrics_port: see :func:`create_server` (a non-loopback
-            ``host`` without TLS or tokens raises ConfigError unless
-            ``security.insecure_bind_any``).
+    Prints ``serving INDEX (N sequences, model M, version V) on HOST:PORT``
+    on stdout once ready (health SERVING). Must run in the main thread: the signal
+    handlers only set an event, and the main thread runs the whole stop sequence
+    (:meth:`SearchServer.stop`). With a versioned root, SIGHUP asks for a reload.
 
     Returns:
         0 after a clean shutdown.
 
     Raises:
         IndexNotFoundError, IndexFormatError, ModelLoadError, IndexMismatchError,
-        OSError: as :func:`create_server`; the server does not start.
+        ConfigError, OSError: as :func:`create_server`; the server does not start.
     """
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    server, bound = create_server(
-        index_dir,
-        address,
-        device=device,
-        model=model,
-        max_workers=max_workers,
-        limits=limits,
-        toks_per_batch=toks_per_batch,
-        reload_poll_s=reload_poll_s,
-        batching=batching,
-        security=security,
-        metrics_port=metrics_port,
-    )
-    if server.metrics_port is not None:
-        log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", server.metrics_port)
     stop_requested = threading.Event()
+    received: list[int] = []
 
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        if not stop_requested.is_set():
-            stop_requested.set()
-            log.info("received %s: draining for up to %.1f s", signal.Signals(signum).name, grace_s)
-            server.stop(grace_s)
+    def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop_requested.set()
 
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    reloader = server.reloader
-    if reloader is not None:
-
-        def _on_hangup(signum: int, frame: FrameType | None) -> None:
-            log.info("received SIGHUP: reloading %s/current", reloader.root.path)
-            reloader.request()
-
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _on_hangup)
+    # Installed before the slow model load, so a stop signal during it is not lost.
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        m = server.engine.index.manifest
-        shown = f"[{host}]" if ":" in host else host
-        line = (
-            f"serving {index_dir} ({m.count} sequences, model {m.model_name}, "
-            f"version {server.engine.index.version}) on {shown}:{bound}"
-        )
-        print(line, flush=True)
-        log.info(line)
-        # grpc's wait_for_termination wakes up often enough for signal handlers to run.
-        server.wait_for_termination()
-        server.stop(grace_s).wait(grace_s + 5.0)  # already stopping: returns the same event
+        if stop_requested.is_set():
+            return 0
+        server, bound = create_server(config)
+        try:
+            reloader = server.reloader
+            if reloader is not None:
+                previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
+            if server.metrics_port is not None:
+                log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", server.metrics_port)
+            m = server.engine.index.manifest
+            shown = f"[{config.host}]" if ":" in config.host else config.host
+            line = (
+                f"serving {config.index} ({m.count} sequences, model {m.model_name}, "
+                f"version {server.engine.index.version}) on {shown}:{bound}"
+            )
+            print(line, flush=True)
+            log.info(line)
+            # Lock waits are interrupted by signals on POSIX: the handler sets the event.
+            while not stop_requested.wait(1.0):
+                if server.wait_for_termination(0):
+                    break
+            if received:
+                log.info("received %s: draining for up to %.1f s", signal.Signals(received[0]).name, config.grace_s)
+        finally:
+            server.stop()
         log.info("server stopped")
     finally:
-        server.stop(0)  # no-op after a signal; otherwise (an exception here) stop at once
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     sys.stdout.flush()

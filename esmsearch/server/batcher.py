@@ -1,21 +1,26 @@
-"""Dynamic batching: queries of concurrent requests share one model forward and one FAISS search.
+"""The model scheduler: every request that needs the model goes through here, batched or not.
 
-In the manner of Triton Inference Server's dynamic batcher: requests enqueue their
-(already validated) sequences together with a future; one batcher thread takes the
-oldest request, then keeps gathering queued requests until the batch reaches its
+In the manner of Triton Inference Server's dynamic batcher: a request is *admitted*
+first (:class:`esmsearch.server.admission.Admission`: bounded queries in flight and
+queued residues; a full server answers :class:`~esmsearch.errors.ServerBusyError`
+with a retry-after estimate), then enqueued with its (already validated) sequences,
+its deadline and a future. One scheduler thread takes the oldest live request and,
+when batching is on, keeps gathering queued requests until the batch reaches its
 token budget (``max_batch_toks``, counted as fair-esm counts them: residues + BOS +
 EOS per sequence) or until ``max_wait_ms`` has passed since that first request was
-taken, calls :meth:`SearchEngine.embed` once for the whole batch, runs one FAISS
-search for all of its searching requests (with the largest ``k`` among them), and
-answers each request's future with its own rows.
+taken; with batching off, every request is its own batch. Right before the forward
+pass, the deadline and cancellation of every request of the batch are checked again
+and dead ones are dropped (:class:`~esmsearch.errors.RequestExpiredError`), so no
+model time goes to callers that have left. One :meth:`SearchEngine.embed` call
+embeds the batch, one FAISS search serves all of its searching requests (with the
+largest ``k`` among them), and each request's future gets its own rows.
+
+So there is one bounded admission path whether batching is on or off; "off" only
+means "never merge".
 
 Isolation: every request is validated before it is enqueued, so a batch only holds
 valid sequences. Should the batched forward still fail, each request of the batch is
-retried alone, so only the request at fault gets the error. Requests whose client
-has gone away (deadline expired or call cancelled) are dropped when dequeued,
-before any embedding. The queue is bounded (``queue_size`` requests); a full queue
-refuses new requests with :class:`QueueFullError` (RESOURCE_EXHAUSTED) instead of
-growing without bound.
+retried alone, so only the request at fault gets the error.
 
 Requests arriving while a forward pass runs wait in the queue and form the next
 batch, so a loaded server batches even with ``max_wait_ms=0``; a lone request only
@@ -24,7 +29,7 @@ pays the (small) ``max_wait_ms`` on top of its own forward pass.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import queue
 import threading
 import time
@@ -35,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from esmsearch.errors import ConfigError, EsmsearchError
+from esmsearch.errors import ConfigError, RequestExpiredError, ServerClosingError
+from esmsearch.server.admission import Admission, Ticket
 from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine, hits_from_scores
 
 if TYPE_CHECKING:
@@ -45,12 +51,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKS",
     "DEFAULT_MAX_WAIT_MS",
-    "DEFAULT_QUEUE_SIZE",
-    "BatcherClosedError",
     "BatchingConfig",
     "DynamicBatcher",
-    "QueueFullError",
-    "RequestExpiredError",
     "hits_from_scores",
 ]
 
@@ -59,20 +61,6 @@ DEFAULT_MAX_WAIT_MS: Final = 2.0
 #: Default token budget of one batch (residues + 2 per sequence), as fair-esm's
 #: ``extract.py --toks_per_batch`` counts them.
 DEFAULT_MAX_BATCH_TOKS: Final = 4096
-#: Default most requests waiting in the queue.
-DEFAULT_QUEUE_SIZE: Final = 256
-
-
-class QueueFullError(EsmsearchError):
-    """The batcher queue holds ``queue_size`` requests already (RESOURCE_EXHAUSTED)."""
-
-
-class RequestExpiredError(EsmsearchError):
-    """A request's client went away (deadline or cancel) before it was embedded."""
-
-
-class BatcherClosedError(EsmsearchError):
-    """The batcher is stopped (the server is shutting down: UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +68,9 @@ class BatchingConfig:
     """Settings of the dynamic batcher.
 
     Attributes:
-        enabled: ``True`` batches, ``False`` embeds each request on its own (no
-            batcher thread); ``None`` (default) = batch on CUDA devices only. On CPU
+        enabled: ``True`` merges concurrent requests into one forward pass, ``False``
+            runs each request as its own batch (same queue, same admission bounds);
+            ``None`` (default) = merge on CUDA devices only. On CPU
             the forward cost follows padded tokens and is already compute-bound for
             one sequence, so merging queries of different lengths lowered throughput
             in ``benchmarks/serve_load.py`` (2-core CPU, esm2_t6 architecture: 0.56x
@@ -92,8 +81,6 @@ class BatchingConfig:
         max_batch_toks: token budget of one batch (sum over its sequences of
             residues + 2), >= 1; a single request larger than this still forms a
             batch of its own.
-        queue_size: most requests waiting for the batcher, >= 1; further ones get
-            RESOURCE_EXHAUSTED.
         max_padding_ratio: ``None`` (default) embeds the whole batch in one
             :meth:`SearchEngine.embed` call. A number >= 1 splits the batch's
             sequences, sorted by length, into forward groups whose padded size
@@ -110,7 +97,6 @@ class BatchingConfig:
     enabled: bool | None = None
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_batch_toks: int = DEFAULT_MAX_BATCH_TOKS
-    queue_size: int = DEFAULT_QUEUE_SIZE
     max_padding_ratio: float | None = None
 
     def __post_init__(self) -> None:
@@ -118,10 +104,9 @@ class BatchingConfig:
             raise ConfigError(f"max_padding_ratio must be >= 1 or None, got {self.max_padding_ratio!r}")
         if not (self.max_wait_ms >= 0 and np.isfinite(self.max_wait_ms)):
             raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
-        for name in ("max_batch_toks", "queue_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        value = self.max_batch_toks
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"max_batch_toks must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -130,6 +115,8 @@ class _Request:
     k: int | None  # None: embed only (Embed RPC)
     min_score: float | None
     is_active: Callable[[], bool]
+    deadline: float | None  # time.monotonic() after which nobody waits for the answer
+    ticket: Ticket
     future: Future[Any]
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -137,20 +124,25 @@ class _Request:
     def toks(self) -> int:
         return sum(len(s) + 2 for s in self.sequences)
 
+    def expired(self, now: float) -> bool:
+        return (self.deadline is not None and now >= self.deadline) or not self.is_active()
+
 
 def _always_active() -> bool:
     return True
 
 
 class DynamicBatcher:
-    """One thread that batches the embedding (and search) of concurrent requests.
+    """The scheduler thread that embeds (and searches) every model request, batched or not.
 
     Args:
         engine: the engine whose :meth:`SearchEngine.embed` and current index are used
             (read per batch, so an index swap applies from the next batch on).
-        config: batching settings.
-        metrics: optional metrics sink (queue depth, batch sizes, stage latencies).
-        on_batch: optional hook called in the batcher thread after each batch with
+        config: batching settings (``enabled=False``: one request per batch).
+        admission: the bounds on admitted work (default: :class:`Admission` with its
+            default :class:`~esmsearch.server.admission.AdmissionConfig`).
+        metrics: optional metrics sink (queue depth, work in flight, batch sizes).
+        on_batch: optional hook called in the scheduler thread after each batch with
             ``(n_requests, n_sequences, n_tokens)`` (tests count batches with it).
         on_enqueue: optional hook called after each request is queued, with the
             queue depth (tests wait for it instead of sleeping).
@@ -164,49 +156,81 @@ class DynamicBatcher:
         engine: SearchEngine,
         config: BatchingConfig | None = None,
         *,
+        admission: Admission | None = None,
         metrics: ServerMetrics | None = None,
         on_batch: Callable[[int, int, int], None] | None = None,
         on_enqueue: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config or BatchingConfig()
+        self.admission = admission or Admission()
         self.metrics = metrics
         self.on_batch = on_batch
         self.on_enqueue = on_enqueue
-        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=self.config.queue_size)
+        self._merge = self.config.enabled is not False
+        if self.config.enabled is None:
+            self._merge = engine.embedder.device.type == "cuda"
+        # Unbounded: Admission bounds what can be queued.
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="esmsearch-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def merges(self) -> bool:
+        """Whether concurrent requests are merged into one forward pass."""
+        return self._merge
+
     # -- producer side ---------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for the batcher now."""
+        """Requests waiting for the scheduler now."""
         return self._queue.qsize()
 
-    def _submit(self, request: _Request) -> None:
+    def _publish_load(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queue.qsize())
+            self.metrics.queries_in_flight.set(self.admission.queries_in_flight)
+            self.metrics.queued_residues.set(self.admission.queued_residues)
+
+    def _submit(
+        self,
+        sequences: Sequence[str],
+        k: int | None,
+        min_score: float | None,
+        is_active: Callable[[], bool] | None,
+        timeout_s: float | None,
+    ) -> Future[Any]:
+        seqs = list(sequences)
+        if self._closed.is_set():
+            raise ServerClosingError("the server is shutting down")
+        ticket = self.admission.admit(len(seqs), sum(len(s) for s in seqs))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        future: Future[Any] = Future()
+        request = _Request(seqs, k, min_score, is_active or _always_active, deadline, ticket, future)
         with self._submit_lock:
             if self._closed.is_set():
-                raise BatcherClosedError("the server is shutting down")
-            try:
-                self._queue.put_nowait(request)
-            except queue.Full as exc:
-                raise QueueFullError(
-                    f"request queue is full ({self.config.queue_size} requests waiting, "
-                    "the server's queue_size limit); retry later"
-                ) from exc
+                self._release(ticket)
+                raise ServerClosingError("the server is shutting down")
+            # Released exactly once, however the request ends (answer, error, drop, close).
+            future.add_done_callback(lambda _f: self._release(ticket))
+            self._queue.put_nowait(request)
         depth = self._queue.qsize()
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(depth)
+        self._publish_load()
         if self.on_enqueue is not None:
             self.on_enqueue(depth)
+        return future
+
+    def _release(self, ticket: Ticket) -> None:
+        self.admission.release(ticket)
+        self._publish_load()
 
     def _wait(self, future: Future[Any], timeout_s: float | None) -> object:
         try:
             return future.result(timeout=timeout_s)
-        except TimeoutError as exc:
+        except concurrent.futures.TimeoutError as exc:  # not the builtin TimeoutError before 3.11
             raise RequestExpiredError("deadline passed while waiting for the model") from exc
 
     def search(
@@ -226,7 +250,8 @@ class DynamicBatcher:
             min_score: drop hits with cosine score below this; ``None`` keeps all.
             is_active: returns ``False`` once the caller has gone away (gRPC
                 ``context.is_active``); such a request is dropped before embedding.
-            timeout_s: longest wait in seconds (the call's remaining deadline).
+            timeout_s: the caller's remaining deadline in seconds (``None`` = none):
+                the longest wait, and past it the request is dropped before embedding.
 
         Returns:
             An :class:`EngineResult` (hits in input order, the index version, and the
@@ -234,11 +259,12 @@ class DynamicBatcher:
             batch's times).
 
         Raises:
-            QueueFullError: the queue is full.
+            ServerBusyError: admission is full now (``retry_after_s`` says when to retry).
+            RequestTooLargeError: the request alone exceeds an admission bound.
             RequestExpiredError: the caller went away or ``timeout_s`` passed first.
-            BatcherClosedError: the batcher was closed before the request ran.
+            ServerClosingError: the scheduler was closed before the request ran.
         """
-        future = self.submit_search(sequences, k, min_score, is_active=is_active)
+        future = self.submit_search(sequences, k, min_score, is_active=is_active, timeout_s=timeout_s)
         result = self._wait(future, timeout_s)
         assert isinstance(result, EngineResult)
         return result
@@ -250,27 +276,30 @@ class DynamicBatcher:
         min_score: float | None = None,
         *,
         is_active: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
     ) -> Future[Any]:
         """Queue a search without waiting: the future resolves to an :class:`EngineResult`.
 
         Raises:
-            QueueFullError, BatcherClosedError: the request was not queued.
+            ServerBusyError, RequestTooLargeError, ServerClosingError: the request was not queued.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        request = _Request(list(sequences), k, min_score, is_active or _always_active, Future())
-        self._submit(request)
-        return request.future
+        return self._submit(sequences, k, min_score, is_active, timeout_s)
 
-    def submit_embed(self, sequences: Sequence[str], *, is_active: Callable[[], bool] | None = None) -> Future[Any]:
+    def submit_embed(
+        self,
+        sequences: Sequence[str],
+        *,
+        is_active: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
+    ) -> Future[Any]:
         """Queue an embedding without waiting: the future resolves as :meth:`embed` returns.
 
         Raises:
-            QueueFullError, BatcherClosedError: the request was not queued.
+            ServerBusyError, RequestTooLargeError, ServerClosingError: the request was not queued.
         """
-        request = _Request(list(sequences), None, None, is_active or _always_active, Future())
-        self._submit(request)
-        return request.future
+        return self._submit(sequences, None, None, is_active, timeout_s)
 
     def embed(
         self,
@@ -287,23 +316,21 @@ class DynamicBatcher:
             batch ran; seconds queued; seconds of the batch's forward pass.
 
         Raises:
-            QueueFullError, RequestExpiredError, BatcherClosedError: as :meth:`search`.
+            ServerBusyError, RequestTooLargeError, RequestExpiredError, ServerClosingError:
+                as :meth:`search`.
         """
-        future = self.submit_embed(sequences, is_active=is_active)
+        future = self.submit_embed(sequences, is_active=is_active, timeout_s=timeout_s)
         result = self._wait(future, timeout_s)
         assert isinstance(result, tuple)
         return result
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the thread after the current batch; queued requests fail with BatcherClosedError."""
+        """Stop the thread after the current batch; queued requests fail with ServerClosingError."""
         with self._submit_lock:
             if self._closed.is_set():
                 return
             self._closed.set()
-            try:
-                self._queue.put_nowait(None)  # wake the thread
-            except queue.Full:
-                pass
+            self._queue.put_nowait(None)  # wake the thread
         self._thread.join(timeout_s)
         while True:
             try:
@@ -311,9 +338,17 @@ class DynamicBatcher:
             except queue.Empty:
                 break
             if item is not None and not item.future.done():
-                item.future.set_exception(BatcherClosedError("the server is shutting down"))
+                item.future.set_exception(ServerClosingError("the server is shutting down"))
 
-    # -- batcher thread --------------------------------------------------------------
+    # -- scheduler thread ------------------------------------------------------------
+
+    def _drop(self, request: _Request) -> None:
+        if not request.future.done():
+            request.future.set_exception(
+                RequestExpiredError("the caller went away (deadline passed or call cancelled) before embedding")
+            )
+        if self.metrics is not None:
+            self.metrics.dropped.inc()
 
     def _take_live(self, block_s: float | None) -> _Request | None:
         """Next queued request whose caller is still there, or ``None`` on timeout/close."""
@@ -331,10 +366,8 @@ class DynamicBatcher:
                 return None
             if item is None:
                 return None
-            if not item.is_active():
-                item.future.set_exception(RequestExpiredError("the client went away (deadline or cancel) while queued"))
-                if self.metrics is not None:
-                    self.metrics.dropped.inc()
+            if item.expired(time.monotonic()):
+                self._drop(item)
                 continue
             return item
 
@@ -348,7 +381,7 @@ class DynamicBatcher:
                 continue
             batch, toks = [first], first.toks
             wait_until = time.monotonic() + cfg.max_wait_ms / 1e3
-            while toks < cfg.max_batch_toks and not self._closed.is_set():
+            while self._merge and toks < cfg.max_batch_toks and not self._closed.is_set():
                 nxt = self._take_live(max(0.0, wait_until - time.monotonic()))
                 if nxt is None:
                     break
@@ -357,23 +390,32 @@ class DynamicBatcher:
                     break
                 batch.append(nxt)
                 toks += nxt.toks
-            if self.metrics is not None:
-                self.metrics.queue_depth.set(self._queue.qsize())
+            self._publish_load()
             self._run_batch(batch)
         if carry is not None and not carry.future.done():
-            carry.future.set_exception(BatcherClosedError("the server is shutting down"))
+            carry.future.set_exception(ServerClosingError("the server is shutting down"))
 
     def _run_batch(self, batch: list[_Request]) -> None:
+        # The last look before model time is spent: drop callers that left meanwhile.
+        now = time.monotonic()
+        live = []
+        for request in batch:
+            if request.expired(now):
+                self._drop(request)
+            else:
+                live.append(request)
+        if not live:
+            return
         started = time.perf_counter()
         try:
-            self._answer(batch, started)
+            self._answer(live, started)
         except Exception as exc:
-            if len(batch) == 1:
-                if not batch[0].future.done():
-                    batch[0].future.set_exception(exc)
+            if len(live) == 1:
+                if not live[0].future.done():
+                    live[0].future.set_exception(exc)
                 return
             # Isolate the fault: run each request alone.
-            for request in batch:
+            for request in live:
                 try:
                     self._answer([request], started)
                 except Exception as exc:
@@ -382,9 +424,8 @@ class DynamicBatcher:
 
     def _answer(self, batch: list[_Request], started: float) -> None:
         # One index version for the whole batch; lease it so that a live swap
-        # (issue 5) does not close it under us.
-        lease = getattr(self.engine, "lease_index", None)
-        with lease() if lease is not None else contextlib.nullcontext(self.engine.index) as index:
+        # does not close it under us.
+        with self.engine.lease_index() as index:
             self._answer_with(batch, started, index)
 
     def _embed(self, sequences: list[str]) -> tuple[np.ndarray, float, float]:
@@ -420,6 +461,7 @@ class DynamicBatcher:
     def _answer_with(self, batch: list[_Request], started: float, index: Index) -> None:
         sequences = [s for r in batch for s in r.sequences]
         vectors, lock_s, embed_s = self._embed(sequences)
+        self.admission.observe_rate(sum(len(s) for s in sequences), embed_s)
         searching = [i for i, r in enumerate(batch) if r.k is not None]
         offsets = np.cumsum([0] + [len(r.sequences) for r in batch])
         search_s = 0.0

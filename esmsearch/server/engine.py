@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from esmsearch.server.reload import IndexSlot
+from esmsearch.server.slot import IndexSlot
 
 if TYPE_CHECKING:
     from esmsearch.embedding import Embedder
@@ -116,9 +116,7 @@ class SearchEngine:
 
         index = Index.open(index_dir)
         try:
-            embedder = Embedder.for_manifest(
-                index.manifest, model=model, device=device, toks_per_batch=toks_per_batch
-            )
+            embedder = Embedder.for_manifest(index.manifest, model=model, device=device, toks_per_batch=toks_per_batch)
             return cls(index, embedder)
         except BaseException:
             index.close()
@@ -201,9 +199,7 @@ class SearchEngine:
         scores, rows = idx.search(vectors, k_eff)
         return hits_from_scores(idx, scores, rows, k_eff, min_score)
 
-    def search(
-        self, sequences: Sequence[str], k: int, min_score: float | None = None
-    ) -> EngineResult:
+    def search(self, sequences: Sequence[str], k: int, min_score: float | None = None) -> EngineResult:
         """Embed ``sequences`` and return their ``k`` nearest database sequences.
 
         Args:

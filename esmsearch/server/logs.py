@@ -25,9 +25,7 @@ class JsonLinesFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
+            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -40,9 +38,7 @@ class JsonLinesFormatter(logging.Formatter):
         return json.dumps(doc, separators=(",", ":"), default=str)
 
 
-def use_log_format(
-    fmt: Literal["text", "json"] | str, logger: logging.Logger | None = None
-) -> None:
+def use_log_format(fmt: Literal["text", "json"] | str, logger: logging.Logger | None = None) -> None:
     """Switch the handlers of ``logger`` (default: root) to ``fmt``.
 
     Raises:

@@ -11,7 +11,9 @@ name                                   type       meaning
 =====================================  =========  ===========================================
 esmsearch_requests_total{rpc}          counter    RPCs finished, any status
 esmsearch_errors_total{rpc,code}       counter    RPCs finished with a status other than OK
-esmsearch_queue_depth                  gauge      requests waiting for the dynamic batcher
+esmsearch_queue_depth                  gauge      requests waiting for the model scheduler
+esmsearch_queries_in_flight            gauge      query sequences admitted, not yet answered
+esmsearch_queued_residues              gauge      residues of those sequences
 esmsearch_dropped_requests_total       counter    queued requests dropped (deadline/cancel)
 esmsearch_batches_total                counter    model batches run by the batcher
 esmsearch_batch_sequences              histogram  sequences per batch
@@ -49,14 +51,14 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "esmsearch_requests", "RPCs finished, any status", ["rpc"], registry=r
+        self.requests = Counter("esmsearch_requests", "RPCs finished, any status", ["rpc"], registry=r)
+        self.errors = Counter("esmsearch_errors", "RPCs finished with a non-OK status", ["rpc", "code"], registry=r)
+        self.queue_depth = Gauge("esmsearch_queue_depth", "Requests waiting for the model scheduler", registry=r)
+        self.queries_in_flight = Gauge(
+            "esmsearch_queries_in_flight", "Query sequences admitted and not yet answered", registry=r
         )
-        self.errors = Counter(
-            "esmsearch_errors", "RPCs finished with a non-OK status", ["rpc", "code"], registry=r
-        )
-        self.queue_depth = Gauge(
-            "esmsearch_queue_depth", "Requests waiting for the dynamic batcher", registry=r
+        self.queued_residues = Gauge(
+            "esmsearch_queued_residues", "Residues of the query sequences admitted and not yet answered", registry=r
         )
         self.dropped = Counter(
             "esmsearch_dropped_requests",
@@ -83,9 +85,7 @@ class ServerMetrics:
         self._http: object | None = None
         self._http_thread: threading.Thread | None = None
 
-    def observe_batch(
-        self, n_sequences: int, n_tokens: int, embed_s: float, search_s: float
-    ) -> None:
+    def observe_batch(self, n_sequences: int, n_tokens: int, embed_s: float, search_s: float) -> None:
         """Record one batch of the dynamic batcher."""
         self.batches.inc()
         self.batch_sequences.observe(n_sequences)

@@ -1,22 +1,18 @@
 """Live reload of a versioned index root: swap versions between requests, never fail one.
 
-Two pieces, one job each:
+:class:`IndexReloader` decides *when* to swap; :class:`esmsearch.server.slot.IndexSlot`
+(inside the engine) does the swap with reference-counted leases.
 
-* :class:`IndexSlot` holds the served :class:`~esmsearch.store.Index` and hands out
-  *leases* on it (reference counting). A swap installs the new index for every
-  request that starts afterwards; the old one is closed only when the last request
-  that leased it has finished, so no request ever sees a closed index and each
-  request's hits all come from the one version it leased.
-* :class:`IndexReloader` watches ``ROOT/current`` (see :class:`esmsearch.versions.IndexRoot`)
-  by polling ``readlink`` every ``poll_s`` seconds, and on demand (SIGHUP, the
-  ``ReloadIndex`` admin RPC). When ``current`` names a version other than the served
-  one, it opens that version with full verification (``Index.open(path, verify=True)``:
-  checksums and row counts), checks the version's model settings against the loaded
-  model (:meth:`esmsearch.embedding.Embedder.check_manifest`) and swaps it in. Any
-  failure -- model mismatch, failed verification, a version deleted by retention
-  while ``current`` briefly pointed at it -- leaves the serving version in place;
-  the error is logged and kept in :attr:`IndexReloader.last_error` (reported by
-  ``GetIndexInfo.reload_error``).
+The reloader watches ``ROOT/current`` (see :class:`esmsearch.versions.IndexRoot`) by
+polling ``readlink`` every ``poll_s`` seconds, and on demand (SIGHUP, the ``ReloadIndex``
+admin RPC). When ``current`` names a version other than the served one, it opens that
+version with full verification (``Index.open(path, verify=True)``: checksums and row
+counts), memory-mapped where FAISS allows it (so a reload does not hold two copies of a
+large index in RAM), checks the version's model settings against the loaded model
+(:meth:`esmsearch.embedding.Embedder.check_manifest`) and swaps it in. Any failure --
+model mismatch, failed verification, a version deleted by retention while ``current``
+briefly pointed at it -- leaves the serving version in place; the error is logged and
+kept in :attr:`IndexReloader.last_error` (reported by ``GetIndexInfo.reload_error``).
 
 This is the blue-green switch of collection aliases in Qdrant/Milvus, done with
 a symlink: the indexer publishes by ``rename(2)`` of the link, the server follows.
@@ -24,11 +20,9 @@ a symlink: the indexer publishes by ``rename(2)`` of the link, the server follow
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -38,99 +32,13 @@ from esmsearch.versions import IndexRoot
 
 if TYPE_CHECKING:
     from esmsearch.server.engine import SearchEngine
-    from esmsearch.store import Index
 
-__all__ = ["DEFAULT_RELOAD_POLL_S", "IndexReloader", "IndexSlot", "ReloadOutcome"]
+__all__ = ["DEFAULT_RELOAD_POLL_S", "IndexReloader", "ReloadOutcome"]
 
 log = logging.getLogger("esmsearch.server")
 
 #: Seconds between two looks at ``ROOT/current`` (a readlink: cheap).
 DEFAULT_RELOAD_POLL_S: Final = 5.0
-
-
-class _Entry:
-    """One index and the number of requests currently using it."""
-
-    __slots__ = ("closed", "index", "refs", "retired")
-
-    def __init__(self, index: Index) -> None:
-        self.index = index
-        self.refs = 0
-        self.retired = False
-        self.closed = False
-
-
-class IndexSlot:
-    """The served index, swappable while requests use it (reference counted).
-
-    Thread-safe. Requests use :meth:`lease`; :meth:`swap` installs a new index and
-    closes the old one once no lease on it remains.
-
-    Args:
-        index: the initially served index.
-    """
-
-    def __init__(self, index: Index) -> None:
-        self._lock = threading.Lock()
-        self._entry = _Entry(index)
-
-    @property
-    def current(self) -> Index:
-        """The index new requests get (do not use it across a swap; lease it)."""
-        return self._entry.index
-
-    def in_use(self) -> int:
-        """Leases held on the current index (for tests and metrics)."""
-        with self._lock:
-            return self._entry.refs
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Index]:
-        """Use the current index for one request; it stays open until the block ends."""
-        with self._lock:
-            entry = self._entry
-            entry.refs += 1
-        try:
-            yield entry.index
-        finally:
-            self._release(entry)
-
-    def _release(self, entry: _Entry) -> None:
-        with self._lock:
-            entry.refs -= 1
-            close = entry.retired and entry.refs == 0 and not entry.closed
-            if close:
-                entry.closed = True
-        if close:
-            entry.index.close()
-
-    def swap(self, index: Index) -> Index:
-        """Serve ``index`` from now on; close the old index when its last lease ends.
-
-        Returns:
-            The index served before (closed already if no request was using it).
-        """
-        with self._lock:
-            old = self._entry
-            self._entry = _Entry(index)
-            old.retired = True
-            close = old.refs == 0 and not old.closed
-            if close:
-                old.closed = True
-        if close:
-            old.index.close()
-        return old.index
-
-    def close(self) -> None:
-        """Retire the current index (closed now, or when its last lease ends)."""
-        with self._lock:
-            entry = self._entry
-            entry.retired = True
-            close = entry.refs == 0 and not entry.closed
-            if close:
-                entry.closed = True
-        if close:
-            entry.index.close()
 
 
 @dataclass(frozen=True)
@@ -283,8 +191,7 @@ class IndexReloader:
 
     def _fail(self, target: str | None, exc: BaseException) -> None:
         message = (
-            f"not serving {target or 'current'} of {self.root.path}: {exc}; "
-            f"still serving {self.engine.index.version}"
+            f"not serving {target or 'current'} of {self.root.path}: {exc}; still serving {self.engine.index.version}"
         )
         if message != self._last_error:
             log.error("index reload refused: %s", message)

@@ -21,11 +21,14 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
 from esmsearch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from esmsearch.server.rpc import RpcObserver
 
 __all__ = [
     "HEALTH_METHOD_PREFIX",
@@ -120,15 +123,11 @@ def load_tokens(
             text = Path(token_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read token file {str(token_file)!r}: {exc}") from exc
-        tokens += [
-            ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")
-        ]
+        tokens += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     tokens += env.get(env_var, "").replace(",", " ").split()
     for i, token in enumerate(tokens, start=1):
         if len(token) < 16 or not token.isascii() or any(c.isspace() for c in token):
-            raise ConfigError(
-                f"token #{i} is unusable: tokens need >= 16 printable ASCII characters, no spaces"
-            )
+            raise ConfigError(f"token #{i} is unusable: tokens need >= 16 printable ASCII characters, no spaces")
     return frozenset(tokens)
 
 
@@ -192,15 +191,22 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     Args:
         tokens: accepted tokens (non-empty).
         exempt_prefixes: method prefixes served without a token (default: health).
+        observer: logs and counts each refused call like any other RPC (its log line
+            and ``esmsearch_errors_total{code="UNAUTHENTICATED"}``); ``None`` = silent.
     """
 
     def __init__(
-        self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,)
+        self,
+        tokens: Iterable[str],
+        exempt_prefixes: tuple[str, ...] = (HEALTH_METHOD_PREFIX,),
+        *,
+        observer: RpcObserver | None = None,
     ) -> None:
         self._tokens = tuple(tokens)
         if not self._tokens:
             raise ConfigError("TokenAuthInterceptor needs at least one token")
         self._exempt = exempt_prefixes
+        self._observer = observer
 
     def _authorised(self, metadata: Iterable[Any] | None) -> bool:
         values = [v for k, v in (metadata or ()) if k == "authorization"]
@@ -215,19 +221,22 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method.startswith(self._exempt) or self._authorised(
-            handler_call_details.invocation_metadata
-        ):
+        if method.startswith(self._exempt) or self._authorised(handler_call_details.invocation_metadata):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None
 
+        observer = self._observer
+        rpc = method.rsplit("/", 1)[-1]
+
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')",
-            )
+            code = grpc.StatusCode.UNAUTHENTICATED
+            if observer is not None:
+                rec = observer.start(rpc, context)
+                rec.code = code
+                observer.finish(rec)
+            context.abort(code, "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')")
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)

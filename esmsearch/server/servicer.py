@@ -1,31 +1,33 @@
-"""gRPC servicer of ``esmsearch.v1.HomologSearch``: request validation, limits, logging.
+"""gRPC servicer of ``esmsearch.v1.HomologSearch``: request validation, limits, protobuf.
 
-The servicer only translates between protobuf and :class:`SearchEngine`; every
-request is validated here first, and every failure becomes a gRPC status with a
-precise message (``context.abort(code, details)``, as in grpc's Python examples).
+The servicer only translates between protobuf and the engine/scheduler; every
+request is validated here first. Every method is wrapped by one decorator that hands
+failures, the log line and the metrics to :class:`esmsearch.server.rpc.RpcObserver`,
+the one place where exceptions become gRPC statuses.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 import numpy as np
 
 import esmsearch
-from esmsearch.errors import EsmsearchError, InvalidSequenceError
+from esmsearch.errors import IndexDirectoryError, InvalidSequenceError
 from esmsearch.sequences import validate_sequence
-from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
+from esmsearch.server.engine import EngineHit, SearchEngine
+from esmsearch.server.rpc import Reject, RpcObserver, RpcRecord
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 if TYPE_CHECKING:
+    from esmsearch.server.admission import AdmissionConfig
     from esmsearch.server.batcher import DynamicBatcher
-    from esmsearch.server.metrics import ServerMetrics
     from esmsearch.server.reload import IndexReloader
 
 __all__ = [
@@ -37,8 +39,6 @@ __all__ = [
     "HomologSearchServicer",
     "RequestLimits",
 ]
-
-log = logging.getLogger("esmsearch.server")
 
 #: Default largest ``k`` (hits per query). Larger values give INVALID_ARGUMENT.
 MAX_K: Final = 1000
@@ -82,6 +82,20 @@ class RequestLimits:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RequestLimits.{name} must be an integer >= 1, got {value!r}")
 
+    def within(self, admission: AdmissionConfig) -> RequestLimits:
+        """These limits tightened so that any request within them can be admitted.
+
+        A request with more queries or residues than the admission bounds could never
+        run; the tightened limits refuse it at validation (RESOURCE_EXHAUSTED, no
+        retry-after) and are what ``GetIndexInfo`` reports, so clients split to fit.
+        """
+        return RequestLimits(
+            max_k=self.max_k,
+            max_queries_per_request=min(self.max_queries_per_request, admission.max_queries_in_flight),
+            max_residues_per_query=min(self.max_residues_per_query, admission.max_queued_residues),
+            max_residues_per_request=min(self.max_residues_per_request, admission.max_queued_residues),
+        )
+
     def to_proto(self) -> search_pb2.RequestLimits:
         return search_pb2.RequestLimits(
             max_k=self.max_k,
@@ -91,32 +105,23 @@ class RequestLimits:
         )
 
 
-class _Reject(Exception):
-    """A request is refused with this status code and details."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 def _check_k(k: int, has_min_score: bool, min_score: float, limits: RequestLimits) -> float | None:
     """Validate ``k`` and ``min_score``; return min_score or ``None`` when unset."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     if not 1 <= k <= limits.max_k:
-        raise _Reject(invalid, f"k must be in [1, {limits.max_k}], got {k}")
+        raise Reject(invalid, f"k must be in [1, {limits.max_k}], got {k}")
     if not has_min_score:
         return None
     if math.isnan(min_score) or not -1.0 <= min_score <= 1.0:
-        raise _Reject(invalid, f"min_score must be a cosine score in [-1, 1], got {min_score}")
+        raise Reject(invalid, f"min_score must be a cosine score in [-1, 1], got {min_score}")
     return min_score
 
 
 def _check_count(n: int, limits: RequestLimits, what: str) -> None:
     if n == 0:
-        raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"request has no {what}; send at least one")
+        raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"request has no {what}; send at least one")
     if n > limits.max_queries_per_request:
-        raise _Reject(
+        raise Reject(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"request has {n} {what}, over the limit of {limits.max_queries_per_request} "
             "per request; split it into several requests",
@@ -129,15 +134,11 @@ def _check_ids(ids: list[str]) -> None:
     seen: dict[str, int] = {}
     for i, qid in enumerate(ids, start=1):
         if not qid:
-            raise _Reject(
-                invalid, f"query #{i} has an empty query_id; every query needs a unique id"
-            )
+            raise Reject(invalid, f"query #{i} has an empty query_id; every query needs a unique id")
         if len(qid.encode("utf-8")) > MAX_QUERY_ID_BYTES:
-            raise _Reject(
-                invalid, f"query #{i}: query_id is longer than {MAX_QUERY_ID_BYTES} bytes"
-            )
+            raise Reject(invalid, f"query #{i}: query_id is longer than {MAX_QUERY_ID_BYTES} bytes")
         if qid in seen:
-            raise _Reject(
+            raise Reject(
                 invalid,
                 f"query {qid!r}: duplicate query_id (queries #{seen[qid]} and #{i}); "
                 "query ids must be unique within a request",
@@ -149,7 +150,7 @@ def _check_queries(queries: Sequence[search_pb2.Query], limits: RequestLimits) -
     """Validate query ids, sequences and residue limits; return normalised sequences.
 
     Raises:
-        _Reject: INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a precise message.
+        Reject: INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a precise message.
     """
     _check_count(len(queries), limits, "queries")
     _check_ids([q.query_id for q in queries])
@@ -159,7 +160,7 @@ def _check_queries(queries: Sequence[search_pb2.Query], limits: RequestLimits) -
     for query in queries:
         qid = query.query_id
         if len(query.sequence) > limits.max_residues_per_query + 1:  # +1: a trailing '*'
-            raise _Reject(
+            raise Reject(
                 exhausted,
                 f"query {qid!r} has {len(query.sequence)} residues, over the limit of "
                 f"{limits.max_residues_per_query} per query",
@@ -168,18 +169,15 @@ def _check_queries(queries: Sequence[search_pb2.Query], limits: RequestLimits) -
             seq = validate_sequence(qid, query.sequence)
         except InvalidSequenceError as exc:
             where = f" at residue {exc.position}" if exc.position is not None else ""
-            raise _Reject(
-                grpc.StatusCode.INVALID_ARGUMENT, f"query {qid!r}{where}: {exc.reason}"
-            ) from exc
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"query {qid!r}{where}: {exc.reason}") from exc
         if len(seq) > limits.max_residues_per_query:
-            raise _Reject(
+            raise Reject(
                 exhausted,
-                f"query {qid!r} has {len(seq)} residues, over the limit of "
-                f"{limits.max_residues_per_query} per query",
+                f"query {qid!r} has {len(seq)} residues, over the limit of {limits.max_residues_per_query} per query",
             )
         total += len(seq)
         if total > limits.max_residues_per_request:
-            raise _Reject(
+            raise Reject(
                 exhausted,
                 f"request has more than {limits.max_residues_per_request} residues in total "
                 f"(reached {total} at query {qid!r}); split it into several requests",
@@ -188,9 +186,7 @@ def _check_queries(queries: Sequence[search_pb2.Query], limits: RequestLimits) -
     return sequences
 
 
-def _check_embeddings(
-    embeddings: Sequence[search_pb2.Embedding], dim: int, limits: RequestLimits
-) -> np.ndarray:
+def _check_embeddings(embeddings: Sequence[search_pb2.Embedding], dim: int, limits: RequestLimits) -> np.ndarray:
     """Validate query vectors; return them L2-normalised as float32 ``[n, dim]``."""
     _check_count(len(embeddings), limits, "embeddings")
     _check_ids([e.query_id for e in embeddings])
@@ -198,17 +194,16 @@ def _check_embeddings(
     vectors = np.zeros((len(embeddings), dim), dtype=np.float32)
     for i, emb in enumerate(embeddings):
         if len(emb.values) != dim:
-            raise _Reject(
+            raise Reject(
                 invalid,
-                f"query {emb.query_id!r}: embedding has {len(emb.values)} values, "
-                f"the index dimension is {dim}",
+                f"query {emb.query_id!r}: embedding has {len(emb.values)} values, the index dimension is {dim}",
             )
         vectors[i] = emb.values
     finite = np.asarray(np.isfinite(vectors).all(axis=1))
     norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
     for bad in np.flatnonzero(~finite | (norms == 0)).tolist():
         what = "non-finite values" if not bool(finite[bad]) else "a zero vector"
-        raise _Reject(invalid, f"query {embeddings[bad].query_id!r}: embedding has {what}")
+        raise Reject(invalid, f"query {embeddings[bad].query_id!r}: embedding has {what}")
     return (vectors / norms[:, None]).astype(np.float32)
 
 
@@ -230,58 +225,34 @@ def _fill_results(
             )
 
 
-class _RequestLog:
-    """Collects one request's figures for its single log line."""
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
-    def __init__(self, rpc: str) -> None:
-        self.rpc = rpc
-        self.t0 = time.perf_counter()
-        self.code = grpc.StatusCode.OK
-        self.queries = 0
-        self.residues = 0
-        self.k = 0
-        self.queue_s = 0.0
-        self.embed_s = 0.0
-        self.search_s = 0.0
 
-    def emit(self, peer: str, metrics: ServerMetrics | None = None) -> None:
-        total_s = time.perf_counter() - self.t0
-        fields = {
-            "rpc": self.rpc,
-            "code": self.code.name,
-            "peer": peer,
-            "queries": self.queries,
-            "residues": self.residues,
-            "k": self.k,
-            "queue_ms": round(self.queue_s * 1e3, 1),
-            "embed_ms": round(self.embed_s * 1e3, 1),
-            "search_ms": round(self.search_s * 1e3, 1),
-            "total_ms": round(total_s * 1e3, 1),
-        }
-        log.info(
-            "rpc=%s code=%s peer=%s queries=%d residues=%d k=%d "
-            "queue_ms=%.1f embed_ms=%.1f search_ms=%.1f total_ms=%.1f",
-            self.rpc,
-            self.code.name,
-            peer,
-            self.queries,
-            self.residues,
-            self.k,
-            self.queue_s * 1e3,
-            self.embed_s * 1e3,
-            self.search_s * 1e3,
-            total_s * 1e3,
-            extra={"fields": fields},  # for esmsearch.server.logs.JsonLinesFormatter
-        )
-        if metrics is not None:
-            metrics.observe_request(
-                self.rpc,
-                self.code.name,
-                queue_s=self.queue_s,
-                embed_s=self.embed_s,
-                search_s=self.search_s,
-                total_s=total_s,
-            )
+def _unary_rpc(name: str) -> Callable[[_Method], _Method]:
+    """Wrap a unary method: one :class:`RpcRecord`, failures answered and logged in one place."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def wrapper(self: HomologSearchServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            rec = self.observer.start(name, context)
+            try:
+                return method(self, request, context, rec)
+            except Exception as exc:
+                self.observer.fail(context, rec, exc)
+            finally:
+                self.observer.finish(rec)
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
+
+def _remaining_s(context: grpc.ServicerContext) -> float | None:
+    """Seconds left of the caller's deadline; ``None`` without one."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e6:  # grpc reports "no deadline" as a huge number
+        return None
+    return max(0.0, float(remaining))
 
 
 class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
@@ -289,186 +260,113 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
 
     Args:
         engine: the loaded model + index.
-        limits: request limits to enforce.
+        batcher: the model scheduler every Search, SearchStream message and Embed
+            goes through (admission, deadlines, batching).
+        limits: request limits to enforce (and report in ``GetIndexInfo``).
+        reloader: follows a versioned root's ``current``; ``None`` = fixed index.
+        observer: logs, metrics and status mapping of every RPC.
 
     Every request (every message of a stream) logs one line on the
     ``esmsearch.server`` logger with its status code, number of queries and
     residues, ``k``, and queue/embed/search/total times in ms.
     """
 
-    def __init__(self, engine: SearchEngine, limits: RequestLimits | None = None) -> None:
-        self.engine = engine
-        self.limits = limits or RequestLimits()
-        #: Follows a versioned root's ``current`` (set by create_server); None = fixed index.
-        self.reloader: IndexReloader | None = None
-        #: Dynamic batcher that embeds (and searches) for Search, SearchStream and
-        #: Embed (set by create_server); None = each request embeds on its own.
-        self.batcher: DynamicBatcher | None = None
-        #: Prometheus metrics sink (set by create_server); None = no metrics.
-        self.metrics: ServerMetrics | None = None
-
-    def _batched(self, call: Any, context: grpc.ServicerContext) -> Any:
-        """Run a batcher call, mapping its refusals to gRPC statuses."""
-        from esmsearch.server.batcher import (
-            BatcherClosedError,
-            QueueFullError,
-            RequestExpiredError,
-        )
-
-        remaining = context.time_remaining()  # None or huge without a client deadline
-        if remaining is not None and remaining > 1e6:
-            remaining = None
-        try:
-            return call(is_active=context.is_active, timeout_s=remaining)
-        except QueueFullError as exc:
-            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        except RequestExpiredError as exc:
-            raise _Reject(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
-        except BatcherClosedError as exc:
-            raise _Reject(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-
-    def _run_search(
+    def __init__(
         self,
-        sequences: list[str],
-        k: int,
-        min_score: float | None,
-        context: grpc.ServicerContext | None,
-    ) -> EngineResult:
-        batcher = self.batcher
-        if batcher is None or context is None:
-            return self.engine.search(sequences, k, min_score)
-        result: EngineResult = self._batched(
-            lambda **kw: batcher.search(sequences, k, min_score, **kw), context
-        )
-        return result
-
-    def _abort(
-        self, context: grpc.ServicerContext, rec: _RequestLog, exc: Exception, prefix: str = ""
+        engine: SearchEngine,
+        batcher: DynamicBatcher,
+        *,
+        limits: RequestLimits | None = None,
+        reloader: IndexReloader | None = None,
+        observer: RpcObserver | None = None,
     ) -> None:
-        if isinstance(exc, _Reject):
-            rec.code = exc.code
-            context.abort(exc.code, prefix + exc.details)
-        rec.code = grpc.StatusCode.INTERNAL
-        log.error("%s failed", rec.rpc, exc_info=exc)
-        context.abort(
-            grpc.StatusCode.INTERNAL, f"{prefix}internal error: {type(exc).__name__}: {exc}"
-        )
+        self.engine = engine
+        self.batcher = batcher
+        self.limits = limits or RequestLimits()
+        self.reloader = reloader
+        self.observer = observer or RpcObserver()
 
     def _search(
-        self,
-        request: search_pb2.SearchRequest,
-        rec: _RequestLog,
-        context: grpc.ServicerContext | None = None,
+        self, request: search_pb2.SearchRequest, rec: RpcRecord, context: grpc.ServicerContext
     ) -> search_pb2.SearchResponse:
         rec.queries, rec.k = len(request.queries), request.k
         sequences = _check_queries(request.queries, self.limits)
-        min_score = _check_k(
-            request.k, request.HasField("min_score"), request.min_score, self.limits
-        )
+        min_score = _check_k(request.k, request.HasField("min_score"), request.min_score, self.limits)
         rec.residues = sum(len(s) for s in sequences)
-        result = self._run_search(sequences, request.k, min_score, context)
+        result = self.batcher.search(
+            sequences, request.k, min_score, is_active=context.is_active, timeout_s=_remaining_s(context)
+        )
         rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
         response = search_pb2.SearchResponse(index_version=result.index_version)
-        _fill_results(
-            response,
-            [q.query_id for q in request.queries],
-            [len(s) for s in sequences],
-            result.hits,
-        )
+        _fill_results(response, [q.query_id for q in request.queries], [len(s) for s in sequences], result.hits)
         return response
 
+    @_unary_rpc("Search")
     def Search(  # noqa: N802 - gRPC method name
-        self, request: search_pb2.SearchRequest, context: grpc.ServicerContext
+        self, request: search_pb2.SearchRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.SearchResponse:
-        rec = _RequestLog("Search")
-        try:
-            return self._search(request, rec, context)
-        except Exception as exc:
-            self._abort(context, rec, exc)
-            raise  # unreachable: abort raises
-        finally:
-            rec.emit(context.peer(), self.metrics)
+        return self._search(request, rec, context)
 
     def SearchStream(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[search_pb2.SearchRequest], context: grpc.ServicerContext
     ) -> Iterator[search_pb2.SearchResponse]:
         for n, request in enumerate(request_iterator, start=1):
-            rec = _RequestLog("SearchStream")
+            rec = self.observer.start("SearchStream", context)
             try:
                 response = self._search(request, rec, context)
             except Exception as exc:
                 try:
-                    self._abort(context, rec, exc, prefix=f"request #{n}: ")
+                    self.observer.fail(context, rec, exc, prefix=f"request #{n}: ")
                 finally:
-                    rec.emit(context.peer(), self.metrics)
-                raise  # unreachable: abort raises
-            rec.emit(context.peer(), self.metrics)
+                    self.observer.finish(rec)
+            self.observer.finish(rec)
             yield response
 
+    @_unary_rpc("SearchByEmbedding")
     def SearchByEmbedding(  # noqa: N802 - gRPC method name
-        self, request: search_pb2.SearchByEmbeddingRequest, context: grpc.ServicerContext
+        self, request: search_pb2.SearchByEmbeddingRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.SearchResponse:
-        rec = _RequestLog("SearchByEmbedding")
-        try:
-            rec.queries, rec.k = len(request.embeddings), request.k
-            with self.engine.lease_index() as index:  # one version for the whole request
-                vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
-                min_score = _check_k(
-                    request.k, request.HasField("min_score"), request.min_score, self.limits
-                )
-                t0 = time.perf_counter()
-                hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
-                rec.search_s = time.perf_counter() - t0
-            response = search_pb2.SearchResponse(index_version=index.version)
-            ids = [e.query_id for e in request.embeddings]
-            _fill_results(response, ids, [0] * len(ids), hits)
-            return response
-        except Exception as exc:
-            self._abort(context, rec, exc)
-            raise
-        finally:
-            rec.emit(context.peer(), self.metrics)
+        rec.queries, rec.k = len(request.embeddings), request.k
+        with self.engine.lease_index() as index:  # one version for the whole request
+            vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
+            min_score = _check_k(request.k, request.HasField("min_score"), request.min_score, self.limits)
+            t0 = time.perf_counter()
+            hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
+            rec.search_s = time.perf_counter() - t0
+        response = search_pb2.SearchResponse(index_version=index.version)
+        ids = [e.query_id for e in request.embeddings]
+        _fill_results(response, ids, [0] * len(ids), hits)
+        return response
 
+    @_unary_rpc("Embed")
     def Embed(  # noqa: N802 - gRPC method name
-        self, request: search_pb2.EmbedRequest, context: grpc.ServicerContext
+        self, request: search_pb2.EmbedRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.EmbedResponse:
-        rec = _RequestLog("Embed")
-        try:
-            rec.queries = len(request.queries)
-            sequences = _check_queries(request.queries, self.limits)
-            rec.residues = sum(len(s) for s in sequences)
-            m = self.engine.index.manifest  # model settings: the same across swaps
-            batcher = self.batcher
-            if batcher is None:
-                version = self.engine.index.version
-                vectors, rec.queue_s, rec.embed_s = self.engine.embed(sequences)
-            else:
-                vectors, version, rec.queue_s, rec.embed_s = self._batched(
-                    lambda **kw: batcher.embed(sequences, **kw), context
-                )
-            response = search_pb2.EmbedResponse(
-                model_name=m.model_name,
-                checkpoint_sha256=m.checkpoint_sha256,
-                layer=m.layer,
-                dim=m.dim,
-                index_version=version,
-            )
-            for query, vector in zip(request.queries, vectors, strict=True):
-                response.embeddings.add(query_id=query.query_id, values=vector.tolist())
-            return response
-        except Exception as exc:
-            self._abort(context, rec, exc)
-            raise
-        finally:
-            rec.emit(context.peer(), self.metrics)
+        rec.queries = len(request.queries)
+        sequences = _check_queries(request.queries, self.limits)
+        rec.residues = sum(len(s) for s in sequences)
+        m = self.engine.index.manifest  # model settings: the same across swaps
+        vectors, version, rec.queue_s, rec.embed_s = self.batcher.embed(
+            sequences, is_active=context.is_active, timeout_s=_remaining_s(context)
+        )
+        response = search_pb2.EmbedResponse(
+            model_name=m.model_name,
+            checkpoint_sha256=m.checkpoint_sha256,
+            layer=m.layer,
+            dim=m.dim,
+            index_version=version,
+        )
+        for query, vector in zip(request.queries, vectors, strict=True):
+            response.embeddings.add(query_id=query.query_id, values=vector.tolist())
+        return response
 
+    @_unary_rpc("GetIndexInfo")
     def GetIndexInfo(  # noqa: N802 - gRPC method name
-        self, request: search_pb2.GetIndexInfoRequest, context: grpc.ServicerContext
+        self, request: search_pb2.GetIndexInfoRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.IndexInfo:
-        t0 = time.perf_counter()
         index = self.engine.index
         m = index.manifest
-        info = search_pb2.IndexInfo(
+        return search_pb2.IndexInfo(
             model_name=m.model_name,
             checkpoint_sha256=m.checkpoint_sha256,
             layer=m.layer,
@@ -486,52 +384,24 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             limits=self.limits.to_proto(),
             reload_error=self.reloader.last_error if self.reloader is not None else "",
         )
-        log.info(
-            "rpc=GetIndexInfo code=OK peer=%s total_ms=%.1f",
-            context.peer(),
-            (time.perf_counter() - t0) * 1e3,
-        )
-        if self.metrics is not None:
-            self.metrics.observe_request(
-                "GetIndexInfo",
-                "OK",
-                queue_s=0.0,
-                embed_s=0.0,
-                search_s=0.0,
-                total_s=time.perf_counter() - t0,
-            )
-        return info
 
+    @_unary_rpc("ReloadIndex")
     def ReloadIndex(  # noqa: N802 - gRPC method name
-        self, request: search_pb2.ReloadIndexRequest, context: grpc.ServicerContext
+        self, request: search_pb2.ReloadIndexRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.ReloadIndexResponse:
-        t0 = time.perf_counter()
-        code = grpc.StatusCode.OK
+        reloader = self.reloader
+        if reloader is None:
+            raise Reject(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server serves a fixed index directory, not a versioned index root; "
+                "start it on ROOT (esmsearch serve ROOT) to reload new versions",
+            )
         try:
-            reloader = self.reloader
-            if reloader is None:
-                code = grpc.StatusCode.FAILED_PRECONDITION
-                context.abort(
-                    code,
-                    "this server serves a fixed index directory, not a versioned index root; "
-                    "start it on ROOT (esmsearch serve ROOT) to reload new versions",
-                )
-                raise AssertionError("unreachable: abort raises")
-            try:
-                outcome = reloader.reload(force=True)
-            except EsmsearchError as exc:
-                code = grpc.StatusCode.FAILED_PRECONDITION
-                context.abort(code, reloader.last_error or str(exc))
-                raise AssertionError("unreachable: abort raises") from exc
-            return search_pb2.ReloadIndexResponse(
-                reloaded=outcome.reloaded,
-                index_version=outcome.index_version,
-                previous_version=outcome.previous_version,
-            )
-        finally:
-            log.info(
-                "rpc=ReloadIndex code=%s peer=%s total_ms=%.1f",
-                code.name,
-                context.peer(),
-                (time.perf_counter() - t0) * 1e3,
-            )
+            outcome = reloader.reload(force=True)
+        except IndexDirectoryError as exc:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, reloader.last_error or str(exc)) from exc
+        return search_pb2.ReloadIndexResponse(
+            reloaded=outcome.reloaded,
+            index_version=outcome.index_version,
+            previous_version=outcome.previous_version,
+        )

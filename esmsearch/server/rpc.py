@@ -1,0 +1,212 @@
+"""Errors, logs and metrics of every RPC, in one place.
+
+Every RPC the server answers -- the search service's methods, GetIndexInfo and
+ReloadIndex included, and calls that the bearer-token check refuses -- ends in
+:meth:`RpcObserver.finish`, which writes the request's one log line and records its
+metrics; every failure is turned into a gRPC status by :func:`status_for`, which is
+the only mapping from exceptions to status codes on the server side:
+
+=================================================  ==================================
+exception                                          status
+=================================================  ==================================
+:class:`Reject` (validation in the servicer)       its own code and details
+:class:`~esmsearch.errors.InvalidSequenceError`    INVALID_ARGUMENT
+:class:`~esmsearch.errors.ServerBusyError`         RESOURCE_EXHAUSTED + ``retry-after-ms``
+:class:`~esmsearch.errors.RequestTooLargeError`    RESOURCE_EXHAUSTED (no retry-after)
+:class:`~esmsearch.errors.RequestExpiredError`     DEADLINE_EXCEEDED
+:class:`~esmsearch.errors.ServerClosingError`      UNAVAILABLE
+:class:`~esmsearch.errors.IndexDirectoryError`     FAILED_PRECONDITION (reloads)
+anything else                                      INTERNAL, details = an error id
+=================================================  ==================================
+
+An INTERNAL answer never carries exception text (it could hold server paths): its
+details are ``internal error <id>``, and the server log has the same id next to the
+traceback, so an operator can find it from a user's report.
+
+``retry-after-ms`` (trailing metadata, an integer number of milliseconds as ASCII
+digits) is set only on RESOURCE_EXHAUSTED answers that a retry can succeed, as
+qdrant-client and HTTP's ``Retry-After`` do; answers over a permanent limit never
+carry it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, NoReturn
+
+import grpc
+
+from esmsearch.errors import (
+    IndexDirectoryError,
+    InvalidSequenceError,
+    RequestExpiredError,
+    RequestTooLargeError,
+    ServerBusyError,
+    ServerClosingError,
+)
+
+if TYPE_CHECKING:
+    from esmsearch.server.metrics import ServerMetrics
+
+__all__ = ["RETRY_AFTER_KEY", "Reject", "RpcObserver", "RpcRecord", "Status", "status_for"]
+
+log = logging.getLogger("esmsearch.server")
+
+#: Trailing-metadata key of the retry hint on RESOURCE_EXHAUSTED (milliseconds, ASCII digits).
+RETRY_AFTER_KEY: Final = "retry-after-ms"
+
+
+class Reject(Exception):
+    """A request refused by validation with this status code and details (never logged as a bug)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Status:
+    """A gRPC status to answer with.
+
+    Attributes:
+        code: the status code.
+        details: the message sent to the client.
+        trailing_metadata: extra trailing metadata (``retry-after-ms``), possibly empty.
+        error_id: the id of an INTERNAL error (also in the server log), else ``""``.
+    """
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str], ...] = ()
+    error_id: str = ""
+
+
+def status_for(exc: BaseException) -> Status:
+    """The status a failed RPC answers with (the table in the module docstring)."""
+    codes = grpc.StatusCode
+    if isinstance(exc, Reject):
+        return Status(exc.code, exc.details)
+    if isinstance(exc, InvalidSequenceError):
+        return Status(codes.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, ServerBusyError):
+        ms = max(1, round(exc.retry_after_s * 1e3))
+        return Status(codes.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_KEY, str(ms)),))
+    if isinstance(exc, RequestTooLargeError):
+        return Status(codes.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, RequestExpiredError):
+        return Status(codes.DEADLINE_EXCEEDED, str(exc))
+    if isinstance(exc, ServerClosingError):
+        return Status(codes.UNAVAILABLE, str(exc))
+    if isinstance(exc, IndexDirectoryError):
+        return Status(codes.FAILED_PRECONDITION, str(exc))
+    error_id = uuid.uuid4().hex[:12]
+    return Status(
+        codes.INTERNAL,
+        f"internal error {error_id}; the server log has its details under this id",
+        error_id=error_id,
+    )
+
+
+@dataclass
+class RpcRecord:
+    """One request's figures, for its single log line and its metrics."""
+
+    rpc: str
+    peer: str = ""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    queries: int = 0
+    residues: int = 0
+    k: int = 0
+    queue_s: float = 0.0
+    embed_s: float = 0.0
+    search_s: float = 0.0
+    error_id: str = ""
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class RpcObserver:
+    """Logs and counts every finished RPC, and answers failures with their status.
+
+    Args:
+        metrics: Prometheus sink, or ``None`` for logs only.
+    """
+
+    def __init__(self, metrics: ServerMetrics | None = None) -> None:
+        self.metrics = metrics
+
+    def start(self, rpc: str, context: grpc.ServicerContext) -> RpcRecord:
+        """A record for one request (message, for streams) of ``rpc``."""
+        return RpcRecord(rpc, peer=_peer(context))
+
+    def fail(self, context: grpc.ServicerContext, rec: RpcRecord, exc: BaseException, prefix: str = "") -> NoReturn:
+        """Answer ``exc`` with its status (:func:`status_for`) through ``context.abort``.
+
+        Unexpected exceptions are logged with their traceback and an error id here;
+        the client sees only the id.
+
+        Raises:
+            Exception: what ``context.abort`` raises to end the RPC (always).
+        """
+        status = status_for(exc)
+        rec.code = status.code
+        rec.error_id = status.error_id
+        if status.error_id:
+            log.error("rpc=%s error_id=%s failed", rec.rpc, status.error_id, exc_info=exc)
+        if status.trailing_metadata:
+            context.set_trailing_metadata(status.trailing_metadata)
+        context.abort(status.code, prefix + status.details)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    def finish(self, rec: RpcRecord) -> None:
+        """Write the request's log line and record its metrics."""
+        total_s = time.perf_counter() - rec.t0
+        fields: dict[str, object] = {
+            "rpc": rec.rpc,
+            "code": rec.code.name,
+            "peer": rec.peer,
+            "queries": rec.queries,
+            "residues": rec.residues,
+            "k": rec.k,
+            "queue_ms": round(rec.queue_s * 1e3, 1),
+            "embed_ms": round(rec.embed_s * 1e3, 1),
+            "search_ms": round(rec.search_s * 1e3, 1),
+            "total_ms": round(total_s * 1e3, 1),
+        }
+        if rec.error_id:
+            fields["error_id"] = rec.error_id
+        log.info(
+            "rpc=%s code=%s peer=%s queries=%d residues=%d k=%d "
+            "queue_ms=%.1f embed_ms=%.1f search_ms=%.1f total_ms=%.1f%s",
+            rec.rpc,
+            rec.code.name,
+            rec.peer,
+            rec.queries,
+            rec.residues,
+            rec.k,
+            rec.queue_s * 1e3,
+            rec.embed_s * 1e3,
+            rec.search_s * 1e3,
+            total_s * 1e3,
+            f" error_id={rec.error_id}" if rec.error_id else "",
+            extra={"fields": fields},  # for esmsearch.server.logs.JsonLinesFormatter
+        )
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                rec.rpc,
+                rec.code.name,
+                queue_s=rec.queue_s,
+                embed_s=rec.embed_s,
+                search_s=rec.search_s,
+                total_s=total_s,
+            )
+
+
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # noqa: BLE001 - a test double or a closed call: the log line still goes out
+        return ""
