@@ -77,3 +77,13 @@ def client(server):  # type: ignore[no-untyped-def]
     address, _ = server
     with SearchClient(address, timeout_s=60.0) as c:
         yield c
+
+
+def reap(proc) -> None:  # type: ignore[no-untyped-def]
+    """Kill ``proc`` if it still runs, wait for it, and close its pipes (no ResourceWarning)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import reap
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from esmsearch.errors import ConfigError, RequestExpiredError, ServerBusyError, ServerClosingError
@@ -349,9 +350,7 @@ def test_sigterm_drains_requests_held_in_the_batcher(small_index: Path, db) -> N
             assert future.result(timeout=30).results[0].hits[0].target_id == db[0].record_id
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_a_call_without_deadline_is_answered_through_the_batcher(gated_server, db) -> None:  # type: ignore[no-untyped-def]

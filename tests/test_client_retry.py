@@ -1,4 +1,4 @@
-"""Client retries: UNAVAILABLE only, exponential backoff with full jitter, within the deadline."""
+"""Client retries: UNAVAILABLE with jittered backoff, a busy server after its retry-after hint, within the deadline."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 
 class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
+    def __init__(self, code: grpc.StatusCode, retry_after_ms: str | None = None) -> None:
         super().__init__(code.name)
         self._code = code
+        self._trailing = (("retry-after-ms", retry_after_ms),) if retry_after_ms is not None else ()
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -29,18 +30,22 @@ class FakeRpcError(grpc.RpcError):
     def details(self) -> str:
         return self._code.name
 
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
 
 class Flaky:
-    """Fails with the given codes, then returns "ok"; records each attempt's timeout."""
+    """Fails with the given codes (or prepared errors), then returns "ok"; records each attempt's timeout."""
 
-    def __init__(self, *codes: grpc.StatusCode) -> None:
+    def __init__(self, *codes: grpc.StatusCode | FakeRpcError) -> None:
         self.codes = list(codes)
         self.timeouts: list[float | None] = []
 
     def __call__(self, remaining: float | None) -> str:
         self.timeouts.append(remaining)
         if self.codes:
-            raise FakeRpcError(self.codes.pop(0))
+            err = self.codes.pop(0)
+            raise err if isinstance(err, FakeRpcError) else FakeRpcError(err)
         return "ok"
 
 
@@ -76,7 +81,7 @@ def test_unavailable_is_retried_with_growing_jittered_backoff() -> None:
 
 @pytest.mark.parametrize(
     "code",
-    [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,  # no retry-after: permanent
      grpc.StatusCode.DEADLINE_EXCEEDED,
      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL],
 )  # fmt: skip
@@ -85,6 +90,32 @@ def test_other_codes_are_not_retried(code: grpc.StatusCode) -> None:
     with pytest.raises(FakeRpcError):
         call_with_retry(call, RetryPolicy(), None, sleep=clock.sleep, clock=clock)
     assert len(call.timeouts) == 1 and clock.sleeps == []
+
+
+def test_busy_server_is_retried_after_its_hint_plus_jitter() -> None:
+    clock = FakeClock()
+    busy = [FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, ms) for ms in ("200", "50")]
+    call = Flaky(*busy)
+    policy = RetryPolicy(max_attempts=4, rng=random.Random(5))
+    assert call_with_retry(call, policy, 10.0, sleep=clock.sleep, clock=clock) == "ok"
+    assert len(call.timeouts) == 3
+    assert 0.2 <= clock.sleeps[0] <= 0.25 and 0.05 <= clock.sleeps[1] <= 0.0625  # never sooner than asked
+
+
+def test_busy_server_is_not_retried_past_the_deadline() -> None:
+    clock = FakeClock()
+    call = Flaky(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "5000"))
+    with pytest.raises(FakeRpcError):
+        call_with_retry(call, RetryPolicy(), 2.0, sleep=clock.sleep, clock=clock)
+    assert len(call.timeouts) == 1 and clock.sleeps == []  # waiting 5 s would pass the 2 s deadline
+
+
+def test_malformed_retry_after_is_a_permanent_refusal() -> None:
+    clock = FakeClock()
+    call = Flaky(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "soon"))
+    with pytest.raises(FakeRpcError):
+        call_with_retry(call, RetryPolicy(), None, sleep=clock.sleep, clock=clock)
+    assert len(call.timeouts) == 1
 
 
 def test_attempts_are_bounded_and_the_last_error_is_raised() -> None:

@@ -1,20 +1,27 @@
 """Property-based fuzzing of the servicer with random and hostile requests (hypothesis).
 
-Each property: every request gets OK with well-formed results, or exactly the
-documented error code; afterwards the server still answers, and the process's
-memory has stayed bounded. A server with small limits is used so that limits are
-hit often and cheaply.
+Each property: a request that an independent oracle (written here from the API
+documentation, not from the server code) calls valid gets OK with well-formed
+results; every other request gets exactly a documented error code with a reason;
+afterwards the server still answers. The server's memory under hostile sizes is
+measured in a fresh server process (its own peak RSS, VmHWM), never from the pytest
+process's lifetime peak. A server with small limits is used so that limits are hit
+often and cheaply.
 """
 
 from __future__ import annotations
 
 import math
-import resource
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import reap
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -86,10 +93,35 @@ def _call(fn, request):  # type: ignore[no-untyped-def]
         return exc.code(), exc.details()
 
 
-def _expected_search_failure(qs: list[tuple[str, str]], k: int, min_score: float | None) -> bool:
-    return not qs or len(qs) > LIMITS.max_queries_per_request or not 1 <= k <= LIMITS.max_k or (
-        min_score is not None and (math.isnan(min_score) or not -1 <= min_score <= 1)
-    ) or len({q for q, _ in qs}) != len(qs) or any(not q for q, _ in qs)  # fmt: skip
+RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYXBZUO")  # search.proto: Query.sequence
+
+
+def _valid_sequence(seq: str) -> bool:
+    """search.proto's rule: one-letter residues, case-insensitive, one trailing '*' ignored."""
+    raw = seq[:-1] if seq.endswith("*") else seq
+    return bool(raw) and raw.isascii() and set(raw.upper()) <= RESIDUES
+
+
+def _residues(seq: str) -> int:
+    return len(seq) - seq.endswith("*")
+
+
+def _valid_ids(ids: list[str]) -> bool:
+    return all(ids) and len(set(ids)) == len(ids) and all(len(i.encode()) <= 1000 for i in ids)
+
+
+def _valid_k(k: int, min_score: float | None = None) -> bool:
+    in_range = min_score is None or (not math.isnan(min_score) and -1 <= min_score <= 1)
+    return 1 <= k <= LIMITS.max_k and in_range
+
+
+def _valid_queries(qs: list[tuple[str, str]]) -> bool:
+    return (
+        1 <= len(qs) <= LIMITS.max_queries_per_request
+        and _valid_ids([q for q, _ in qs])
+        and all(_valid_sequence(s) and _residues(s) <= LIMITS.max_residues_per_query for _, s in qs)
+        and sum(_residues(s) for _, s in qs) <= LIMITS.max_residues_per_request
+    )
 
 
 @FUZZ
@@ -102,10 +134,10 @@ def test_search_gets_ok_or_a_precise_error(fuzz_server, qs, k, min_score) -> Non
     code, payload = _call(stub.Search, request)
     event(code.name)
     assert code in (OK, INVALID, EXHAUSTED), (code, payload)
+    assert (code == OK) == (_valid_queries(qs) and _valid_k(k, min_score)), (code, payload)
     if code != OK:
         assert payload  # a reason is always given
         return
-    assert not _expected_search_failure(qs, k, min_score)
     assert [r.query_id for r in payload.results] == [q for q, _ in qs]
     for (_, seq), result in zip(qs, payload.results, strict=True):
         assert 1 <= result.query_length <= LIMITS.max_residues_per_query
@@ -142,9 +174,14 @@ def test_search_by_embedding_gets_ok_or_a_precise_error(fuzz_server, vectors, k)
     code, payload = _call(stub.SearchByEmbedding, request)
     event(code.name)
     assert code in (OK, INVALID, EXHAUSTED), (code, payload)
+    valid = (
+        1 <= len(vectors) <= LIMITS.max_queries_per_request
+        and _valid_k(k)
+        and _valid_ids([i for i, _ in vectors])
+        and all(len(v) == dim and all(math.isfinite(x) for x in v) and any(v) for _, v in vectors)
+    )
+    assert (code == OK) == valid, (code, payload)
     if code == OK:
-        assert 1 <= len(vectors) <= LIMITS.max_queries_per_request and 1 <= k <= LIMITS.max_k
-        assert all(len(v) == dim and all(math.isfinite(x) for x in v) and any(v) for _, v in vectors)
         assert len(payload.results) == len(vectors)
     elif any(len(v) != dim for _, v in vectors) and vectors and len(vectors) <= LIMITS.max_queries_per_request:
         assert code == INVALID
@@ -158,6 +195,7 @@ def test_embed_gets_ok_or_a_precise_error(fuzz_server, qs) -> None:  # type: ign
     code, payload = _call(stub.Embed, request)
     event(code.name)
     assert code in (OK, INVALID, EXHAUSTED), (code, payload)
+    assert (code == OK) == _valid_queries(qs), (code, payload)
     if code == OK:
         assert [e.query_id for e in payload.embeddings] == [q for q, _ in qs]
         assert all(len(e.values) == dim for e in payload.embeddings)
@@ -188,34 +226,67 @@ def test_search_stream_ends_at_the_first_bad_request(fuzz_server, batches) -> No
         assert exc.details().startswith(f"request #{answered + 1}: ")
     assert code in (OK, INVALID, EXHAUSTED)
     assert answered == len(requests) if code == OK else answered < len(requests)
+    first_bad = next((n for n, (qs, k) in enumerate(batches) if not (_valid_queries(qs) and _valid_k(k))), None)
+    assert answered == (len(requests) if first_bad is None else first_bad)
 
 
 def _by_vector(values: list[float]) -> search_pb2.SearchByEmbeddingRequest:
     return search_pb2.SearchByEmbeddingRequest(embeddings=[search_pb2.Embedding(query_id="v", values=values)], k=1)
 
 
-def test_hostile_sizes_are_refused_and_the_server_keeps_serving(fuzz_server) -> None:  # type: ignore[no-untyped-def]
-    stub, dim = fuzz_server
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    one = search_pb2.Query(query_id="a", sequence="M" * 301)
-    huge = search_pb2.Query(query_id="h", sequence="M" * 20_000_000)  # 20 MB: over the message cap
-    mkv = search_pb2.Query(query_id="a", sequence="MKV")
-    cases = [
-        (stub.Search, search_pb2.SearchRequest(queries=[one], k=1), EXHAUSTED),
-        (stub.Search, search_pb2.SearchRequest(queries=[huge], k=1), EXHAUSTED),
-        (stub.Search, search_pb2.SearchRequest(queries=[mkv], k=2**31 - 1), INVALID),
-        (stub.Embed, search_pb2.EmbedRequest(queries=[huge]), EXHAUSTED),
-        (stub.SearchByEmbedding, _by_vector([1.0] * (dim + 1)), INVALID),
-        (stub.SearchByEmbedding, _by_vector([1.0] * 3_000_000), EXHAUSTED),
-    ]  # fmt: skip
-    for _ in range(3):
-        for fn, request, expected in cases:
-            code, details = _call(fn, request)
-            assert code == expected, (code, details)
-    ok = stub.Search(
-        search_pb2.SearchRequest(queries=[search_pb2.Query(query_id="a", sequence="MKTAYIAKQR")], k=3),
-        timeout=60,
+def _peak_rss_kib(pid: int) -> int:
+    """The process's peak resident set (VmHWM) in KiB, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def test_hostile_sizes_are_refused_and_the_server_keeps_serving(small_index: Path) -> None:
+    """In a fresh server process: 20 MB requests are refused and its peak RSS grows by little."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from esmsearch.server import RequestLimits, ServerConfig, serve
+        limits = RequestLimits(max_k={LIMITS.max_k}, max_queries_per_request={LIMITS.max_queries_per_request},
+                               max_residues_per_query={LIMITS.max_residues_per_query},
+                               max_residues_per_request={LIMITS.max_residues_per_request})
+        sys.exit(serve(ServerConfig(index={str(small_index)!r}, port=0, device="cpu", limits=limits, grace_s=5)))
+        """
     )
-    assert len(ok.results[0].hits) == 3
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    assert rss_after - rss_before < 512 * 1024  # three rounds of 20 MB requests stay far below 512 MiB
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().rsplit(" on ", 1)[1].strip()
+        with grpc.insecure_channel(address) as ch:
+            stub = search_pb2_grpc.HomologSearchStub(ch)
+            warm = search_pb2.SearchRequest(queries=[search_pb2.Query(query_id="a", sequence="MKTAYIAKQR")], k=3)
+            assert len(stub.Search(warm, timeout=60).results[0].hits) == 3  # model and index touched
+            rss_before = _peak_rss_kib(proc.pid)
+            one = search_pb2.Query(query_id="a", sequence="M" * 301)
+            huge = search_pb2.Query(query_id="h", sequence="M" * 20_000_000)  # 20 MB: over the message cap
+            mkv = search_pb2.Query(query_id="a", sequence="MKV")
+            cases = [
+                (stub.Search, search_pb2.SearchRequest(queries=[one], k=1), EXHAUSTED),
+                (stub.Search, search_pb2.SearchRequest(queries=[huge], k=1), EXHAUSTED),
+                (stub.Search, search_pb2.SearchRequest(queries=[mkv], k=2**31 - 1), INVALID),
+                (stub.Embed, search_pb2.EmbedRequest(queries=[huge]), EXHAUSTED),
+                (stub.SearchByEmbedding, _by_vector([1.0] * (DIM + 1)), INVALID),
+                (stub.SearchByEmbedding, _by_vector([1.0] * 3_000_000), EXHAUSTED),
+            ]  # fmt: skip
+            for _ in range(3):
+                for fn, request, expected in cases:
+                    code, details = _call(fn, request)
+                    assert code == expected, (code, details)
+            assert len(stub.Search(warm, timeout=60).results[0].hits) == 3  # still serving
+            growth_kib = _peak_rss_kib(proc.pid) - rss_before
+        # 18 hostile requests, six of 12-20 MB: refused before they are buffered whole.
+        assert growth_kib < 64 * 1024, f"server peak RSS grew by {growth_kib} KiB"
+    finally:
+        reap(proc)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reap
 
 from esmsearch.client import FailedPreconditionError, SearchClient
 from esmsearch.indexer import build_version
@@ -331,7 +332,5 @@ def test_cli_serve_on_a_root_reloads_on_sighup(root: Root, tiny_embedder, tmp_pa
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+            reap(proc)
     assert "index reloaded: now serving version " + v2 in log_path.read_text()

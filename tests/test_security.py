@@ -66,7 +66,7 @@ def _cert(
     ca: bool = False,
     san: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -321,3 +321,28 @@ def test_cli_search_sends_the_token_from_flag_or_environment(
     monkeypatch.setenv("ESMSEARCH_TOKEN", TOKEN)
     assert main(["search", str(fasta), "--server", address, "-k", "1"]) == 0
     assert sum(ln.startswith("q1\t") for ln in capsys.readouterr().out.splitlines()) == 1
+
+
+def test_refused_calls_are_logged_and_counted_like_any_rpc(small_index: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    srv, port = create_server(
+        ServerConfig(index=small_index, port=0, device="cpu", security=SecurityConfig(tokens=frozenset({TOKEN})))
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="esmsearch.server"):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = search_pb2_grpc.HomologSearchStub(ch)
+                for call in (
+                    lambda: stub.Search(_request(), timeout=10),
+                    lambda: stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(), timeout=10),
+                ):
+                    with pytest.raises(grpc.RpcError) as info:
+                        call()
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        sample = srv.metrics.registry.get_sample_value
+        assert sample("esmsearch_errors_total", {"rpc": "Search", "code": "UNAUTHENTICATED"}) == 1
+        assert sample("esmsearch_errors_total", {"rpc": "GetIndexInfo", "code": "UNAUTHENTICATED"}) == 1
+        assert "rpc=Search code=UNAUTHENTICATED" in caplog.text
+    finally:
+        srv.stop(0)

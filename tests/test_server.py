@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import reap
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from esmsearch.errors import IndexMismatchError
@@ -271,11 +272,12 @@ def test_health_turns_not_serving_when_stop_begins(small_index: Path) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert srv.wait_for_termination(0.05) is False  # serving: not terminated
         srv.begin_stop(5.0)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
     srv.stop(5.0)
-    assert srv.stopped
+    assert srv.stopped and srv.wait_for_termination(0) is True
     srv.stop(5.0)  # idempotent: returns at once
 
 
@@ -306,9 +308,7 @@ def test_serve_prints_its_address_and_exits_0_on_sigterm(small_index: Path) -> N
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 # -- Embed, SearchByEmbedding, SearchStream ----------------------------------------------
@@ -425,9 +425,27 @@ def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(small_index: P
         with grpc.insecure_channel(address) as late:
             with pytest.raises(grpc.RpcError) as info:
                 search_pb2_grpc.HomologSearchStub(late).Search(request, timeout=10)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            # Refused, never run: gRPC core answers a call that races its shutdown with
+            # CANCELLED instead of UNAVAILABLE (about 1 run in 20 here), so both count.
+            assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         release.set()
         response = future.result(timeout=30)
     assert response.results[0].hits[0].target_id == db[0].record_id
     srv.stop()
     assert srv.stopped
+
+
+def test_cli_serve_defaults_are_the_servers() -> None:
+    """The CLI repeats a few server defaults (so `--help` stays light); they must not drift."""
+    from esmsearch.cli import build_parser
+    from esmsearch.server import AdmissionConfig
+
+    args = build_parser().parse_args(["serve", "some/index"])
+    config = ServerConfig(index=Path("some/index"))
+    assert args.max_workers == config.max_workers
+    assert args.grace_s == config.grace_s
+    assert args.port == config.port
+    assert args.max_queries_in_flight == AdmissionConfig().max_queries_in_flight
+    assert args.max_queued_residues == AdmissionConfig().max_queued_residues
+    assert args.toks_per_batch == config.toks_per_batch
+    assert args.reload_poll_s == config.reload_poll_s

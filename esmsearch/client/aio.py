@@ -207,7 +207,7 @@ class AsyncSearchClient:
                         request.min_score = min_score
                     await call.write(request)
                     response = await call.read()
-                    if response is grpc.aio.EOF:
+                    if response is grpc.aio.EOF or not isinstance(response, search_pb2.SearchResponse):
                         await _raise_status(call)
                         return
                     yield [QueryResult.from_proto(r, response.index_version) for r in response.results]
@@ -223,7 +223,7 @@ class AsyncSearchClient:
 
         try:
             await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UnavailableError(
                 grpc.StatusCode.UNAVAILABLE, f"no connection to {self.address} within {timeout_s} s"
             ) from exc

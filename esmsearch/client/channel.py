@@ -10,7 +10,6 @@ server is not on the same host.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -71,7 +70,7 @@ class ClientCredentials:
         if self.root_cert_file is not None or self.client_cert_file is not None:
             object.__setattr__(self, "tls", True)
 
-    def metadata(self) -> Sequence[tuple[str, str]] | None:
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...] | None:
         """Call metadata carrying the token, or ``None`` without one."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 

@@ -177,8 +177,13 @@ class SearchServer:
         return self._stopped.is_set()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
-        """Block until the gRPC server has terminated (or ``timeout_s`` passed); True if it has."""
-        return bool(self._grpc.wait_for_termination(timeout_s))
+        """Block until the gRPC server has terminated or ``timeout_s`` passed.
+
+        Returns:
+            True if it has terminated (grpc's own method returns the opposite: "timed out").
+        """
+        timed_out = self._grpc.wait_for_termination(timeout_s)
+        return not timed_out
 
 
 def _max_message_bytes(config: ServerConfig, dim: int) -> int:
@@ -233,7 +238,7 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
         executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="esmsearch-rpc")
         parts.append(executor)
         tokens = config.security.tokens
-        interceptors = [TokenAuthInterceptor(tokens, observer=observer)] if tokens else []
+        interceptors: list[grpc.ServerInterceptor] = [TokenAuthInterceptor(tokens, observer=observer)] if tokens else []
         grpc_server = grpc.server(
             executor,
             options=[("grpc.max_receive_message_length", _max_message_bytes(config, engine.index.manifest.dim))],

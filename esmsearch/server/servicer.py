@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import grpc
 import numpy as np
@@ -204,7 +204,8 @@ def _check_embeddings(embeddings: Sequence[search_pb2.Embedding], dim: int, limi
     for bad in np.flatnonzero(~finite | (norms == 0)).tolist():
         what = "non-finite values" if not bool(finite[bad]) else "a zero vector"
         raise Reject(invalid, f"query {embeddings[bad].query_id!r}: embedding has {what}")
-    return (vectors / norms[:, None]).astype(np.float32)
+    normalised: np.ndarray = (vectors / norms[:, None]).astype(np.float32)
+    return normalised
 
 
 def _fill_results(
@@ -225,15 +226,19 @@ def _fill_results(
             )
 
 
-_Method = TypeVar("_Method", bound=Callable[..., Any])
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+_Context = grpc.ServicerContext
+_Impl = Callable[["HomologSearchServicer", _Req, _Context, RpcRecord], _Resp]
+_Rpc = Callable[["HomologSearchServicer", _Req, _Context], _Resp]
 
 
-def _unary_rpc(name: str) -> Callable[[_Method], _Method]:
+def _unary_rpc(name: str) -> Callable[[_Impl[_Req, _Resp]], _Rpc[_Req, _Resp]]:
     """Wrap a unary method: one :class:`RpcRecord`, failures answered and logged in one place."""
 
-    def wrap(method: _Method) -> _Method:
+    def wrap(method: _Impl[_Req, _Resp]) -> _Rpc[_Req, _Resp]:
         @functools.wraps(method)
-        def wrapper(self: HomologSearchServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        def wrapper(self: HomologSearchServicer, request: _Req, context: _Context) -> _Resp:
             rec = self.observer.start(name, context)
             try:
                 return method(self, request, context, rec)
@@ -242,7 +247,7 @@ def _unary_rpc(name: str) -> Callable[[_Method], _Method]:
             finally:
                 self.observer.finish(rec)
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return wrap
 
