@@ -205,6 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         security=security,
         metrics_port=args.metrics_port,
         grace_s=args.grace_s,
+        mmap_index=not args.no_mmap,
     )
     return serve(config)
 
@@ -368,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_WORKERS,
         metavar="N",
         help=f"gRPC worker threads, i.e. RPCs handled at once (default {DEFAULT_MAX_WORKERS})",
+    )
+    s.add_argument(
+        "--no-mmap",
+        action="store_true",
+        help="read FAISS index files into memory instead of memory-mapping them (default: mmap, "
+        "so a live reload does not hold two copies of the index)",
     )
     s.add_argument(
         "--grace-s",

@@ -227,12 +227,17 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
             model=config.model,
             device=config.device,
             toks_per_batch=config.toks_per_batch,
+            mmap=config.mmap_index,
         )
     metrics = ServerMetrics()
     observer = RpcObserver(metrics)
     parts: list[object] = []  # closed in reverse if anything below fails
     try:
-        reloader = IndexReloader(engine, root, poll_s=config.reload_poll_s) if root is not None else None
+        reloader = (
+            IndexReloader(engine, root, poll_s=config.reload_poll_s, mmap=config.mmap_index)
+            if root is not None
+            else None
+        )
         batcher = DynamicBatcher(engine, config.batching, admission=Admission(config.admission), metrics=metrics)
         parts.append(batcher)
         executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="esmsearch-rpc")

@@ -58,6 +58,9 @@ class ServerConfig:
         metrics_port: serve Prometheus metrics at ``http://127.0.0.1:PORT/metrics``
             (0 picks a free port); ``None`` = off.
         grace_s: seconds in-flight requests get to finish on a graceful stop, >= 0.
+        mmap_index: memory-map FAISS index files (served and reloaded versions) where
+            FAISS allows it, so that a reload does not hold two private copies of the
+            index; ``False`` reads them into the process's memory.
 
     Raises:
         ConfigError: a value is out of range, or a non-loopback ``host`` without TLS or
@@ -78,6 +81,7 @@ class ServerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics_port: int | None = None
     grace_s: float = DEFAULT_GRACE_S
+    mmap_index: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.index, Path):

@@ -96,6 +96,7 @@ class SearchEngine:
         model: str | None = None,
         device: str = "auto",
         toks_per_batch: int = 4096,
+        mmap: bool = True,
     ) -> SearchEngine:
         """Open the index at ``index_dir`` and load the model its manifest names.
 
@@ -105,6 +106,8 @@ class SearchEngine:
                 model source (it must still be the same checkpoint).
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
             toks_per_batch: token budget per forward pass.
+            mmap: memory-map the FAISS index (see :func:`esmsearch.vector_index.read`)
+                instead of reading it into the process's own memory.
 
         Raises:
             IndexNotFoundError, IndexFormatError: no usable index at ``index_dir``.
@@ -114,7 +117,7 @@ class SearchEngine:
         from esmsearch.embedding import Embedder
         from esmsearch.store import Index
 
-        index = Index.open(index_dir)
+        index = Index.open(index_dir, mmap=mmap)
         try:
             embedder = Embedder.for_manifest(index.manifest, model=model, device=device, toks_per_batch=toks_per_batch)
             return cls(index, embedder)

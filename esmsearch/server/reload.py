@@ -64,6 +64,8 @@ class IndexReloader:
         root: the versioned index root.
         poll_s: seconds between looks at ``current``; ``None`` = no polling (only
             :meth:`request` and :meth:`reload`).
+        mmap: open new versions memory-mapped (as the engine's first version), so a
+            reload adds page cache, not a second private copy of the index.
 
     Raises:
         ValueError: ``poll_s`` is not > 0.
@@ -75,12 +77,14 @@ class IndexReloader:
         root: IndexRoot | str | os.PathLike[str],
         *,
         poll_s: float | None = DEFAULT_RELOAD_POLL_S,
+        mmap: bool = True,
     ) -> None:
         if poll_s is not None and not poll_s > 0:
             raise ValueError(f"reload poll interval must be > 0 seconds or None, got {poll_s!r}")
         self.engine = engine
         self.root = root if isinstance(root, IndexRoot) else IndexRoot(root)
         self.poll_s = poll_s
+        self.mmap = mmap
         self._lock = threading.Lock()  # one reload at a time
         self._served_dir = Path(engine.index.path).name
         # Target of the last failed attempt: polling does not retry it.
@@ -162,7 +166,7 @@ class IndexReloader:
                 return ReloadOutcome(False, previous, previous)
             path = self.root.versions_dir / target
             try:
-                index = Index.open(path, verify=True)
+                index = Index.open(path, verify=True, mmap=self.mmap)
             except EsmsearchError as exc:
                 self._fail(target, exc)
                 raise
