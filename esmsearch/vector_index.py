@@ -135,9 +135,7 @@ class IndexSpec:
             raise ConfigError(f"index factory must be a non-empty string, got {self.factory!r}")
         for name in ("nprobe", "ef_search"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
 
     def to_json(self) -> dict[str, Any]:
@@ -176,9 +174,7 @@ def _instantiate(factory: str, dim: int) -> faiss.Index:
         # FAISS messages start with the C++ location; the last line says why.
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected by FAISS"
         reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", reason)
-        raise InvalidIndexFactoryError(
-            f"index factory {factory!r} is invalid for dim {dim}: {reason}"
-        ) from exc
+        raise InvalidIndexFactoryError(f"index factory {factory!r} is invalid for dim {dim}: {reason}") from exc
 
 
 def _extract_ivf(index: faiss.Index) -> Any | None:
@@ -512,18 +508,12 @@ def auto_spec(n_vectors: int, dim: int, *, memory_budget_bytes: int | None = Non
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if memory_budget_bytes is not None and (
-        isinstance(memory_budget_bytes, bool)
-        or not isinstance(memory_budget_bytes, int)
-        or memory_budget_bytes < 1
+        isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1
     ):
-        raise ConfigError(
-            f"memory_budget_bytes must be a positive integer or None, got {memory_budget_bytes!r}"
-        )
+        raise ConfigError(f"memory_budget_bytes must be a positive integer or None, got {memory_budget_bytes!r}")
 
     def fits(factory: str) -> bool:
-        return memory_budget_bytes is None or (
-            estimate_index_bytes(factory, n_vectors, dim) <= memory_budget_bytes
-        )
+        return memory_budget_bytes is None or (estimate_index_bytes(factory, n_vectors, dim) <= memory_budget_bytes)
 
     if n_vectors < _AUTO_MIN_APPROX_VECTORS:
         return validate_factory("Flat", dim)
@@ -694,9 +684,7 @@ def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
     ps = faiss.ParameterSpace()
     if spec.nprobe is not None:
         if "nprobe" not in names:
-            raise InvalidIndexFactoryError(
-                f"nprobe={spec.nprobe} cannot be set: index {spec.factory!r} has no IVF"
-            )
+            raise InvalidIndexFactoryError(f"nprobe={spec.nprobe} cannot be set: index {spec.factory!r} has no IVF")
         ps.set_index_parameter(index, "nprobe", spec.nprobe)
     if spec.ef_search is not None:
         name = "efSearch" if "efSearch" in names else "quantizer_efSearch"

@@ -88,9 +88,7 @@ def _recall_at_k(rows: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("factory", list(SUPPORTED_SELF_HIT))
-def test_supported_factory_finds_self_at_rank_1(
-    factory: str, db: np.ndarray, built: dict[str, faiss.Index]
-) -> None:
+def test_supported_factory_finds_self_at_rank_1(factory: str, db: np.ndarray, built: dict[str, faiss.Index]) -> None:
     index = built[factory]
     assert index.ntotal == N_DB and index.d == DIM
     scores, rows = vi.search(index, db[:N_QUERIES], 10)
@@ -220,9 +218,7 @@ def test_build_from_chunks_equals_build(db: np.ndarray, held_out: np.ndarray) ->
     whole = vi.build(db, spec, seed=0)
     chunked = vi.build_from_chunks(np.array_split(db, 7), spec, dim=DIM, train_vectors=db, seed=0)
     assert chunked.ntotal == N_DB
-    for got, want in zip(
-        vi.search(chunked, held_out, 10), vi.search(whole, held_out, 10), strict=True
-    ):
+    for got, want in zip(vi.search(chunked, held_out, 10), vi.search(whole, held_out, 10), strict=True):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(InvalidIndexFactoryError, match="no train_vectors"):
         vi.build_from_chunks([db], spec, dim=DIM, train_vectors=None)
@@ -272,18 +268,14 @@ def test_search_pads_missing_hits_and_accepts_one_vector(db: np.ndarray) -> None
 
 @pytest.mark.parametrize("factory", ["IVF64,PQ8", "HNSW32", "Flat"])
 @pytest.mark.parametrize("mmap", [False, True])
-def test_write_read_round_trip(
-    factory: str, mmap: bool, tmp_path: Path, built: dict, held_out: np.ndarray
-) -> None:
+def test_write_read_round_trip(factory: str, mmap: bool, tmp_path: Path, built: dict, held_out: np.ndarray) -> None:
     index = built[factory]
     path = tmp_path / "index.faiss"
     vi.write(index, path)
     loaded = vi.read(path, mmap=mmap)
     vi.apply_search_params(loaded, vi.validate_factory(factory, DIM))
     assert loaded.ntotal == index.ntotal
-    for got, want in zip(
-        vi.search(loaded, held_out, 10), vi.search(index, held_out, 10), strict=True
-    ):
+    for got, want in zip(vi.search(loaded, held_out, 10), vi.search(index, held_out, 10), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
