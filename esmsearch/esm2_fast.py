@@ -46,13 +46,15 @@ AVX512/AMX, torch 2.13 CPU; ``benchmarks/embed_throughput.py`` prints it):
   and attention in bf16, LayerNorm and residual stream in fp32). Min cosine
   0.9999904 (t6_8M) and 0.9999870 (t12_35M) over 60 sequences: inside the 0.9999
   bar, with a margin of only ~1e-5 and on random weights -- check it again with
-  pretrained weights before relying on it. Only fast where the CPU has AMX or
-  AVX512-BF16 (:func:`cpu_supports_fast_bf16`); elsewhere oneDNN emulates it.
+  pretrained weights before relying on it. Only fast where the CPU has AMX
+  (:func:`cpu_supports_fast_bf16`): on an Intel Xeon with AVX512-BF16 but no AMX,
+  bf16 measured slower than fp32 (1,284-1,359 vs 1,894-2,052 residues/s), and
+  without either oneDNN emulates it.
 * ``"fp16"``: CUDA only (:func:`torch.autocast` to float16); raises
   :class:`~esmsearch.errors.ConfigError` on CPU. Not measured (no GPU here).
 
 ``"auto"`` resolves through :func:`default_precision`: bf16 on CUDA devices with
-bf16 support and on CPUs with native bf16, fp32 elsewhere. Since the precision
+bf16 support and on CPUs with AMX, fp32 elsewhere. Since the precision
 changes the vectors (slightly), resolve it once when an index is built and record
 the result; queries must use the index's precision.
 """
@@ -89,33 +91,37 @@ _MASK_RATIO_TRAIN = 0.15 * 0.8
 
 @functools.cache
 def cpu_supports_fast_bf16() -> bool:
-    """Whether this CPU has native bfloat16 matrix instructions (AMX or AVX512-BF16).
+    """Whether this CPU runs bfloat16 matrix products faster than float32: it has AMX.
 
     Reads the ``flags`` line of ``/proc/cpuinfo`` (Linux); without it (other OSes)
-    the answer is ``False``. Without these instructions oneDNN emulates bf16
-    matmuls, which is slower than fp32.
+    the answer is ``False``. AVX512-BF16 alone does not count: on an Intel Xeon with
+    ``avx512_bf16`` and no AMX, bf16 embedding measured slower than fp32 (1,284-1,359
+    vs 1,894-2,052 residues/s), and without either oneDNN emulates bf16 matmuls.
 
     Returns:
-        True when the flags include ``amx_bf16`` or ``avx512_bf16``.
+        True when the flags include ``amx_bf16``.
     """
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
-    for line in text.splitlines():
+    return _cpuinfo_has_amx_bf16(text)
+
+
+def _cpuinfo_has_amx_bf16(cpuinfo: str) -> bool:
+    """Whether the first ``flags`` line of ``/proc/cpuinfo`` text lists ``amx_bf16``."""
+    for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return bool(flags & {"amx_bf16", "avx512_bf16"})
+            return "amx_bf16" in line.partition(":")[2].split()
     return False
 
 
 def default_precision(device: str | torch.device) -> str:
     """Precision that ``"auto"`` stands for on ``device``.
 
-    bf16 where the hardware runs it natively (CUDA with bf16 support; CPUs with
-    AMX or AVX512-BF16), since its pooled vectors measured within the 0.9999
-    cosine bar of fp32 (module docstring); fp32 everywhere else, where bf16 would
-    be emulated and slower.
+    bf16 only where it is faster than fp32: CUDA devices with bf16 support, and
+    CPUs with AMX (:func:`cpu_supports_fast_bf16`); its pooled vectors measured
+    within the 0.9999 cosine bar of fp32 (module docstring). fp32 everywhere else.
 
     Args:
         device: the torch device the model runs on.
@@ -142,7 +148,8 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     Raises:
-        ConfigError: unknown precision, or ``"fp16"`` on a non-CUDA device.
+        ConfigError: unknown precision; ``"fp16"`` on a non-CUDA device; ``"bf16"``
+            on a CUDA device without bf16 support (the message names the device).
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -151,6 +158,8 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         return default_precision(dev)
     if precision == "fp16" and dev.type != "cuda":
         raise ConfigError(f"precision 'fp16' needs a CUDA device; got device {str(dev)!r} (use 'fp32' or 'bf16')")
+    if precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"precision 'bf16' is not supported by CUDA device {str(dev)!r} (use 'fp32' or 'fp16')")
     return precision
 
 

@@ -4,6 +4,7 @@ Parsing is Biopython's ``SimpleFastaParser`` (handles blank lines, CRLF, wrapped
 lines); this module adds what a search service needs on top of it:
 
 * gzip input detected by its magic bytes (``.gz`` name or not), ``-`` for stdin;
+  closing the text handle closes the decompressor and the file under it;
 * record id = first whitespace-separated word of the header, the rest is the
   description (the BLAST/MMseqs2 convention);
 * residues upper-cased; one trailing ``*`` (stop) stripped; the alphabet is the 20
@@ -11,7 +12,9 @@ lines); this module adds what a search service needs on top of it:
 * one clear :class:`~esmsearch.errors.InvalidSequenceError` naming the record id
   (and 1-based residue position) for any other character, an empty sequence, a
   header without id, or a duplicate record id; data before the first ``>`` is an
-  error rather than silently dropped.
+  error rather than silently dropped;
+* :func:`records_from` turns what a user passes as queries (a FASTA path, FASTA
+  text, one bare sequence, a mapping or a list of sequences) into records.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from esmsearch.errors import DuplicateRecordError, FastaFormatError, InvalidSequenceError
+from esmsearch.fsutil import file_sha256
 
 __all__ = [
     "RESIDUE_ALPHABET",
@@ -44,6 +47,8 @@ __all__ = [
 
 #: Accepted residue letters: 20 standard amino acids + X (unknown), B (D/N), Z (E/Q),
 #: U (selenocysteine), O (pyrrolysine) -- the residue tokens of ESM-2's alphabet.
+#: The one definition of the alphabet; iterate it as ``sorted(RESIDUE_ALPHABET)`` where
+#: order matters.
 RESIDUE_ALPHABET = frozenset("ACDEFGHIKLMNPQRSTVWYXBZUO")
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -98,8 +103,25 @@ def validate_sequence(record_id: str, sequence: str) -> str:
     return seq
 
 
+class _OwningGzipFile(gzip.GzipFile):
+    """A GzipFile that closes the file object it decompresses when it is closed
+    (``GzipFile(fileobj=...)`` leaves it open, leaking the file handle)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
 def open_text(path: str | os.PathLike[str]) -> IO[str]:
     """Open a FASTA file (plain or gzip, detected by magic bytes) or ``-`` (stdin) as text.
+
+    Closing the returned handle closes every layer under it (decompressor and file).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -109,10 +131,13 @@ def open_text(path: str | os.PathLike[str]) -> IO[str]:
         raw: IO[bytes] = sys.stdin.buffer
     else:
         raw = open(path, "rb")  # noqa: SIM115 - returned to caller
-    head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-    if head == _GZIP_MAGIC:
-        raw = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline=None)  # type: ignore[arg-type]
+    try:
+        head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+        binary: IO[bytes] = _OwningGzipFile(raw) if head == _GZIP_MAGIC else raw  # type: ignore[assignment]
+        return io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline=None)  # type: ignore[arg-type]
+    except BaseException:
+        raw.close()
+        raise
 
 
 def _parse(handle: IO[str], source: str) -> Iterator[SequenceRecord]:
@@ -182,15 +207,41 @@ def records_from(
 ) -> list[SequenceRecord]:
     """Normalise the query forms users pass into validated records.
 
+    A ``str`` is read, in this order, as:
+
+    1. a FASTA file, if it is ``-`` (stdin) or names an existing path that is not a
+       directory -- an existing file always wins, so a file called ``ACE`` in the
+       working directory is read even though ``"ACE"`` is also a valid sequence
+       (pass ``["ACE"]`` to mean the sequence);
+    2. FASTA text, if it starts with ``>`` after leading whitespace: parsed and
+       validated exactly as a FASTA file (record ids, duplicates, residues);
+    3. one protein sequence, record id ``query_1``: whitespace anywhere in it
+       (spaces, newlines of a pasted wrapped sequence) is removed, case is ignored
+       and one trailing ``*`` is allowed, as in FASTA files; residue positions in
+       errors count residues only.
+
+    An ``os.PathLike`` is always a FASTA file.
+
     Args:
-        queries: a FASTA path (``str``/``Path``; ``-`` for stdin), a mapping of
-            record id -> sequence, or a sequence of residue strings (ids become
-            ``query_1``, ``query_2``, ...).
+        queries: a FASTA path, FASTA text or one sequence (``str``, see above); a
+            ``Path``/``os.PathLike`` FASTA path; a mapping of record id -> sequence;
+            or a sequence of residue strings (ids become ``query_1``, ``query_2``, ...).
+
+    Returns:
+        The validated records, in input order.
 
     Raises:
-        InvalidSequenceError, DuplicateRecordError, FastaFormatError, FileNotFoundError.
+        InvalidSequenceError: a record is invalid; or a ``str`` is neither an
+            existing file, nor FASTA text, nor a valid sequence (the message says
+            so and gives the first invalid residue and its 1-based position). It
+            is a ``ValueError``.
+        DuplicateRecordError: two records share an id.
+        FastaFormatError: a FASTA file or text is malformed or unreadable.
+        FileNotFoundError: an ``os.PathLike`` path does not exist.
     """
-    if isinstance(queries, (str, os.PathLike)):
+    if isinstance(queries, str):
+        return _records_from_str(queries)
+    if isinstance(queries, os.PathLike):
         return list(read_fasta(queries))
     if isinstance(queries, Mapping):
         records = [SequenceRecord(str(k), "", validate_sequence(str(k), v)) for k, v in queries.items()]
@@ -203,15 +254,26 @@ def records_from(
     return out
 
 
+def _records_from_str(text: str) -> list[SequenceRecord]:
+    """:func:`records_from` for one ``str``: existing file, FASTA text, or one sequence."""
+    if text == "-" or (os.path.exists(text) and not os.path.isdir(text)):
+        return list(read_fasta(text))
+    stripped = text.lstrip()
+    if stripped.startswith(">"):
+        return list(_parse(io.StringIO(stripped, newline=None), "FASTA text"))
+    rid = "query_1"
+    shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+    what = f"{shown} is neither an existing file, nor FASTA text (starting with '>'), nor a valid protein sequence"
+    residues = "".join(text.split())
+    if not residues:
+        raise InvalidSequenceError(rid, f"{what}: it is empty")
+    try:
+        sequence = validate_sequence(rid, residues)
+    except InvalidSequenceError as exc:
+        raise InvalidSequenceError(rid, f"{what}: {exc.reason}", position=exc.position) from exc
+    return [SequenceRecord(rid, "", sequence)]
+
+
 def sequence_sha256(sequence: str) -> str:
     """Hex sha256 of the validated residue string (ASCII), used to detect changed records."""
     return hashlib.sha256(sequence.encode("ascii")).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (as stored: a gzip file hashes compressed)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()

@@ -239,7 +239,7 @@ def test_cpu_supports_fast_bf16_reads_cpu_flags() -> None:
         (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
         "",
     )
-    expected = "amx_bf16" in flags_line.split() or "avx512_bf16" in flags_line.split()
+    expected = "amx_bf16" in flags_line.split()  # AMX only: avx512_bf16 alone measured slower than fp32
     assert cpu_supports_fast_bf16() is expected
 
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import io
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from esmsearch import sequences
 from esmsearch.errors import DuplicateRecordError, FastaFormatError, InvalidSequenceError
 from esmsearch.sequences import (
     RESIDUE_ALPHABET,
     SequenceRecord,
     check_unique_ids,
     file_sha256,
+    open_text,
     read_fasta,
     records_from,
     sequence_sha256,
@@ -225,6 +230,40 @@ def test_non_utf8_is_fasta_format_error(tmp_path: Path) -> None:
     path = _write(tmp_path, b">a \xff\xfe\nMKT\n")
     with pytest.raises(FastaFormatError):
         _read(path)
+
+
+def test_reading_gzip_fasta_leaves_no_unclosed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, gzip.compress(b">a\nMKT\n>b\nACD\n"), "db.fa.gz")
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # where a warning raised in __del__ goes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unclosed file's ResourceWarning becomes an error
+        assert [r.record_id for r in read_fasta(path)] == ["a", "b"]
+        for _ in range(3):
+            assert len(_read(path)) == 2
+        gc.collect()
+    assert [u.exc_value for u in unraisable] == []
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["gzip", "plain"])
+def test_closing_the_text_handle_closes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compressed: bool
+) -> None:
+    data = b">a\nMKT\n"
+    path = _write(tmp_path, gzip.compress(data) if compressed else data, "db.fa")
+    opened: list[Any] = []
+
+    def tracking_open(*args: Any, **kwargs: Any) -> Any:
+        fh = open(*args, **kwargs)  # noqa: SIM115
+        opened.append(fh)
+        return fh
+
+    monkeypatch.setattr(sequences, "open", tracking_open, raising=False)
+    handle = open_text(path)
+    assert handle.read() == data.decode()
+    assert len(opened) == 1 and not opened[0].closed
+    handle.close()
+    assert opened[0].closed
 
 
 def test_read_fasta_from_stdin_gzip(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ dims would make approximate recall look arbitrary).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,7 @@ def _recall_at_k(rows: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("factory", list(SUPPORTED_SELF_HIT))
-def test_supported_factory_finds_self_at_rank_1(
-    factory: str, db: np.ndarray, built: dict[str, faiss.Index]
-) -> None:
+def test_supported_factory_finds_self_at_rank_1(factory: str, db: np.ndarray, built: dict[str, faiss.Index]) -> None:
     index = built[factory]
     assert index.ntotal == N_DB and index.d == DIM
     scores, rows = vi.search(index, db[:N_QUERIES], 10)
@@ -220,9 +219,7 @@ def test_build_from_chunks_equals_build(db: np.ndarray, held_out: np.ndarray) ->
     whole = vi.build(db, spec, seed=0)
     chunked = vi.build_from_chunks(np.array_split(db, 7), spec, dim=DIM, train_vectors=db, seed=0)
     assert chunked.ntotal == N_DB
-    for got, want in zip(
-        vi.search(chunked, held_out, 10), vi.search(whole, held_out, 10), strict=True
-    ):
+    for got, want in zip(vi.search(chunked, held_out, 10), vi.search(whole, held_out, 10), strict=True):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(InvalidIndexFactoryError, match="no train_vectors"):
         vi.build_from_chunks([db], spec, dim=DIM, train_vectors=None)
@@ -270,21 +267,63 @@ def test_search_pads_missing_hits_and_accepts_one_vector(db: np.ndarray) -> None
 # --------------------------------------------------------------------------- IO
 
 
-@pytest.mark.parametrize("factory", ["IVF64,PQ8", "HNSW32", "Flat"])
+def _mapped_files() -> set[str]:
+    """Paths of the files mapped into this process (Linux ``/proc/self/maps``)."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.parametrize("factory", list(SUPPORTED_SELF_HIT))
 @pytest.mark.parametrize("mmap", [False, True])
-def test_write_read_round_trip(
-    factory: str, mmap: bool, tmp_path: Path, built: dict, held_out: np.ndarray
-) -> None:
+def test_write_read_round_trip(factory: str, mmap: bool, tmp_path: Path, built: dict, held_out: np.ndarray) -> None:
     index = built[factory]
     path = tmp_path / "index.faiss"
     vi.write(index, path)
     loaded = vi.read(path, mmap=mmap)
     vi.apply_search_params(loaded, vi.validate_factory(factory, DIM))
     assert loaded.ntotal == index.ntotal
-    for got, want in zip(
-        vi.search(loaded, held_out, 10), vi.search(index, held_out, 10), strict=True
-    ):
+    for got, want in zip(vi.search(loaded, held_out, 10), vi.search(index, held_out, 10), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+@pytest.mark.parametrize("factory", list(SUPPORTED_SELF_HIT))
+def test_mmap_read_maps_the_file_and_searches_identically(
+    factory: str, tmp_path: Path, built: dict, held_out: np.ndarray
+) -> None:
+    """Every family is really memory-mapped (HNSW: its vectors), and answers exactly as a normal read."""
+    path = tmp_path / "index.faiss"
+    vi.write(built[factory], path)
+    spec = vi.validate_factory(factory, DIM)
+    plain = vi.read(path)
+    assert str(path.resolve()) not in _mapped_files(), "a normal read copies the file"
+    mapped = vi.read(path, mmap=True)
+    assert str(path.resolve()) in _mapped_files()
+    vi.apply_search_params(plain, spec)
+    vi.apply_search_params(mapped, spec)
+    for got, want in zip(vi.search(mapped, held_out, 10), vi.search(plain, held_out, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    del mapped
+    assert str(path.resolve()) not in _mapped_files(), "the mapping goes with the index"
+
+
+def test_write_is_atomic_and_replaces(tmp_path: Path, built: dict) -> None:
+    path = tmp_path / "index.faiss"
+    path.write_bytes(b"old")
+    vi.write(built["Flat"], path)
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"], "no temporary file is left"
+    assert vi.read(path).ntotal == N_DB
+    with pytest.raises(OSError, match="missing-dir"):
+        vi.write(built["Flat"], tmp_path / "missing-dir" / "index.faiss")
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"]
+
+
+def test_read_normally_gives_a_writable_index(tmp_path: Path, built: dict, db: np.ndarray) -> None:
+    path = tmp_path / "index.faiss"
+    vi.write(built["IVF64,Flat"], path)
+    index = vi.read(path)
+    index.add(db[:10])  # lists read into RAM, not mapped read-only
+    assert index.ntotal == N_DB + 10
 
 
 def test_read_missing_or_garbage_file(tmp_path: Path) -> None:
