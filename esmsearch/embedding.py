@@ -7,9 +7,12 @@ Method
 ------
 * Tokens: fair-esm's ESM-2 alphabet, ``<cls>`` (BOS) + residues + ``<eos>``, padded
   with ``<pad>`` (as ``esm.data.BatchConverter`` does).
-* Batches: work items sorted by length (longest first) and packed under a token
-  budget ``toks_per_batch`` counting ``n_items * (max_len + 2)`` tokens, as in
-  fair-esm's ``FastaBatchedDataset.get_batch_indices``; input order is restored.
+* Batches: work items sorted by length (longest first) and *packed*: the tokens of
+  all items of a batch are concatenated (no padding) and run through
+  :meth:`esmsearch.esm2_fast.Esm2Encoder.forward_packed`, under a token budget
+  ``toks_per_batch`` counting ``sum(len + 2)`` real tokens (fair-esm's
+  ``FastaBatchedDataset.get_batch_indices`` counts ``n_items * (max_len + 2)``
+  padded ones); input order is restored.
 * Pooling: mean over residue positions only (no BOS/EOS/padding) of one
   representation layer (default: the last, which fair-esm returns after the final
   layer norm), then L2 normalisation. Inner product of two vectors is then their
@@ -45,6 +48,7 @@ from esmsearch.sequences import validate_sequence
 if TYPE_CHECKING:
     import torch
 
+    from esmsearch.esm2_fast import Esm2Encoder
     from esmsearch.store import Manifest
 
 __all__ = [
@@ -264,7 +268,8 @@ class Embedder:
         layer: representation layer, 0 (token embeddings) .. num_layers; ``None`` or
             ``-1`` means the last layer. Negative values count from the end.
         toks_per_batch: token budget per forward pass (fair-esm's ``scripts/extract.py``
-            default is 4096): ``n_items * (longest + 2) <= toks_per_batch``.
+            default is 4096): the packed batch holds ``sum(len + 2) <= toks_per_batch``
+            tokens (residues plus BOS and EOS of each sequence or window).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32`` (default), ``bf16``, ``fp16`` (CUDA only) or ``auto`` (bf16
             where the hardware runs it natively, else fp32; see
@@ -320,7 +325,7 @@ class Embedder:
             table[ord(ch)] = loaded.alphabet.get_idx(ch)
         self._token_table = table
 
-    def _make_encoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _make_encoder(self) -> Esm2Encoder:
         from esmsearch.esm2_fast import Esm2Encoder
 
         return Esm2Encoder(self._model, self.layer, precision=self.precision).to(self.device)
@@ -390,15 +395,14 @@ class Embedder:
         items.sort(key=lambda it: it.stop - it.start, reverse=True)
         batches: list[list[_WorkItem]] = []
         current: list[_WorkItem] = []
-        longest = 0
+        tokens = 0
         for it in items:
-            n = it.stop - it.start
-            width = max(longest, n) + 2
-            if current and width * (len(current) + 1) > self.toks_per_batch:
+            n = it.stop - it.start + 2
+            if current and tokens + n > self.toks_per_batch:
                 batches.append(current)
-                current, longest = [], 0
+                current, tokens = [], 0
             current.append(it)
-            longest = max(longest, n)
+            tokens += n
         if current:
             batches.append(current)
         return batches
@@ -447,24 +451,34 @@ class Embedder:
         try:
             with torch.inference_mode():
                 for batch in batches:
-                    width = max(it.stop - it.start for it in batch) + 2
-                    tokens = np.full((len(batch), width), alphabet.padding_idx, dtype=np.int64)
-                    keep = np.zeros((len(batch), width), dtype=np.float32)
-                    for b, it in enumerate(batch):
+                    item_lengths = [it.stop - it.start + 2 for it in batch]
+                    n_tokens = sum(item_lengths)
+                    tokens = np.empty(n_tokens, dtype=np.int64)
+                    keep = np.zeros(n_tokens, dtype=np.float32)
+                    at = 0
+                    for it, width in zip(batch, item_lengths, strict=True):
                         window = seqs[it.seq_index][it.start : it.stop]
-                        n = it.stop - it.start
-                        tokens[b, 0] = alphabet.cls_idx
-                        tokens[b, 1 : n + 1] = self._token_table[np.frombuffer(window.encode("ascii"), dtype=np.uint8)]
-                        tokens[b, n + 1] = alphabet.eos_idx
-                        keep[b, 1 + it.keep_from - it.start : 1 + it.keep_to - it.start] = 1.0
+                        tokens[at] = alphabet.cls_idx
+                        tokens[at + 1 : at + width - 1] = self._token_table[
+                            np.frombuffer(window.encode("ascii"), dtype=np.uint8)
+                        ]
+                        tokens[at + width - 1] = alphabet.eos_idx
+                        keep[at + 1 + it.keep_from - it.start : at + 1 + it.keep_to - it.start] = 1.0
+                        at += width
                     tok = torch.from_numpy(tokens).to(self.device, non_blocking=True)
-                    reps = self._encoder(tok)  # (B, T, E)
-                    mask = torch.from_numpy(keep).to(reps.device)
-                    pooled = torch.einsum("bte,bt->be", reps.float(), mask)  # (B, E) sums
+                    reps = self._encoder.forward_packed(tok, item_lengths)  # (N, E)
+                    weight = torch.from_numpy(keep).to(reps.device)
+                    item_of_token = torch.repeat_interleave(
+                        torch.arange(len(batch)), torch.tensor(item_lengths)
+                    ).to(reps.device)
+                    pooled = torch.zeros((len(batch), self.dim), dtype=torch.float32, device=reps.device)
+                    pooled.index_add_(0, item_of_token, reps * weight[:, None])  # (B, E) sums
                     idx = torch.tensor([it.seq_index for it in batch], dtype=torch.long)
                     sums.index_add_(0, idx, pooled.double().cpu())
-                    counts.index_add_(0, idx, mask.sum(1).double().cpu())
                     done = int(keep.sum())
+                    counts.index_add_(
+                        0, idx, torch.tensor([it.keep_to - it.keep_from for it in batch], dtype=torch.float64)
+                    )
                     if bar is not None:
                         bar.update(done)
                     if on_batch is not None:

@@ -62,6 +62,7 @@ the result; queries must use the index's precision.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,14 +237,16 @@ class Esm2Encoder(torch.nn.Module):
         the same frequencies in both halves).
 
         Args:
-            qk: ``(B, T, 2, H, D)`` (a strided view into the fused qkv projection).
-            cos, sin: float32 ``(T, D)`` tables.
+            qk: ``(N, 2, H, D)``: q and k of ``N`` packed tokens (a strided view into
+                the fused qkv projection).
+            cos, sin: float32 ``(N, D)``: each token's row of the tables (by its
+                position within its own sequence).
 
         Returns:
-            contiguous ``(B, T, 2, H, D)``.
+            contiguous ``(N, 2, H, D)``.
         """
         half = qk.shape[-1] // 2
-        cos_b = cos[:, None, None, :]  # (T, 1, 1, D)
+        cos_b = cos[:, None, None, :]  # (N, 1, 1, D)
         sin_b = sin[:, None, None, :half]
         out = qk * cos_b
         out[..., :half].addcmul_(qk[..., half:], sin_b, value=-1.0)
@@ -284,45 +287,70 @@ class Esm2Encoder(torch.nn.Module):
         return weight, bias
 
     # ----------------------------------------------------------------- forward
-    def _embed(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        x = self.embed_scale * self.embed_tokens(tokens)  # (B, T, E)
+    def _embed_packed(self, tokens: torch.Tensor, seq_id: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[N, E]`` of a packed batch, with fair-esm's token-dropout rescaling.
+
+        fair-esm: ``x * (1 - 0.15 * 0.8) / (1 - n_mask / n_tokens)`` per sequence, where
+        ``n_tokens`` counts the sequence's non-padding tokens (BOS and EOS included).
+        """
+        x = self.embed_scale * self.embed_tokens(tokens)  # (N, E)
         if self.token_dropout:
             is_mask = tokens == self.mask_idx
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-            src_lengths = (~padding_mask).sum(-1)
-            mask_ratio_observed = is_mask.sum(-1).to(x.dtype) / src_lengths
-            x = x * (1 - _MASK_RATIO_TRAIN) / (1 - mask_ratio_observed)[:, None, None]
-        return x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+            n_mask = torch.zeros(lengths.shape[0], dtype=x.dtype, device=x.device)
+            n_mask.index_add_(0, seq_id, is_mask.to(x.dtype))
+            scale = (1 - _MASK_RATIO_TRAIN) / (1 - n_mask / lengths.to(x.dtype))  # (B,)
+            x = x * scale[seq_id].unsqueeze(-1)
+        return x
 
-    def _layers(
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: _Packing
+    ) -> torch.Tensor:
+        """Attention within each sequence of a packed batch.
+
+        Args:
+            q, k, v: ``(N, H, D)`` (q not yet scaled: ``scale`` applies head_dim**-0.5).
+
+        Returns:
+            ``(N, H, D)``.
+        """
+        if packing.varlen is not None:
+            cu, max_len = packing.varlen
+            return _varlen_attn(q, k, v, cu, max_len, self.scaling)
+        out = torch.empty_like(v)
+        for start, stop in packing.bounds:
+            # (L, H, D) -> (H, L, D) views; one SDPA per sequence, no mask, no padding.
+            o = F.scaled_dot_product_attention(
+                q[start:stop].transpose(0, 1),
+                k[start:stop].transpose(0, 1),
+                v[start:stop].transpose(0, 1),
+                scale=self.scaling,
+            )
+            out[start:stop] = o.transpose(0, 1)
+        return out
+
+    def _layers_packed(
         self,
         x: torch.Tensor,
-        padding_mask: torch.Tensor,
+        packing: _Packing,
         qkv_params: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        bsz, seq_len, embed_dim = x.shape
+        n_tokens, embed_dim = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        # SDPA boolean mask: True = may attend. (B, 1, 1, T); None when nothing is padded.
-        attn_mask = (~padding_mask)[:, None, None, :] if bool(padding_mask.any()) else None
-        rotary = self._rotary_tables(seq_len)
+        tables = self._rotary_tables(packing.max_len)
         layers: list[Any] = list(self.layers)  # fair-esm modules are untyped
-        for lay, (cos, sin), (qkv_weight, qkv_bias) in zip(layers, rotary, qkv_params, strict=True):
+        for lay, (cos_t, sin_t), (qkv_weight, qkv_bias) in zip(layers, tables, qkv_params, strict=True):
             ln1, ln2 = lay.self_attn_layer_norm, lay.final_layer_norm
             out_proj = lay.self_attn.out_proj
             h = F.layer_norm(x, (embed_dim,), ln1.weight, ln1.bias, ln1.eps)
-            qkv = F.linear(h, qkv_weight, qkv_bias).view(bsz, seq_len, 3, heads, head_dim)
-            qk = self._apply_rotary(qkv[:, :, :2], cos, sin)  # (B, T, 2, H, D)
-            # (B, T, H, D) -> (B, H, T, D) views; fair-esm scales q by head_dim**-0.5
-            # before the (linear) rotary map, SDPA's `scale` applies the same factor.
-            o = F.scaled_dot_product_attention(
-                qk[:, :, 0].transpose(1, 2),
-                qk[:, :, 1].transpose(1, 2),
-                qkv[:, :, 2].transpose(1, 2),
-                attn_mask=attn_mask,
-                scale=self.scaling,
-            )
-            o = o.transpose(1, 2).reshape(bsz, seq_len, embed_dim)
-            x = x + F.linear(o, out_proj.weight, out_proj.bias)
+            qkv = F.linear(h, qkv_weight, qkv_bias).view(n_tokens, 3, heads, head_dim)
+            # Rotary positions restart at every sequence: gather the table by position.
+            cos, sin = cos_t[packing.positions], sin_t[packing.positions]  # (N, D)
+            qk = self._apply_rotary(qkv[:, :2], cos, sin)  # (N, 2, H, D)
+            # fair-esm scales q by head_dim**-0.5 before the (linear) rotary map; the
+            # attention's `scale` applies the same factor.
+            o = self._attention(qk[:, 0], qk[:, 1], qkv[:, 2], packing)
+            x = x + F.linear(o.reshape(n_tokens, embed_dim), out_proj.weight, out_proj.bias)
 
             h = F.layer_norm(x, (embed_dim,), ln2.weight, ln2.bias, ln2.eps)
             # exact (erf) GELU, as esm.modules.gelu
@@ -333,26 +361,35 @@ class Esm2Encoder(torch.nn.Module):
             x = F.layer_norm(x, (embed_dim,), norm.weight, norm.bias, norm.eps)
         return x
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-token representations of one layer.
+    def forward_packed(self, tokens: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """Per-token representations of one layer for sequences packed end to end.
+
+        Every token of every sequence is one row: embedding, LayerNorm, the q/k/v,
+        output and feed-forward GEMMs run on ``[sum(lengths), E]`` at once; rotary
+        positions restart at every sequence; attention runs within each sequence
+        (flash varlen attention on CUDA in bf16/fp16 where the build has
+        ``torch.nn.attention.varlen``, one SDPA call per sequence otherwise). No
+        padding token is ever computed.
 
         Args:
-            tokens: int64 ``[B, T]``, fair-esm ``BatchConverter`` output (BOS,
-                residues, EOS, ``padding_idx`` padding); moved to the model's device.
+            tokens: int64 ``[N]``: the sequences' tokens (BOS, residues, EOS each,
+                fair-esm's alphabet) concatenated, ``N = sum(lengths)``; moved to the
+                model's device.
+            lengths: tokens of each sequence, in order; each >= 1.
 
         Returns:
-            float32 ``[B, T, E]``: the same values as
-            ``model(tokens, repr_layers=[layer])["representations"][layer]``
-            (fair-esm 2.0.0), including ``emb_layer_norm_after`` when
-            ``layer == num_layers`` and the embedding (token-dropout scaling and
-            padding zeroing applied) when ``layer == 0``. Values at padding
-            positions are computed but meaningless; pool over residues only.
+            float32 ``[N, E]``: row ``i`` equals fair-esm's
+            ``model(tokens_b, repr_layers=[layer])["representations"][layer]`` at that
+            token when the sequence is run alone (fair-esm 2.0.0; within float
+            rounding), including ``emb_layer_norm_after`` when ``layer == num_layers``.
 
         Raises:
-            ValueError: ``tokens`` is not 2-D.
+            ValueError: ``tokens`` is not 1-D or ``lengths`` does not add up to it.
         """
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be 2-D [B, T]; got shape {tuple(tokens.shape)}")
+        if tokens.ndim != 1:
+            raise ValueError(f"packed tokens must be 1-D [N]; got shape {tuple(tokens.shape)}")
+        if sum(lengths) != tokens.shape[0] or any(n < 1 for n in lengths):
+            raise ValueError(f"lengths {list(lengths)[:8]}... must be >= 1 and add up to {tokens.shape[0]} tokens")
         device = self.embed_tokens.weight.device
         # Outside inference mode: the fused tensors become the model's own parameters'
         # storage and must stay usable by ordinary (autograd-aware) code.
@@ -360,11 +397,106 @@ class Esm2Encoder(torch.nn.Module):
             qkv_params = [self._fused_qkv(i) for i in range(len(self.layers))]
         with torch.inference_mode():
             tokens = tokens.to(device)
-            padding_mask = tokens.eq(self.padding_idx)  # (B, T)
+            packing = _Packing.of(lengths, device, use_varlen=self._use_varlen(device))
+            x = self._embed_packed(tokens, packing.seq_id, packing.lengths)
             if self.precision == "fp32":
-                return self._layers(self._embed(tokens, padding_mask), padding_mask, qkv_params)
+                return self._layers_packed(x, packing, qkv_params)
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            x = self._embed(tokens, padding_mask)
             with torch.autocast(device_type=device.type, dtype=dtype):
-                x = self._layers(x, padding_mask, qkv_params)
+                x = self._layers_packed(x, packing, qkv_params)
             return x.float()
+
+    def _use_varlen(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self.precision in ("bf16", "fp16") and _varlen_attn_available()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token representations of one layer for a padded batch (fair-esm's layout).
+
+        The rows are unpadded and run through :meth:`forward_packed` (the one code
+        path), then put back in place.
+
+        Args:
+            tokens: int64 ``[B, T]``, fair-esm ``BatchConverter`` output (BOS,
+                residues, EOS, ``padding_idx`` padding after the EOS); moved to the
+                model's device.
+
+        Returns:
+            float32 ``[B, T, E]``: the same values as
+            ``model(tokens, repr_layers=[layer])["representations"][layer]``
+            (fair-esm 2.0.0), including ``emb_layer_norm_after`` when
+            ``layer == num_layers`` and the embedding (token-dropout scaling applied)
+            when ``layer == 0``. Padding positions are zero; pool over residues only.
+
+        Raises:
+            ValueError: ``tokens`` is not 2-D.
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be 2-D [B, T]; got shape {tuple(tokens.shape)}")
+        with torch.inference_mode():
+            keep = tokens.ne(self.padding_idx)
+            lengths = keep.sum(1).tolist()
+            packed = self.forward_packed(tokens[keep], lengths)
+            out = torch.zeros((*tokens.shape, packed.shape[-1]), dtype=packed.dtype, device=packed.device)
+            out[keep.to(packed.device)] = packed
+            return out
+
+
+class _Packing:
+    """Where each sequence of a packed batch lies: bounds, per-token sequence id and position."""
+
+    __slots__ = ("bounds", "lengths", "max_len", "positions", "seq_id", "varlen")
+
+    def __init__(
+        self,
+        bounds: list[tuple[int, int]],
+        lengths: torch.Tensor,
+        seq_id: torch.Tensor,
+        positions: torch.Tensor,
+        max_len: int,
+        varlen: tuple[torch.Tensor, int] | None,
+    ) -> None:
+        self.bounds = bounds
+        self.lengths = lengths
+        self.seq_id = seq_id
+        self.positions = positions
+        self.max_len = max_len
+        self.varlen = varlen
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], device: torch.device, *, use_varlen: bool) -> _Packing:
+        bounds = []
+        start = 0
+        for n in lengths:
+            bounds.append((start, start + int(n)))
+            start += int(n)
+        lens = torch.tensor([int(n) for n in lengths], dtype=torch.long)
+        seq_id = torch.repeat_interleave(torch.arange(len(lengths)), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        positions = torch.arange(start) - starts[seq_id]
+        max_len = max(int(n) for n in lengths)
+        varlen = None
+        if use_varlen:
+            cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
+            varlen = (cu.to(device), max_len)
+        return cls(bounds, lens.to(device), seq_id.to(device), positions.to(device), max_len, varlen)
+
+
+@functools.cache
+def _varlen_attn_available() -> bool:
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """Flash varlen attention (``torch.nn.attention.varlen.varlen_attn``) of ``(N, H, D)`` tensors."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    out = varlen_attn(q.to(dtype), k.to(dtype), v.to(dtype), cu, cu, max_len, max_len, scale=scale)
+    return out if isinstance(out, torch.Tensor) else out[0]
