@@ -42,6 +42,7 @@ def _fields() -> dict[str, Any]:
         "layer": 2,
         "pooling": "mean_residues",
         "normalisation": "l2",
+        "precision": "fp32",
         "metric": "inner_product",
         "dim": DIM,
         "index_factory": "Flat",
