@@ -31,8 +31,7 @@ def random_records(n: int, seed: int, prefix: str = "seq") -> dict[str, str]:
     """``n`` seeded random proteins of 30..90 residues: record id -> sequence."""
     rng = np.random.default_rng(seed)
     return {
-        f"{prefix}{i:04d}": "".join(rng.choice(list(AMINO_ACIDS), size=int(rng.integers(30, 91))))
-        for i in range(n)
+        f"{prefix}{i:04d}": "".join(rng.choice(list(AMINO_ACIDS), size=int(rng.integers(30, 91)))) for i in range(n)
     }
 
 
@@ -41,9 +40,7 @@ def write_fasta(path: Path, records: dict[str, str]) -> Path:
     return path
 
 
-def mutate(
-    records: dict[str, str], *, changed: int, removed: int, added: int, seed: int
-) -> dict[str, str]:
+def mutate(records: dict[str, str], *, changed: int, removed: int, added: int, seed: int) -> dict[str, str]:
     """Change one residue of ``changed`` records, drop ``removed``, append ``added`` new ones."""
     rng = np.random.default_rng(seed)
     ids = list(records)
@@ -62,9 +59,7 @@ def mutate(
 
 
 @pytest.fixture()
-def root_v1(
-    tmp_path: Path, tiny_checkpoint: Path, tiny_embedder
-) -> tuple[Path, dict[str, str], str]:  # type: ignore[no-untyped-def]
+def root_v1(tmp_path: Path, tiny_checkpoint: Path, tiny_embedder) -> tuple[Path, dict[str, str], str]:  # type: ignore[no-untyped-def]
     """A root with one published version of 100 synthetic sequences."""
     records = random_records(100, seed=7)
     fasta = write_fasta(tmp_path / "db_v1.fasta", records)
@@ -114,14 +109,10 @@ def test_incremental_rebuild_reuses_unchanged_vectors_and_equals_a_scratch_build
     with Index.open(IndexRoot(root).version_path(v1)) as old:
         old_ids = [m[1] for m in old.iter_metadata()]
         old_vec = np.asarray(old.embeddings())
-    changed_ids = [
-        rid for rid in new_records if rid in records and records[rid] != new_records[rid]
-    ]
+    changed_ids = [rid for rid in new_records if rid in records and records[rid] != new_records[rid]]
     assert len(changed_ids) == 10
     for rid in changed_ids:
-        assert not np.allclose(
-            old_vec[old_ids.index(rid)], inc_vec[list(new_records).index(rid)], atol=1e-6
-        )
+        assert not np.allclose(old_vec[old_ids.index(rid)], inc_vec[list(new_records).index(rid)], atol=1e-6)
 
 
 def test_second_concurrent_build_fails_with_build_locked_error(
@@ -131,9 +122,7 @@ def test_second_concurrent_build_fails_with_build_locked_error(
     root_v1,  # type: ignore[no-untyped-def]
 ) -> None:
     root, records, v1 = root_v1
-    fasta2 = write_fasta(
-        tmp_path / "db_v2.fasta", mutate(records, changed=3, removed=0, added=0, seed=3)
-    )
+    fasta2 = write_fasta(tmp_path / "db_v2.fasta", mutate(records, changed=3, removed=0, added=0, seed=3))
     index_root = IndexRoot(root)
     with index_root.lock():  # another build holds the lock
         with pytest.raises(BuildLockedError, match=f"pid {os.getpid()}"):
@@ -162,9 +151,7 @@ def test_failed_verification_leaves_current_untouched_and_no_new_version(
         return real_build(np.ascontiguousarray(np.asarray(vectors)[perm]), spec)
 
     monkeypatch.setattr(vector_index, "build", build_over_shuffled_rows)
-    fasta2 = write_fasta(
-        tmp_path / "db_v2.fasta", mutate(records, changed=2, removed=1, added=1, seed=5)
-    )
+    fasta2 = write_fasta(tmp_path / "db_v2.fasta", mutate(records, changed=2, removed=1, added=1, seed=5))
     index_root = IndexRoot(root)
     versions_before = sorted(p.name for p in index_root.versions_dir.iterdir())
     with pytest.raises(IndexFormatError, match="self-search check"):
@@ -198,9 +185,7 @@ def test_crash_while_embedding_keeps_current_and_resume_completes(
 
     monkeypatch.setattr(tiny_embedder, "embed", failing_embed)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_version(
-            fasta2, root, model=str(tiny_checkpoint), embedder=tiny_embedder, chunk_residues=300
-        )
+        build_version(fasta2, root, model=str(tiny_checkpoint), embedder=tiny_embedder, chunk_residues=300)
     index_root = IndexRoot(root)
     assert index_root.current_version() == v1
     assert [v.version for v in index_root.list_versions()] == [v1]
@@ -269,9 +254,7 @@ def test_killed_rebuild_leaves_current_and_live_server_unaffected_then_resume_co
     fasta2 = write_fasta(tmp_path / "db_v2.fasta", new_records)
     query = {"q1": next(iter(records.values()))}
 
-    server, port = create_server(
-        root, "127.0.0.1:0", device="cpu", max_workers=4, reload_poll_s=None
-    )
+    server, port = create_server(root, "127.0.0.1:0", device="cpu", max_workers=4, reload_poll_s=None)
     try:
         with SearchClient(f"127.0.0.1:{port}", timeout_s=60.0) as client:
             assert client.search(query, k=3)[0].index_version == v1
