@@ -77,7 +77,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"model {m.model_name} layer {m.layer} dim {m.dim}, index {m.index_factory}, version {m.version}"
     )
     print(
-        f"embedding {result.embed_seconds:.1f} s ({result.residues_per_s:,.0f} residues/s), "
+        f"embedding at {m.precision} {result.embed_seconds:.1f} s ({result.residues_per_s:,.0f} residues/s), "
         f"total {result.seconds:.1f} s; {result.windowed_sequences} sequences longer than "
         f"{m.build.get('window_residues')} residues embedded in windows"
     )
@@ -143,6 +143,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
             ("layer", str(m.layer)),
             ("dim", str(m.dim)),
             ("pooling", f"{m.pooling}, {m.normalisation}-normalised; metric {m.metric} (cosine)"),
+            ("precision", f"{m.precision} (queries are embedded at this precision)"),
             ("faiss index", m.index_factory + (f" {m.search_params}" if m.search_params else "")),
             ("source fasta", f"{m.source_fasta} (sha256 {m.source_fasta_sha256[:16]}...)"),
             ("built", f"{m.built_at} by esmsearch {m.tool_version}"),
@@ -154,7 +155,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
                     "build",
                     f"{b.get('residues', 0):,} residues, {b.get('windowed_sequences', 0)} windowed, "
                     f"{b.get('embed_seconds')} s embedding ({b.get('residues_per_s')} residues/s) on "
-                    f"{b.get('device')} {b.get('precision')}",
+                    f"{b.get('device')}",
                 )
             )
         for name, size in sizes.items():
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16", "fp16", "auto"],
-        help="compute precision (default fp32; auto = bf16 where the hardware runs it natively)",
+        help="compute precision, recorded in the manifest; the server embeds queries at it "
+        "(default fp32; auto = bf16 on CUDA with bf16 support and on CPUs with AMX, fp32 elsewhere)",
     )
     b.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto"

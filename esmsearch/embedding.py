@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -43,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esmsearch.errors import ConfigError, IndexMismatchError, ModelLoadError
-from esmsearch.sequences import validate_sequence
+from esmsearch.fsutil import file_sha256
+from esmsearch.sequences import RESIDUE_ALPHABET, validate_sequence
 
 if TYPE_CHECKING:
     import torch
@@ -97,14 +97,6 @@ def _allow_namespace_unpickling() -> Iterator[None]:
 
     with torch.serialization.safe_globals([argparse.Namespace]):
         yield
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -163,7 +155,7 @@ def load_model(spec: str) -> LoadedModel:
                 model, alphabet = esm.pretrained.load_model_and_alphabet_core(core_name, model_data, regression_data)
         except Exception as exc:
             raise ModelLoadError(f"cannot build an ESM-2 model from {path}: {exc}") from exc
-        source, sha = str(path), _sha256(path)
+        source, sha = str(path), file_sha256(path)
     else:
         if not spec.startswith("esm2_") or not hasattr(esm.pretrained, spec):
             known = sorted(n for n in dir(esm.pretrained) if n.startswith("esm2_"))
@@ -183,7 +175,7 @@ def load_model(spec: str) -> LoadedModel:
             ) from exc
         cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{spec}.pt"
         source, name = spec, spec
-        sha = _sha256(cached) if cached.is_file() else "unknown"
+        sha = file_sha256(cached) if cached.is_file() else "unknown"
     model.eval()
     return LoadedModel(model, alphabet, name, source, sha)
 
@@ -272,9 +264,10 @@ class Embedder:
             tokens (residues plus BOS and EOS of each sequence or window).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32`` (default), ``bf16``, ``fp16`` (CUDA only) or ``auto`` (bf16
-            where the hardware runs it natively, else fp32; see
+            on CUDA devices with bf16 support and on CPUs with AMX, else fp32; see
             :func:`esmsearch.esm2_fast.default_precision`). The resolved value is in
-            :attr:`precision` and recorded in index manifests.
+            :attr:`precision`, recorded in index manifests (``Manifest.precision``)
+            and compared by :meth:`check_manifest`.
 
     Raises:
         ModelLoadError: see :func:`load_model`.
@@ -321,7 +314,7 @@ class Embedder:
         self._model = esm_model.to(self.device)
         self._encoder = self._make_encoder()
         table = np.full(256, -1, dtype=np.int64)
-        for ch in "ACDEFGHIKLMNPQRSTVWYXBZUO":
+        for ch in sorted(RESIDUE_ALPHABET):  # validate_sequence upper-cases; only these reach the table
             table[ord(ch)] = loaded.alphabet.get_idx(ch)
         self._token_table = table
 
@@ -340,17 +333,22 @@ class Embedder:
             "layer": self.layer,
             "pooling": POOLING,
             "normalisation": NORMALISATION,
+            "precision": self.precision,
             "dim": self.dim,
         }
 
     def check_manifest(self, manifest: Manifest) -> None:
-        """Raise :class:`IndexMismatchError` unless this model matches ``manifest``.
+        """Raise :class:`IndexMismatchError` unless this model produces ``manifest``'s vectors.
 
-        Compared: checkpoint sha256, layer, pooling, normalisation and dimension (the
-        model name is informative only: a renamed copy of the same file matches).
+        Compared: checkpoint sha256, layer, pooling, normalisation, precision and
+        dimension -- everything that changes a vector (the model name is informative
+        only: a renamed copy of the same file matches).
+
+        Raises:
+            IndexMismatchError: naming each differing setting with both values.
         """
         diffs = []
-        for key in ("checkpoint_sha256", "layer", "pooling", "normalisation", "dim"):
+        for key in ("checkpoint_sha256", "layer", "pooling", "normalisation", "precision", "dim"):
             mine, theirs = self.settings[key], getattr(manifest, key)
             if mine != theirs:
                 diffs.append(f"{key}: index has {theirs!r}, model has {mine!r}")
@@ -368,14 +366,43 @@ class Embedder:
         model: str | None = None,
         device: str = "auto",
         toks_per_batch: int = 4096,
-        precision: str = "fp32",
+        precision: str | None = None,
     ) -> Embedder:
         """Load the model an index was built with (or ``model``) and check it matches.
 
+        Queries are embedded at the index's precision (``manifest.precision``) unless
+        ``precision`` says otherwise -- and then it must resolve to the same value.
+
+        Args:
+            manifest: the index's manifest.
+            model: pretrained name or ``.pt`` path overriding the manifest's model
+                source (it must still be the same checkpoint).
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            toks_per_batch: token budget per forward pass.
+            precision: ``None`` (default: the manifest's) or a value for
+                :class:`Embedder`, which must resolve to the manifest's.
+
         Raises:
             ModelLoadError: the model cannot be loaded.
-            IndexMismatchError: the model's checkpoint/layer/pooling/dim differ from the manifest.
+            IndexMismatchError: the device cannot run the index's precision (e.g. an
+                fp16 index on a CPU; the message names both), or the model's
+                checkpoint/layer/pooling/normalisation/precision/dim differ from the
+                manifest.
+            ConfigError: a bad device or ``toks_per_batch``.
         """
+        from esmsearch.esm2_fast import resolve_precision
+
+        if precision is None:
+            precision = manifest.precision
+            dev = resolve_device(device)
+            try:
+                resolve_precision(precision, dev)
+            except ConfigError as exc:
+                raise IndexMismatchError(
+                    f"index {manifest.version} was built at precision {precision!r}, which device "
+                    f"{str(dev)!r} cannot run ({exc}); serve it on a device that can, or rebuild the index "
+                    "at a precision this device runs"
+                ) from exc
         emb = cls(
             model or manifest.model_source or manifest.model_name,
             layer=manifest.layer,

@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, cast
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
@@ -133,8 +133,8 @@ def open_text(path: str | os.PathLike[str]) -> IO[str]:
         raw = open(path, "rb")  # noqa: SIM115 - returned to caller
     try:
         head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-        binary: IO[bytes] = _OwningGzipFile(raw) if head == _GZIP_MAGIC else raw  # type: ignore[assignment]
-        return io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline=None)  # type: ignore[arg-type]
+        binary = cast(IO[bytes], _OwningGzipFile(raw)) if head == _GZIP_MAGIC else raw
+        return io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline=None)
     except BaseException:
         raw.close()
         raise
@@ -153,7 +153,7 @@ def _parse(handle: IO[str], source: str) -> Iterator[SequenceRecord]:
         raise FastaFormatError(f"{source}: not FASTA: expected a '>' header line, found {first.strip()[:40]!r}")
     chained = _prepend(first, handle)
     seen: dict[str, int] = {}
-    for n, (header, raw_seq) in enumerate(SimpleFastaParser(chained), start=1):
+    for n, (header, raw_seq) in enumerate(SimpleFastaParser(chained), start=1):  # type: ignore[no-untyped-call]
         parts = header.strip().split(None, 1)
         if not parts:
             raise InvalidSequenceError(f"#{n}", "FASTA header has no record id")

@@ -10,15 +10,22 @@ One index version is a directory::
 :class:`IndexWriter` writes into a temporary sibling directory and renames it into
 place only after every file is written, fsynced, checksummed and re-opened: an
 interrupted or failed build leaves nothing at the destination and an existing
-index there untouched.
+index there untouched. :func:`publish_directory` fsyncs the parent after the rename
+and replaces an existing index by an atomic ``renameat2(RENAME_EXCHANGE)``, so the
+destination holds the whole old or the whole new index at every instant (with a
+logged fallback to rename-aside where the filesystem cannot exchange).
+
+The metadata database is opened read-only through a percent-encoded SQLite URI
+(:func:`esmsearch.fsutil.sqlite_uri`), so directories named with ``?``, ``#`` or
+``%`` work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -33,11 +40,13 @@ from typing import Any
 
 import numpy as np
 
+from esmsearch import fsutil
 from esmsearch.errors import EsmsearchError, IndexFormatError, IndexNotFoundError
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "PRECISIONS",
     "Index",
     "IndexWriter",
     "Manifest",
@@ -53,6 +62,18 @@ FAISS_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
 METADATA_FILE = "metadata.sqlite"
 DATA_FILES = (FAISS_FILE, EMBEDDINGS_FILE, METADATA_FILE)
+#: Resolved compute precisions a manifest may record (never ``auto``).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+log = logging.getLogger(__name__)
+
+
+def _check_precision(value: object, source: str) -> None:
+    if value not in PRECISIONS:
+        raise IndexFormatError(
+            f"{source}: precision {value!r} is not one of {', '.join(PRECISIONS)} "
+            "(a manifest records the resolved precision, never 'auto')"
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,12 @@ class Manifest:
         layer: representation layer pooled (0 = token embeddings .. num_layers).
         pooling: ``mean_residues`` (mean over residue positions, no BOS/EOS/padding).
         normalisation: ``l2``.
+        precision: resolved compute precision of the embeddings, one of
+            :data:`PRECISIONS` (``fp32``, ``bf16``, ``fp16``; never ``auto``). Part of
+            the contract: the server embeds queries at this precision, and a rebuild
+            reuses vectors only from a version of equal precision. JSON: a top-level
+            string, e.g. ``"precision": "bf16"``. Manifests written before the field
+            existed are read as ``build.precision`` if present, else ``fp32``.
         metric: ``inner_product`` (= cosine on L2-normalised vectors; higher = closer).
         dim: embedding dimension.
         count: number of database sequences (rows).
@@ -89,6 +116,7 @@ class Manifest:
     layer: int
     pooling: str
     normalisation: str
+    precision: str
     metric: str
     dim: int
     count: int
@@ -101,6 +129,9 @@ class Manifest:
     tool_version: str
     build: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_precision(self.precision, "manifest")
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -108,10 +139,20 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any], *, source: str = "manifest") -> Manifest:
         """Build from parsed JSON.
 
+        A manifest without a top-level ``precision`` (written before it existed) is
+        read with the precision its ``build`` statistics recorded, else ``fp32``
+        (the only precision those versions could build by default).
+
         Raises:
-            IndexFormatError: missing or unknown keys, or an unsupported format version.
+            IndexFormatError: missing keys, an unsupported format version, or a
+                precision outside :data:`PRECISIONS`.
         """
         names = {f.name for f in dataclasses.fields(cls)}
+        if "precision" not in data:
+            build = data.get("build")
+            legacy = build.get("precision") if isinstance(build, dict) else None
+            data = {**data, "precision": legacy if legacy is not None else "fp32"}
+        _check_precision(data["precision"], source)
         required = {
             f.name
             for f in dataclasses.fields(cls)
@@ -164,23 +205,6 @@ def new_version_id(now: datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-" + uuid.uuid4().hex[:6]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sequences (
     row INTEGER PRIMARY KEY,
@@ -221,7 +245,8 @@ class IndexWriter:
         self.keep_on_error = False
         self._db = sqlite3.connect(self.directory / METADATA_FILE)
         self._db.executescript(_SCHEMA)
-        (self._rows,) = self._db.execute("SELECT COUNT(*) FROM sequences").fetchone()
+        (rows,) = self._db.execute("SELECT COUNT(*) FROM sequences").fetchone()
+        self._rows: int = int(rows)
         self._finished = False
 
     @classmethod
@@ -294,7 +319,9 @@ class IndexWriter:
         ``files``, ``count`` and (optionally) ``version``/``built_at``.
 
         Raises:
-            IndexFormatError: the written files are inconsistent (row counts differ).
+            IndexFormatError: the written files are inconsistent (row counts differ),
+                or a field is invalid (e.g. an unknown precision).
+            OSError: an fsync or the manifest's rename failed (nothing is published).
         """
         self._db.commit()
         self._db.execute("VACUUM")
@@ -304,34 +331,49 @@ class IndexWriter:
             path = self.directory / name
             if not path.is_file():
                 raise IndexFormatError(f"build produced no {name}")
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-            files[name] = _file_sha256(path)
+            fsutil.fsync_file(path)
+            files[name] = fsutil.file_sha256(path)
         now = datetime.now(timezone.utc)
         fields.setdefault("built_at", now.isoformat(timespec="seconds"))
         fields.setdefault("version", new_version_id(now))
         manifest = Manifest(format_version=FORMAT_VERSION, files=files, count=self._rows, **fields)
-        tmp = self.directory / (MANIFEST + ".tmp")
-        tmp.write_text(manifest.to_json(), encoding="utf-8")
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / MANIFEST)
-        _fsync_dir(self.directory)
+        # The manifest goes last: a directory with a manifest has every file it lists.
+        fsutil.write_text_atomic(self.directory / MANIFEST, manifest.to_json())
         Index.open(self.directory, verify=True).close()
         self._finished = True
         return manifest
 
 
 def publish_directory(built: Path, destination: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-    """Move a finished index directory to ``destination`` by rename.
+    """Move a finished index directory to ``destination`` by rename, durably.
 
-    With ``overwrite``, an existing index at ``destination`` is replaced: it is
-    renamed aside, the new one renamed in, then the old one deleted.
+    Without an index at ``destination``: ``rename(built, destination)``, then the
+    parent directory is fsynced.
+
+    With ``overwrite`` and an index at ``destination``: the two directories are
+    swapped atomically with ``renameat2(RENAME_EXCHANGE)`` (:func:`esmsearch.fsutil.exchange`),
+    so ``destination`` holds the whole old index or the whole new one at every
+    instant; the parent is fsynced, then the old index (now at ``built``) is deleted.
+    Where the OS or filesystem cannot exchange (not Linux, old glibc/kernel, some
+    network and FUSE filesystems), a warning is logged and the old way is used:
+    rename the old index aside, rename the new one in, delete the old one -- between
+    those two renames ``destination`` briefly does not exist (a reader retrying an
+    open sees the new index; a crash there leaves the old index at
+    ``.<name>.old-<random>`` beside it).
+
+    Args:
+        built: a finished, verified index directory (see :meth:`IndexWriter.finish`),
+            on the same filesystem as ``destination``.
+        destination: where the index is published.
+        overwrite: replace an existing index at ``destination``.
 
     Raises:
         FileExistsError: ``destination`` exists and ``overwrite`` is false.
         IndexFormatError: ``destination`` exists but is not an esmsearch index
             (refused even with ``overwrite``, so no unrelated directory is deleted).
+        OSError: a rename or fsync failed. If the swap itself failed, ``destination``
+            is unchanged; if only the fsync after it failed, the new index is in place
+            (but possibly not yet durable) and the old one is left at ``built``.
     """
     dest = Path(destination)
     # A work directory from mkdtemp is 0700; give the published index the usual
@@ -339,11 +381,22 @@ def publish_directory(built: Path, destination: str | os.PathLike[str], *, overw
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(built, 0o777 & ~umask)
-    if dest.exists() or dest.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
-        if not (dest / MANIFEST).is_file():
-            raise IndexFormatError(f"{dest} exists and is not an esmsearch index; refusing to replace it")
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(built, dest)
+        fsutil.fsync_dir(dest.parent)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
+    if not (dest / MANIFEST).is_file():
+        raise IndexFormatError(f"{dest} exists and is not an esmsearch index; refusing to replace it")
+    try:
+        fsutil.exchange(built, dest)
+    except fsutil.ExchangeNotSupportedError as exc:
+        log.warning(
+            "cannot swap %s atomically (%s); replacing it by rename-aside, during which it briefly does not exist",
+            dest,
+            exc.strerror,
+        )
         aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(dest, aside)
         try:
@@ -351,10 +404,20 @@ def publish_directory(built: Path, destination: str | os.PathLike[str], *, overw
         except BaseException:
             os.rename(aside, dest)
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        fsutil.fsync_dir(dest.parent)
+        _remove_tree(aside)
+        return
+    # `built` now names the old index.
+    fsutil.fsync_dir(dest.parent)
+    _remove_tree(built)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a replaced index (a directory, or a symlink that stood at the destination)."""
+    if path.is_symlink():
+        path.unlink()
     else:
-        os.rename(built, dest)
-    _fsync_dir(dest.parent)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Index:
@@ -407,7 +470,7 @@ class Index:
                     f"expected {sorted(DATA_FILES)}"
                 )
             for name, expected in manifest.files.items():
-                actual = _file_sha256(directory / name)
+                actual = fsutil.file_sha256(directory / name)
                 if actual != expected:
                     raise IndexFormatError(
                         f"index {directory}: {name} sha256 {actual[:12]}... differs from manifest {expected[:12]}..."
@@ -421,7 +484,12 @@ class Index:
             vector_index.apply_search_params(index, spec)
         except EsmsearchError as exc:
             raise IndexFormatError(f"index {directory}: bad search parameters in manifest ({exc})") from exc
-        db = sqlite3.connect(f"file:{directory / METADATA_FILE}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            db = sqlite3.connect(
+                fsutil.sqlite_uri(directory / METADATA_FILE, mode="ro"), uri=True, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise IndexFormatError(f"index {directory}: cannot open {METADATA_FILE} ({exc})") from exc
         try:
             (n_meta,) = db.execute("SELECT COUNT(*) FROM sequences").fetchone()
         except sqlite3.Error as exc:
@@ -466,7 +534,8 @@ class Index:
 
     def embeddings(self) -> np.ndarray:
         """The stored vectors, memory-mapped read-only: float32 ``[count, dim]``."""
-        return np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
+        vectors: np.ndarray = np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
+        return vectors
 
     def targets(self, rows: Sequence[int]) -> list[Target]:
         """Metadata of database rows, in the order given (rows must exist)."""

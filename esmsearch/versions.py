@@ -9,8 +9,11 @@ Layout (the blue-green switch of Qdrant/Milvus collection aliases, on a filesyst
 
 ``current`` is never edited in place: a new symlink is made beside it and renamed
 over it, which POSIX guarantees atomic, so a reader sees the old or the new version
-and never a mix. Versions are never modified after publication; retention deletes
-whole old versions but never the live one.
+and never a mix. Every publishing rename is followed by an fsync of its directory
+(``versions/`` after a version is moved in, ROOT after ``current`` is swapped), so a
+power cut cannot bring back a ``current`` naming a version whose entry was lost.
+Versions are never modified after publication; retention deletes whole old
+versions but never the live one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from esmsearch import fsutil
 from esmsearch.errors import ConfigError, EsmsearchError, IndexFormatError, IndexNotFoundError
 from esmsearch.store import MANIFEST, Index, Manifest
 
@@ -140,7 +144,11 @@ class IndexRoot:
         return (p / VERSIONS).is_dir() and not (p / MANIFEST).is_file()
 
     def create(self) -> None:
+        """Create ``ROOT/versions/`` (and ROOT) if missing, durably."""
+        if self.versions_dir.is_dir():
+            return
         self.versions_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.fsync_dir(self.path)
 
     # -- reading ------------------------------------------------------------------------------
     def current_version(self) -> str | None:
@@ -216,7 +224,16 @@ class IndexRoot:
             os.close(fd)  # closing releases the flock
 
     def add_version(self, built: Path, version: str) -> Path:
-        """Move a finished, verified index directory into ``versions/<version>``."""
+        """Move a finished, verified index directory into ``versions/<version>``, durably
+        (``versions/`` is fsynced after the rename). ``current`` is not touched.
+
+        Returns:
+            The version's directory.
+
+        Raises:
+            IndexFormatError: the version already exists.
+            OSError: the rename or the fsync failed.
+        """
         self.create()
         dest = self.versions_dir / version
         if dest.exists():
@@ -225,13 +242,17 @@ class IndexRoot:
         os.umask(umask)
         os.chmod(built, 0o777 & ~umask)
         os.rename(built, dest)
+        fsutil.fsync_dir(self.versions_dir)
         return dest
 
     def set_current(self, version: str) -> None:
-        """Atomically point ``current`` at ``versions/<version>`` (symlink + rename).
+        """Atomically and durably point ``current`` at ``versions/<version>``
+        (new symlink beside it, ``rename(2)`` over it, fsync of the root).
 
         Raises:
             IndexNotFoundError: no such version.
+            OSError: the symlink, rename or fsync failed (if the rename failed,
+                ``current`` is unchanged).
         """
         self.version_path(version)
         tmp = self.path / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
@@ -241,12 +262,7 @@ class IndexRoot:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        with contextlib.suppress(OSError):
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsutil.fsync_dir(self.path)
         log.info("%s: current -> %s", self.path, version)
 
     def rollback(self, version: str | None = None) -> str:
@@ -293,6 +309,7 @@ class IndexRoot:
             # Rename aside first so a crash never leaves a half-deleted version that looks whole.
             aside = self.versions_dir / f".deleting-{v.version}"
             os.rename(v.path, aside)
+            fsutil.fsync_dir(self.versions_dir)
             shutil.rmtree(aside, ignore_errors=True)
             deleted.append(v.version)
         return deleted

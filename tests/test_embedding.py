@@ -197,10 +197,7 @@ def test_layer_selection(tiny_checkpoint: Path) -> None:
     assert Embedder(ckpt, device="cpu", layer=-2).layer == 1
     assert Embedder(ckpt, device="cpu", layer=-3).layer == 0
     assert Embedder(ckpt, device="cpu", layer=0).layer == 0
-    assert (
-        Embedder(ckpt, device="cpu", toks_per_batch=WINDOW_RESIDUES + 2).toks_per_batch
-        == WINDOW_RESIDUES + 2
-    )
+    assert Embedder(ckpt, device="cpu", toks_per_batch=WINDOW_RESIDUES + 2).toks_per_batch == WINDOW_RESIDUES + 2
 
 
 # -- embedding --------------------------------------------------------------------------
@@ -257,9 +254,7 @@ def test_padding_invariance(tiny_embedder: Embedder, tiny_checkpoint: Path) -> N
 
 
 @pytest.mark.parametrize("layer", [2, 1, 0])
-def test_matches_fair_esm_reference(
-    tiny_checkpoint: Path, reference: tuple[Any, Any], layer: int
-) -> None:
+def test_matches_fair_esm_reference(tiny_checkpoint: Path, reference: tuple[Any, Any], layer: int) -> None:
     emb = Embedder(str(tiny_checkpoint), device="cpu", layer=layer)
     rng = random.Random(3)
     seqs = [_random_protein(rng, n) for n in (12, 260, 75)] + ["MKTXBZUOAC"]
@@ -270,10 +265,7 @@ def test_matches_fair_esm_reference(
 
 def test_layers_differ(tiny_checkpoint: Path) -> None:
     seq = ["MKTAYIAKQRQISFVKSHFSRQ"]
-    vecs = [
-        Embedder(str(tiny_checkpoint), device="cpu", layer=layer).embed(seq)[0]
-        for layer in (0, 1, 2)
-    ]
+    vecs = [Embedder(str(tiny_checkpoint), device="cpu", layer=layer).embed(seq)[0] for layer in (0, 1, 2)]
     assert np.abs(vecs[0] - vecs[1]).max() > 1e-3
     assert np.abs(vecs[1] - vecs[2]).max() > 1e-3
 
@@ -322,9 +314,7 @@ def test_plan_windows_bad_overlap() -> None:
         plan_windows(5000, window=100, overlap=100)
 
 
-def test_full_length_sequence_is_one_window(
-    tiny_checkpoint: Path, reference: tuple[Any, Any]
-) -> None:
+def test_full_length_sequence_is_one_window(tiny_checkpoint: Path, reference: tuple[Any, Any]) -> None:
     emb = Embedder(str(tiny_checkpoint), device="cpu")
     seq = _random_protein(random.Random(4), WINDOW_RESIDUES)
     assert plan_windows(len(seq)) == [(0, WINDOW_RESIDUES, 0, WINDOW_RESIDUES)]
@@ -333,9 +323,7 @@ def test_full_length_sequence_is_one_window(
     assert emb.stats.windowed_sequences == 0
 
 
-def test_long_sequence_pools_planned_windows(
-    tiny_checkpoint: Path, reference: tuple[Any, Any]
-) -> None:
+def test_long_sequence_pools_planned_windows(tiny_checkpoint: Path, reference: tuple[Any, Any]) -> None:
     emb = Embedder(str(tiny_checkpoint), device="cpu")
     rng = random.Random(5)
     seq = _random_protein(rng, 2500)
@@ -394,10 +382,7 @@ def test_for_manifest(small_index: Path, tiny_checkpoint: Path, tmp_path: Path) 
     assert emb.checkpoint_sha256 == manifest.checkpoint_sha256
     renamed = tmp_path / "esm2_renamed.pt"
     shutil.copy(tiny_checkpoint, renamed)
-    assert (
-        Embedder.for_manifest(manifest, model=str(renamed), device="cpu").model_name
-        == "esm2_renamed"
-    )
+    assert Embedder.for_manifest(manifest, model=str(renamed), device="cpu").model_name == "esm2_renamed"
     other_ckpt = write_random_checkpoint(
         "esm2_t6_8M_UR50D", tmp_path / "o", seed=99, num_layers=2, embed_dim=32, attention_heads=4
     )

@@ -23,9 +23,7 @@ from esmsearch.store import DATA_FILES, Index, Manifest
 
 
 def _tree(path: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _sha(path: Path) -> str:
@@ -67,9 +65,7 @@ def test_manifest_fields(small_index: Path, tiny_checkpoint: Path, ecoli_fasta: 
     assert not any(p.name.startswith(".") for p in small_index.parent.iterdir())
 
 
-def test_metadata_and_vectors_match_fasta(
-    small_index: Path, ecoli_fasta: Path, tiny_embedder: Embedder
-) -> None:
+def test_metadata_and_vectors_match_fasta(small_index: Path, ecoli_fasta: Path, tiny_embedder: Embedder) -> None:
     records = list(read_fasta(ecoli_fasta))
     with Index.open(small_index, verify=True) as index:
         meta = list(index.iter_metadata())
@@ -92,9 +88,7 @@ def test_small_chunks_give_same_vectors(
     embed_calls: list[int],
 ) -> None:
     out = tmp_path / "chunked"
-    result = build_index(
-        ecoli_fasta, out, model="unused", embedder=tiny_embedder, chunk_residues=200
-    )
+    result = build_index(ecoli_fasta, out, model="unused", embedder=tiny_embedder, chunk_residues=200)
     assert len(embed_calls) >= 5  # really streamed in many chunks
     assert sum(embed_calls) == 40
     assert result.sequences == 40
@@ -103,9 +97,7 @@ def test_small_chunks_give_same_vectors(
         assert list(a.iter_metadata()) == list(b.iter_metadata())
 
 
-def test_gzip_database(
-    tmp_path: Path, ecoli_fasta: Path, tiny_embedder: Embedder, small_index: Path
-) -> None:
+def test_gzip_database(tmp_path: Path, ecoli_fasta: Path, tiny_embedder: Embedder, small_index: Path) -> None:
     import gzip
 
     gz = tmp_path / "db.fasta.gz"
@@ -130,9 +122,7 @@ def test_bad_record_at_end_fails_before_embedding(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta"]
 
 
-def test_duplicate_at_end_fails_before_model_load(
-    tmp_path: Path, ecoli_fasta: Path, embed_calls: list[int]
-) -> None:
+def test_duplicate_at_end_fails_before_model_load(tmp_path: Path, ecoli_fasta: Path, embed_calls: list[int]) -> None:
     first_header = ecoli_fasta.read_text().splitlines()[0]
     bad = tmp_path / "dup.fasta"
     bad.write_text(ecoli_fasta.read_text() + first_header + "\nMKT\n")
@@ -168,13 +158,9 @@ def test_bad_factory_rejected_before_embedding(
 
 def test_bad_settings_rejected(tmp_path: Path, ecoli_fasta: Path, tiny_embedder: Embedder) -> None:
     with pytest.raises(ConfigError):
-        build_index(
-            ecoli_fasta, tmp_path / "idx", model="unused", embedder=tiny_embedder, chunk_residues=0
-        )
+        build_index(ecoli_fasta, tmp_path / "idx", model="unused", embedder=tiny_embedder, chunk_residues=0)
     with pytest.raises(ConfigError):
-        build_index(
-            ecoli_fasta, tmp_path / "idx", model="unused", embedder=tiny_embedder, index_factory=" "
-        )
+        build_index(ecoli_fasta, tmp_path / "idx", model="unused", embedder=tiny_embedder, index_factory=" ")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -257,9 +243,7 @@ def test_overwrite_replaces_existing_index(
     tmp_path: Path, ecoli_fasta: Path, small_index: Path, tiny_embedder: Embedder
 ) -> None:
     out = tmp_path / "idx"
-    first = build_index(
-        ecoli_fasta, out, model="unused", embedder=tiny_embedder, index_factory="Flat"
-    )
+    first = build_index(ecoli_fasta, out, model="unused", embedder=tiny_embedder, index_factory="Flat")
     second = build_index(
         ecoli_fasta,
         out,
@@ -332,16 +316,11 @@ def test_build_version_reuses_unchanged_vectors(
 
     records = list(read_fasta(ecoli_fasta))
     first = tmp_path / "v1.fasta"
-    first.write_text(
-        "".join(f">{r.record_id} {r.description}\n{r.sequence}\n" for r in records[:30])
-    )
+    first.write_text("".join(f">{r.record_id} {r.description}\n{r.sequence}\n" for r in records[:30]))
     changed = records[5].sequence[:-1] + ("W" if records[5].sequence[-1] != "W" else "A")
     second = tmp_path / "v2.fasta"
     second.write_text(
-        "".join(
-            f">{r.record_id} {r.description}\n{changed if i == 5 else r.sequence}\n"
-            for i, r in enumerate(records)
-        )
+        "".join(f">{r.record_id} {r.description}\n{changed if i == 5 else r.sequence}\n" for i, r in enumerate(records))
     )
     root = tmp_path / "root"
     r1 = build_version(first, root, model="unused", embedder=tiny_embedder)
@@ -358,7 +337,5 @@ def test_build_version_reuses_unchanged_vectors(
     assert IndexRoot(root).current_version() == r2.manifest.version
     with Index.open(IndexRoot(root).current_path(), verify=True) as index:
         got = np.array(index.embeddings())
-    expected = tiny_embedder.embed(
-        [changed if i == 5 else r.sequence for i, r in enumerate(records)]
-    )
+    expected = tiny_embedder.embed([changed if i == 5 else r.sequence for i, r in enumerate(records)])
     np.testing.assert_allclose(got, expected, atol=1e-5)

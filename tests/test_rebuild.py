@@ -278,6 +278,9 @@ def test_killed_rebuild_leaves_current_and_live_server_unaffected_then_resume_co
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=30)
+                for pipe in (proc.stdout, proc.stderr):  # no unclosed-file ResourceWarning
+                    if pipe is not None:
+                        pipe.close()
 
             # current and the live server are unaffected.
             assert index_root.current_version() == v1

@@ -42,6 +42,7 @@ def _fields() -> dict[str, Any]:
         "layer": 2,
         "pooling": "mean_residues",
         "normalisation": "l2",
+        "precision": "fp32",
         "metric": "inner_product",
         "dim": DIM,
         "index_factory": "Flat",
@@ -53,15 +54,10 @@ def _fields() -> dict[str, Any]:
 
 
 def _rows(n: int = N) -> list[tuple[str, str, int, str]]:
-    return [
-        (f"seq{i}", f"protein number {i}", 10 + i, sequence_sha256("M" * (10 + i)))
-        for i in range(n)
-    ]
+    return [(f"seq{i}", f"protein number {i}", 10 + i, sequence_sha256("M" * (10 + i))) for i in range(n)]
 
 
-def _write_index(
-    parent: Path, name: str = "idx", seed: int = 0
-) -> tuple[Path, Manifest, np.ndarray]:
+def _write_index(parent: Path, name: str = "idx", seed: int = 0) -> tuple[Path, Manifest, np.ndarray]:
     vectors = _vectors(seed)
     with IndexWriter.temporary(parent) as w:
         w.add_metadata(_rows()[:10])
@@ -79,9 +75,7 @@ def built(tmp_path: Path) -> tuple[Path, Manifest, np.ndarray]:
 
 
 def _tree(path: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_written_index_opens_verified(built: tuple[Path, Manifest, np.ndarray]) -> None:

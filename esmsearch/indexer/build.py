@@ -1,20 +1,28 @@
 """Build an index from a protein FASTA file: standalone directory or new version of a root.
 
-Pipeline (each stage a plain function so tests can swap one):
+The pipeline is seven stages, each a plain function with typed input and output, so
+that a test can run (or swap) one alone:
 
-1. validate the whole FASTA first (ids, residues, duplicates): a bad record at the
-   end of a large database fails in seconds, before any embedding work;
-2. load the model and check the FAISS factory string against its dimension;
-3. stream records in chunks of about ``chunk_residues`` residues; for each chunk,
-   reuse the stored vectors of sequences whose sha256 is in the previous version
-   (same checkpoint, layer, pooling), embed the rest (length-sorted token-budget
-   batches), append the chunk's vectors to a shard file and its metadata to SQLite,
-   and journal the chunk -- memory is bounded by one chunk, and a crash resumes
-   from the last journaled chunk (``resume``);
-4. concatenate shards into ``embeddings.npy``, build the FAISS index, write the
-   manifest, verify (checksums, row counts, self-search), and publish by rename:
-   to ``out_dir`` (:func:`build_index`) or as ``ROOT/versions/<version>`` followed
-   by an atomic swap of ``ROOT/current`` (:func:`build_version`).
+1. :func:`validate` -- the whole FASTA first (ids, residues, duplicates: a bad record
+   at the end of a large database fails in seconds, before any embedding work),
+   the model, and the FAISS factory string against its dimension -> :class:`Prepared`;
+2. :func:`plan_reuse` -- whether the live version's vectors can be reused (same
+   checkpoint, layer, pooling, normalisation, precision, dim) -> :class:`PreviousVectors`;
+3. :func:`embed_chunks` -- stream records in chunks of about ``chunk_residues``
+   residues; per chunk, copy reused vectors, embed the rest (length-sorted
+   token-budget batches), write the chunk's vectors to a shard (fsynced) and its
+   metadata to SQLite, then journal the chunk -- memory is bounded by one chunk,
+   and a crash resumes from the last journaled chunk (``resume``; :func:`open_work`)
+   -> :class:`EmbedOutcome`;
+4. :func:`assemble` -- concatenate the shards into ``embeddings.npy``;
+5. :func:`build_faiss` -- build and write ``index.faiss``;
+6. :func:`verify` -- write the manifest last (checksums, fsync), then check
+   checksums, row counts and a self-search -> :class:`Verified`;
+7. :func:`publish_standalone` (rename, or atomic exchange with ``overwrite``, to
+   ``out_dir``; :func:`build_index`) or :func:`publish_version`
+   (``ROOT/versions/<version>`` and an atomic swap of ``ROOT/current``;
+   :func:`build_version`). Every publishing rename is followed by an fsync of its
+   directory.
 """
 
 from __future__ import annotations
@@ -25,28 +33,54 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esmsearch import __version__
+from esmsearch import __version__, fsutil
 from esmsearch.embedding import NORMALISATION, POOLING, WINDOW_OVERLAP, WINDOW_RESIDUES, Embedder
-from esmsearch.errors import ConfigError, FastaFormatError, IndexMismatchError, InvalidIndexFactoryError
-from esmsearch.sequences import SequenceRecord, file_sha256, read_fasta, sequence_sha256
-from esmsearch.store import Index, IndexWriter, Manifest, publish_directory
-from esmsearch.versions import IndexRoot, verify_index
+from esmsearch.errors import (
+    ConfigError,
+    FastaFormatError,
+    IndexFormatError,
+    IndexMismatchError,
+    InvalidIndexFactoryError,
+)
+from esmsearch.fsutil import file_sha256
+from esmsearch.sequences import SequenceRecord, read_fasta, sequence_sha256
+from esmsearch.store import FAISS_FILE, Index, IndexWriter, Manifest, publish_directory
+from esmsearch.versions import IndexRoot, VerifyReport, verify_index
+
+if TYPE_CHECKING:
+    from esmsearch.vector_index import IndexSpec
 
 __all__ = [
     "BuildConfig",
+    "BuildJournal",
     "BuildResult",
+    "EmbedOutcome",
+    "FastaSummary",
+    "Prepared",
+    "PreviousVectors",
     "ReuseCounts",
+    "Verified",
+    "assemble",
+    "build_faiss",
     "build_index",
     "build_version",
+    "count_changes",
+    "embed_chunks",
+    "open_work",
     "partial_build_dir",
+    "plan_reuse",
+    "publish_standalone",
+    "publish_version",
     "scan_fasta",
+    "validate",
+    "verify",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,7 +107,8 @@ class BuildConfig:
         layer: representation layer (None = last).
         toks_per_batch: token budget per forward pass.
         device: ``auto|cpu|cuda|cuda:N``.
-        precision: ``fp32|bf16|fp16``.
+        precision: ``fp32|bf16|fp16|auto`` (see :class:`~esmsearch.embedding.Embedder`;
+            the resolved value is recorded as ``Manifest.precision``).
         index_factory: FAISS factory string or ``auto``.
         chunk_residues: residues embedded per chunk (bounds memory; one shard each).
         resume: continue an interrupted build from its last completed chunk.
@@ -148,12 +183,99 @@ class BuildResult:
 
 @dataclass(frozen=True)
 class FastaSummary:
+    """Output of FASTA validation.
+
+    Attributes:
+        sequences: number of records.
+        residues: total residues.
+        longest: residues of the longest record.
+        sha256: hex sha256 of the file's bytes (as stored).
+    """
+
     sequences: int
     residues: int
     longest: int
     sha256: str
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Output of :func:`validate`: a checked input, a loaded model and an index type.
+
+    Attributes:
+        fasta: the database FASTA.
+        summary: its validated counts and checksum.
+        embedder: the loaded model (its resolved ``precision`` is what the index records).
+        spec: the FAISS index type, checked against the model's dimension and the
+            database size.
+    """
+
+    fasta: Path
+    summary: FastaSummary
+    embedder: Embedder
+    spec: IndexSpec
+
+
+class PreviousVectors:
+    """Output of :func:`plan_reuse`: a previous version's vectors, looked up by sequence.
+
+    Attributes:
+        version: the previous version's id.
+        count: its number of rows.
+        embeddings: float32 ``[count, dim]``, memory-mapped read-only.
+        row_by_sha: sequence sha256 -> first row holding it.
+        sha_by_id: record id -> sequence sha256.
+        residues_per_s: embedding speed the previous build recorded (or None).
+    """
+
+    def __init__(self, index: Index) -> None:
+        self.version = index.version
+        self.count = index.count
+        self.embeddings = index.embeddings()
+        self.row_by_sha: dict[str, int] = {}
+        self.sha_by_id: dict[str, str] = {}
+        for row, record_id, _desc, _length, sha in index.iter_metadata():
+            self.row_by_sha.setdefault(sha, row)
+            self.sha_by_id[record_id] = sha
+        self.residues_per_s: float | None = index.manifest.build.get("residues_per_s")
+
+
+@dataclass(frozen=True)
+class EmbedOutcome:
+    """Output of :func:`embed_chunks`.
+
+    Attributes:
+        shards: the ``.npy`` shard files, one per chunk, in row order; each float32
+            ``[rows of the chunk, dim]``.
+        rows: metadata rows written (= database sequences).
+        reused: rows whose vector was copied from the previous version.
+        embedded: rows embedded by the model (in this run and, when resuming, before).
+        reused_residues: residues of the reused rows.
+        embed_seconds: seconds spent in the model (this run only).
+        embedded_residues: residues embedded by the model (this run only).
+        windowed_sequences: sequences longer than the model context embedded in
+            windows (this run only).
+    """
+
+    shards: tuple[Path, ...]
+    rows: int
+    reused: int
+    embedded: int
+    reused_residues: int
+    embed_seconds: float
+    embedded_residues: int
+    windowed_sequences: int
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Output of :func:`verify`: the sealed manifest and the self-search report."""
+
+    manifest: Manifest
+    report: VerifyReport
+
+
+# -- stage 1: validate ----------------------------------------------------------------------
 def scan_fasta(path: Path) -> FastaSummary:
     """Validate every record of ``path`` and count sequences and residues.
 
@@ -170,52 +292,20 @@ def scan_fasta(path: Path) -> FastaSummary:
     return FastaSummary(n, residues, longest, file_sha256(path))
 
 
-def _chunks(records: Iterator[SequenceRecord], chunk_residues: int) -> Iterator[list[SequenceRecord]]:
-    chunk: list[SequenceRecord] = []
-    size = 0
-    for rec in records:
-        chunk.append(rec)
-        size += len(rec.sequence)
-        if size >= chunk_residues:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+def validate(fasta: Path, cfg: BuildConfig, embedder: Embedder | None = None) -> Prepared:
+    """Stage 1: everything that can fail cheaply, before any embedding.
 
+    Validates the whole FASTA (ids, residues, duplicates), loads the model (unless
+    ``embedder`` is given) and checks the FAISS factory string against the model's
+    dimension and the database size.
 
-class _BuildState:
-    """Atomically rewritten JSON journal: input/model settings and chunks completed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {}
-
-    def load(self) -> None:
-        try:
-            self.data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot resume: {self.path} is missing or unreadable ({exc}); remove {self.path.parent}"
-            ) from exc
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, sort_keys=True), encoding="utf-8")
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-
-
-@dataclass
-class _Prepared:
-    fasta: Path
-    summary: FastaSummary
-    embedder: Embedder
-    spec: Any  # vector_index.IndexSpec
-
-
-def _prepare(fasta: Path, cfg: BuildConfig, embedder: Embedder | None) -> _Prepared:
-    """Stages 1-2: everything that can fail cheaply, before any embedding."""
+    Raises:
+        ConfigError: ``fasta`` is ``-`` (a build reads its input twice).
+        FileNotFoundError, FastaFormatError, InvalidSequenceError, DuplicateRecordError:
+            a bad database FASTA.
+        ModelLoadError: the model cannot be loaded.
+        InvalidIndexFactoryError: a bad factory string, or too few sequences to train it.
+    """
     from esmsearch import vector_index
 
     if str(fasta) == "-":
@@ -237,228 +327,489 @@ def _prepare(fasta: Path, cfg: BuildConfig, embedder: Embedder | None) -> _Prepa
             f"index factory {spec.factory!r} needs at least {need} training vectors, "
             f"but {fasta} has {summary.sequences} sequences; use a smaller nlist or 'Flat'"
         )
-    return _Prepared(fasta, summary, emb, spec)
+    return Prepared(fasta, summary, emb, spec)
 
 
-class _Previous:
-    """Lookup of a previous version's vectors by sequence sha256 and record id."""
+# -- stage 2: plan reuse --------------------------------------------------------------------
+def plan_reuse(embedder: Embedder, live: Index | None) -> PreviousVectors | None:
+    """Stage 2: decide whether the live version's vectors can be reused.
 
-    def __init__(self, index: Index) -> None:
-        self.version = index.version
-        self.count = index.count
-        self.embeddings = index.embeddings()
-        self.row_by_sha: dict[str, int] = {}
-        self.sha_by_id: dict[str, str] = {}
-        for row, record_id, _desc, _length, sha in index.iter_metadata():
-            self.row_by_sha.setdefault(sha, row)
-            self.sha_by_id[record_id] = sha
-        self.residues_per_s = index.manifest.build.get("residues_per_s")
+    They can when the live version was built with everything that changes a vector
+    equal to this build's (:meth:`Embedder.check_manifest`: checkpoint sha256,
+    layer, pooling, normalisation, precision, dimension); otherwise everything is
+    re-embedded and the reason is logged.
+
+    Args:
+        embedder: this build's model.
+        live: the live version, or None (first build, or reuse switched off).
+
+    Returns:
+        The live version's vectors by sequence sha256, or None.
+    """
+    if live is None:
+        return None
+    try:
+        embedder.check_manifest(live.manifest)
+    except IndexMismatchError as exc:
+        log.warning("not reusing vectors of %s: %s", live.version, exc)
+        return None
+    return PreviousVectors(live)
 
 
-def _build_in(
-    work: Path,
-    prep: _Prepared,
-    cfg: BuildConfig,
-    previous: _Previous | None,
-    t_start: float,
-) -> tuple[Manifest, dict[str, Any], ReuseCounts, float, int]:
-    """Stages 3-4 into ``work``; returns (manifest, build info, reuse counts, embed s, embedded residues)."""
-    from esmsearch import vector_index
+# -- stage 3: embed chunks ------------------------------------------------------------------
+class BuildJournal:
+    """The journal of a build in progress: input/model settings and chunks completed.
 
-    emb, summary, spec = prep.embedder, prep.summary, prep.spec
-    state_expected = {
-        "fasta_sha256": summary.sha256,
+    A JSON object in ``<work>/build-state.json``, replaced atomically and durably
+    (:func:`esmsearch.fsutil.write_text_atomic`) after each chunk's shard and
+    metadata are durable, so it never names a chunk that a crash could lose.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {}
+
+    def load(self) -> None:
+        """Read the journal.
+
+        Raises:
+            ConfigError: it is missing or unreadable (the partial build cannot be resumed).
+        """
+        try:
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot resume: {self.path} is missing or unreadable ({exc}); remove {self.path.parent}"
+            ) from exc
+
+    def save(self) -> None:
+        """Write the journal atomically and durably (raises OSError on failure)."""
+        fsutil.write_text_atomic(self.path, json.dumps(self.data, sort_keys=True))
+
+
+def _journal_settings(prep: Prepared, cfg: BuildConfig, previous: PreviousVectors | None) -> dict[str, Any]:
+    """What a resumed build must share with the interrupted one."""
+    return {
+        "fasta_sha256": prep.summary.sha256,
         "chunk_residues": cfg.chunk_residues,
-        "precision": emb.precision,
-        "index_factory": spec.factory,
+        "index_factory": prep.spec.factory,
         "reuse_version": previous.version if previous else None,
-        **emb.settings,
+        **prep.embedder.settings,  # includes the resolved precision
     }
-    state = _BuildState(work / STATE_FILE)
-    resuming = False
+
+
+def open_work(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVectors | None) -> BuildJournal:
+    """Check or clear the work directory before :func:`embed_chunks`.
+
+    With ``cfg.resume`` and a partial build at ``work``, its journal is loaded and
+    must have been written with this build's settings; without ``resume``, a partial
+    build there is removed.
+
+    Returns:
+        The journal; its ``data`` is empty unless a build is being resumed.
+
+    Raises:
+        ConfigError: the partial build cannot be resumed (missing journal, or other
+            settings: each difference is named).
+    """
+    journal = BuildJournal(work / STATE_FILE)
     if work.exists():
         if cfg.resume:
-            state.load()
-            mismatch = {k: (state.data.get(k), v) for k, v in state_expected.items() if state.data.get(k) != v}
+            journal.load()
+            expected = _journal_settings(prep, cfg, previous)
+            mismatch = {k: (journal.data.get(k), v) for k, v in expected.items() if journal.data.get(k) != v}
             if mismatch:
                 details = "; ".join(f"{k}: partial build has {a!r}, this build {b!r}" for k, (a, b) in mismatch.items())
                 raise ConfigError(f"cannot resume the partial build at {work}: {details}; remove it or drop --resume")
-            resuming = True
         else:
             log.warning("removing the partial build left at %s (pass --resume to continue one)", work)
             shutil.rmtree(work)
     elif cfg.resume:
         log.info("no partial build at %s; starting from the beginning", work)
+    return journal
 
-    counts = dict(reused=0, embedded=0, reused_residues=0)
+
+def _chunks(records: Iterator[SequenceRecord], chunk_residues: int) -> Iterator[list[SequenceRecord]]:
+    chunk: list[SequenceRecord] = []
+    size = 0
+    for rec in records:
+        chunk.append(rec)
+        size += len(rec.sequence)
+        if size >= chunk_residues:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_shard(shard: Path, vectors: np.ndarray) -> None:
+    """Write one chunk's vectors durably: temp file, fsync, rename, fsync the shard dir."""
+    tmp = shard.with_name(shard.stem + ".tmp.npy")
+    np.save(tmp, vectors)
+    fsutil.fsync_file(tmp)
+    os.replace(tmp, shard)
+    fsutil.fsync_dir(shard.parent)
+
+
+def embed_chunks(
+    writer: IndexWriter,
+    journal: BuildJournal,
+    prep: Prepared,
+    cfg: BuildConfig,
+    previous: PreviousVectors | None,
+) -> EmbedOutcome:
+    """Stage 3: stream the FASTA in chunks, reuse or embed each, and journal it.
+
+    For each chunk of about ``cfg.chunk_residues`` residues: vectors of sequences
+    whose sha256 is in ``previous`` are copied, the rest embedded (length-sorted
+    token-budget batches); the chunk's float32 ``[n, dim]`` vectors go to
+    ``<work>/shards/shard-NNNNNN.npy`` (fsynced before its rename, the shard
+    directory fsynced after), its metadata rows are committed to SQLite, and only
+    then the journal records the chunk as done. Memory is bounded by one chunk;
+    chunks the journal names are skipped when resuming (``journal.data`` loaded).
+
+    Args:
+        writer: the work directory's writer (resumed when the journal is loaded).
+        journal: from :func:`open_work`.
+        prep: from :func:`validate`.
+        cfg: chunk size and progress bar.
+        previous: from :func:`plan_reuse`.
+
+    Returns:
+        The shard files in row order and the counts.
+
+    Raises:
+        InvalidSequenceError: cannot happen after :func:`validate` unless the file
+            changed since; the model's errors propagate unchanged.
+    """
+    emb, summary = prep.embedder, prep.summary
+    resuming = bool(journal.data)
+    counts = {"reused": 0, "embedded": 0, "reused_residues": 0}
     embed_seconds = 0.0
     embedded_residues = 0
     windowed_before = emb.stats.windowed_sequences
+    shard_dir = writer.directory / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    done_shards = int(journal.data.get("shards", 0)) if resuming else 0
+    if resuming:
+        writer.truncate_rows(int(journal.data.get("rows", 0)))
+        for key in counts:
+            counts[key] = int(journal.data.get(key, 0))
+        for stale in shard_dir.glob("*"):
+            keep = stale.name.startswith("shard-") and stale.name.endswith(".npy") and ".tmp" not in stale.name
+            if not keep or int(stale.name[6:12]) >= done_shards:
+                stale.unlink()
+        log.info("resuming %s: %d sequences already done", writer.directory, writer.rows)
+    else:
+        journal.data = dict(_journal_settings(prep, cfg, previous), shards=0, rows=0)
+        journal.save()
     bar = None
-    with IndexWriter(work, resume=resuming) as writer:
-        shard_dir = writer.directory / "shards"
-        shard_dir.mkdir(exist_ok=True)
-        done_shards = int(state.data.get("shards", 0)) if resuming else 0
-        if resuming:
-            writer.truncate_rows(int(state.data.get("rows", 0)))
-            for key in counts:
-                counts[key] = int(state.data.get(key, 0))
-            for stale in shard_dir.glob("*"):
-                keep = stale.name.startswith("shard-") and stale.name.endswith(".npy") and ".tmp" not in stale.name
-                if not keep or int(stale.name[6:12]) >= done_shards:
-                    stale.unlink()
-            log.info("resuming %s: %d sequences already done", work, writer.rows)
-        else:
-            state.data = dict(state_expected, shards=0, rows=0)
-            state.save()
-        writer.keep_on_error = True  # from here on a failure leaves a resumable state
-        if cfg.progress:
-            from tqdm import tqdm
+    if cfg.progress:
+        from tqdm import tqdm
 
-            bar = tqdm(
-                total=summary.residues,
-                unit="res",
-                unit_scale=True,
-                desc=f"embedding {summary.sequences} seqs",
-                file=sys.stderr,
-            )
-        shards: list[Path] = []
-        try:
-            for n_chunk, chunk in enumerate(_chunks(read_fasta(prep.fasta), cfg.chunk_residues)):
-                shas = [sequence_sha256(r.sequence) for r in chunk]
-                shard = shard_dir / f"shard-{n_chunk:06d}.npy"
-                shards.append(shard)
-                if n_chunk < done_shards:
-                    if bar is not None:
-                        bar.update(sum(len(r.sequence) for r in chunk))
-                    continue
-                vectors = np.empty((len(chunk), emb.dim), dtype=np.float32)
-                to_embed = []
-                for i, (rec, sha) in enumerate(zip(chunk, shas, strict=True)):
-                    row = previous.row_by_sha.get(sha) if previous else None
-                    if row is None:
-                        to_embed.append(i)
-                    else:
-                        vectors[i] = previous.embeddings[row]  # type: ignore[union-attr]
-                        counts["reused"] += 1
-                        counts["reused_residues"] += len(rec.sequence)
+        bar = tqdm(
+            total=summary.residues,
+            unit="res",
+            unit_scale=True,
+            desc=f"embedding {summary.sequences} seqs",
+            file=sys.stderr,
+        )
+    shards: list[Path] = []
+    try:
+        for n_chunk, chunk in enumerate(_chunks(read_fasta(prep.fasta), cfg.chunk_residues)):
+            shas = [sequence_sha256(r.sequence) for r in chunk]
+            shard = shard_dir / f"shard-{n_chunk:06d}.npy"
+            shards.append(shard)
+            if n_chunk < done_shards:
                 if bar is not None:
-                    embedding = set(to_embed)
-                    bar.update(sum(len(r.sequence) for i, r in enumerate(chunk) if i not in embedding))
-                if to_embed:
-                    t0 = time.perf_counter()
-                    vectors[to_embed] = emb.embed(
-                        [chunk[i].sequence for i in to_embed], on_batch=bar.update if bar else None
-                    )
-                    embed_seconds += time.perf_counter() - t0
-                    embedded_residues += sum(len(chunk[i].sequence) for i in to_embed)
-                    counts["embedded"] += len(to_embed)
-                tmp = shard.with_name(shard.stem + ".tmp.npy")
-                np.save(tmp, vectors)
-                os.replace(tmp, shard)
-                writer.add_metadata(
-                    (r.record_id, r.description, len(r.sequence), sha) for r, sha in zip(chunk, shas, strict=True)
-                )
-                writer.commit()
-                state.data.update(shards=n_chunk + 1, rows=writer.rows, **counts)
-                state.save()
-        except BaseException:
-            log.error(
-                "build interrupted after %d of %d sequences; the work done is kept in %s: "
-                "rerun the same command with --resume to continue",
-                writer.rows,
-                summary.sequences,
-                work,
-            )
-            raise
-        finally:
+                    bar.update(sum(len(r.sequence) for r in chunk))
+                continue
+            vectors = np.empty((len(chunk), emb.dim), dtype=np.float32)
+            to_embed = []
+            for i, (rec, sha) in enumerate(zip(chunk, shas, strict=True)):
+                row = previous.row_by_sha.get(sha) if previous else None
+                if row is None:
+                    to_embed.append(i)
+                else:
+                    vectors[i] = previous.embeddings[row]  # type: ignore[union-attr]
+                    counts["reused"] += 1
+                    counts["reused_residues"] += len(rec.sequence)
             if bar is not None:
-                bar.close()
+                embedding = set(to_embed)
+                bar.update(sum(len(r.sequence) for i, r in enumerate(chunk) if i not in embedding))
+            if to_embed:
+                t0 = time.perf_counter()
+                vectors[to_embed] = emb.embed(
+                    [chunk[i].sequence for i in to_embed], on_batch=bar.update if bar else None
+                )
+                embed_seconds += time.perf_counter() - t0
+                embedded_residues += sum(len(chunk[i].sequence) for i in to_embed)
+                counts["embedded"] += len(to_embed)
+            _write_shard(shard, vectors)  # durable before the journal names it
+            writer.add_metadata(
+                (r.record_id, r.description, len(r.sequence), sha) for r, sha in zip(chunk, shas, strict=True)
+            )
+            writer.commit()
+            journal.data.update(shards=n_chunk + 1, rows=writer.rows, **counts)
+            journal.save()
+    except BaseException:
+        log.error(
+            "build interrupted after %d of %d sequences; the work done is kept in %s: "
+            "rerun the same command with --resume to continue",
+            writer.rows,
+            summary.sequences,
+            writer.directory,
+        )
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return EmbedOutcome(
+        shards=tuple(shards),
+        rows=writer.rows,
+        reused=counts["reused"],
+        embedded=counts["embedded"],
+        reused_residues=counts["reused_residues"],
+        embed_seconds=embed_seconds,
+        embedded_residues=embedded_residues,
+        windowed_sequences=emb.stats.windowed_sequences - windowed_before,
+    )
+
+
+# -- stage 4: assemble ----------------------------------------------------------------------
+def assemble(shards: Sequence[Path], out: Path, dim: int) -> int:
+    """Stage 4: concatenate chunk shards, in order, into one ``.npy`` file.
+
+    Streams shard by shard into a memory-mapped ``out`` (memory bounded by one shard).
+
+    Args:
+        shards: ``.npy`` files, each float32 ``[n_i, dim]``, in row order.
+        out: the ``embeddings.npy`` to write: float32 ``[sum(n_i), dim]``.
+        dim: embedding dimension.
+
+    Returns:
+        The number of rows written.
+
+    Raises:
+        IndexFormatError: a shard is not a float32 ``[n, dim]`` array.
+        OSError: a shard cannot be read or ``out`` written.
+    """
+    sizes: list[int] = []
+    for shard in shards:
+        part: np.ndarray = np.load(shard, mmap_mode="r")
+        if part.ndim != 2 or part.shape[1] != dim or part.dtype != np.float32:
+            raise IndexFormatError(f"shard {shard} is {part.dtype} {list(part.shape)}, expected float32 [n, {dim}]")
+        sizes.append(int(part.shape[0]))
+    rows = sum(sizes)
+    vectors = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(rows, dim))
+    start = 0
+    for shard, size in zip(shards, sizes, strict=True):
+        vectors[start : start + size] = np.load(shard)
+        start += size
+    vectors.flush()
+    del vectors
+    return rows
+
+
+# -- stage 5: build FAISS -------------------------------------------------------------------
+def build_faiss(embeddings: Path, spec: IndexSpec, out: Path) -> int:
+    """Stage 5: build the FAISS index of ``spec`` over stored vectors and write it.
+
+    Args:
+        embeddings: ``.npy`` float32 ``[n, dim]``, L2-normalised (row i = sequence i).
+        spec: the index type (from :func:`validate`).
+        out: the ``index.faiss`` file to write.
+
+    Returns:
+        The number of vectors in the index (``ntotal``).
+
+    Raises:
+        InvalidIndexFactoryError: FAISS rejects the spec for these vectors.
+        OSError: ``out`` cannot be written.
+    """
+    from esmsearch import vector_index
+
+    vectors = np.load(embeddings, mmap_mode="r")
+    faiss_index = vector_index.build(np.asarray(vectors), spec)
+    vector_index.write(faiss_index, out)
+    return int(faiss_index.ntotal)
+
+
+def count_changes(
+    outcome: EmbedOutcome, rows: Iterable[tuple[str, str]], previous: PreviousVectors | None
+) -> ReuseCounts:
+    """How the new rows relate to the previous version.
+
+    Args:
+        outcome: from :func:`embed_chunks` (reused/embedded counts).
+        rows: ``(record_id, sequence_sha256)`` of every new row.
+        previous: from :func:`plan_reuse`; None gives zero added/changed/removed.
+    """
+    if previous is None:
+        return ReuseCounts(reused=outcome.reused, embedded=outcome.embedded, reused_residues=outcome.reused_residues)
+    new_ids = dict(rows)
+    old = previous.sha_by_id
+    return ReuseCounts(
+        reused=outcome.reused,
+        embedded=outcome.embedded,
+        added=sum(1 for rid in new_ids if rid not in old),
+        changed=sum(1 for rid, sha in new_ids.items() if rid in old and old[rid] != sha),
+        removed=sum(1 for rid in old if rid not in new_ids),
+        reused_residues=outcome.reused_residues,
+    )
+
+
+# -- stage 6: verify ------------------------------------------------------------------------
+def verify(writer: IndexWriter, fields: dict[str, Any]) -> Verified:
+    """Stage 6: seal the work directory and check it before anything is published.
+
+    Writes the manifest last (:meth:`IndexWriter.finish`: checksums, fsync, re-open
+    with row counts) and runs :func:`esmsearch.versions.verify_index` (checksums,
+    row counts, seeded self-search).
+
+    Args:
+        writer: the work directory's writer, with every data file written.
+        fields: :class:`Manifest` fields (see :meth:`IndexWriter.finish`).
+
+    Raises:
+        IndexFormatError: with the reason the index is not consistent.
+    """
+    manifest = writer.finish(**fields)
+    report = verify_index(writer.directory)
+    log.info(
+        "verified %s: checksums, row counts, %d/%d sampled self-hits at rank 1",
+        manifest.version,
+        report.self_hits_at_rank1,
+        report.sampled,
+    )
+    return Verified(manifest, report)
+
+
+# -- stage 7: publish -----------------------------------------------------------------------
+def publish_standalone(work: Path, out: Path, *, overwrite: bool) -> Path:
+    """Stage 7 (standalone): move the verified work directory to ``out``.
+
+    See :func:`esmsearch.store.publish_directory`: an existing index at ``out`` is
+    swapped out atomically with ``overwrite``. On failure the work directory is
+    removed and ``out`` holds a whole index (the old one, or the new one if only the
+    final fsync failed).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        FileExistsError, IndexFormatError, OSError: see ``publish_directory``.
+    """
+    try:
+        publish_directory(work, out, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def publish_version(index_root: IndexRoot, work: Path, version: str, *, keep_versions: int | None = None) -> Path:
+    """Stage 7 (versioned root): add ``versions/<version>``, swap ``current``, prune.
+
+    Each step is atomic and durable (rename + fsync of the directory): ``current``
+    names a whole version at every instant, the old one until the swap.
+
+    Args:
+        index_root: the root (its build lock held by the caller).
+        work: the verified work directory.
+        version: the new version's id (its manifest's ``version``).
+        keep_versions: after the swap, delete all but the newest N versions (never
+            the live one); None keeps all.
+
+    Returns:
+        The new version's directory.
+
+    Raises:
+        IndexFormatError: the version exists already.
+        OSError: a rename or fsync failed (``current`` still names the old version
+            unless only the fsync after its swap failed).
+    """
+    try:
+        path = index_root.add_version(work, version)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    index_root.set_current(version)
+    if keep_versions is not None:
+        deleted = index_root.prune(keep_versions)
+        if deleted:
+            log.info("retention (keep %d): deleted versions %s", keep_versions, ", ".join(deleted))
+    return path
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Built:
+    manifest: Manifest
+    info: dict[str, Any]
+    reuse: ReuseCounts
+    embed_seconds: float
+    embedded_residues: int
+
+
+def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVectors | None, t_start: float) -> _Built:
+    """Stages 3-6 into the work directory ``work`` (published by the caller)."""
+    emb, summary = prep.embedder, prep.summary
+    journal = open_work(work, prep, cfg, previous)
+    with IndexWriter(work, resume=bool(journal.data)) as writer:
+        writer.keep_on_error = True  # while embedding, a failure leaves a resumable state
+        outcome = embed_chunks(writer, journal, prep, cfg, previous)
         writer.keep_on_error = False  # past embedding, a failure discards the work directory
-        if writer.rows != summary.sequences:
+        if outcome.rows != summary.sequences:
             raise ConfigError(
-                f"partial build at {work} holds {writer.rows} rows but {prep.fasta} has "
+                f"partial build at {work} holds {outcome.rows} rows but {prep.fasta} has "
                 f"{summary.sequences} sequences; remove it and build again"
             )
-        vectors_all = np.lib.format.open_memmap(
-            writer.embeddings_path(), mode="w+", dtype=np.float32, shape=(writer.rows, emb.dim)
-        )
-        row = 0
-        for shard in shards:
-            part = np.load(shard)
-            vectors_all[row : row + len(part)] = part
-            row += len(part)
-        vectors_all.flush()
-        faiss_index = vector_index.build(np.asarray(vectors_all), spec)
-        del vectors_all
-        writer.write_faiss(faiss_index)
-        del faiss_index
-        shutil.rmtree(shard_dir)
-        state.path.unlink()
-
-        reuse = ReuseCounts(
-            reused=counts["reused"], embedded=counts["embedded"], reused_residues=counts["reused_residues"]
-        )
-        if previous is not None:
-            new_ids = {}
-            for _row, rid, _d, _l, sha in writer.iter_metadata():
-                new_ids[rid] = sha
-            added = sum(1 for rid in new_ids if rid not in previous.sha_by_id)
-            changed = sum(
-                1 for rid, sha in new_ids.items() if rid in previous.sha_by_id and previous.sha_by_id[rid] != sha
-            )
-            removed = sum(1 for rid in previous.sha_by_id if rid not in new_ids)
-            reuse = ReuseCounts(
-                reused=counts["reused"],
-                embedded=counts["embedded"],
-                added=added,
-                changed=changed,
-                removed=removed,
-                reused_residues=counts["reused_residues"],
-            )
-        windowed = emb.stats.windowed_sequences - windowed_before
-        build_info: dict[str, Any] = {
+        assemble(outcome.shards, writer.embeddings_path(), emb.dim)
+        build_faiss(writer.embeddings_path(), prep.spec, writer.directory / FAISS_FILE)
+        shutil.rmtree(writer.directory / "shards")
+        journal.path.unlink()
+        reuse = count_changes(outcome, ((rid, sha) for _r, rid, _d, _l, sha in writer.iter_metadata()), previous)
+        info: dict[str, Any] = {
             "sequences": summary.sequences,
             "residues": summary.residues,
             "longest_sequence": summary.longest,
-            "windowed_sequences": windowed,
+            "windowed_sequences": outcome.windowed_sequences,
             "window_residues": WINDOW_RESIDUES,
             "window_overlap": WINDOW_OVERLAP,
             "embedded_sequences": reuse.embedded,
             "reused_sequences": reuse.reused,
             "previous_version": previous.version if previous else None,
             "previous_residues_per_s": previous.residues_per_s if previous else None,
-            "embed_seconds": round(embed_seconds, 3),
+            "embed_seconds": round(outcome.embed_seconds, 3),
             "total_seconds": round(time.perf_counter() - t_start, 3),
-            "residues_per_s": round(embedded_residues / embed_seconds, 1) if embed_seconds else None,
+            "residues_per_s": (
+                round(outcome.embedded_residues / outcome.embed_seconds, 1) if outcome.embed_seconds else None
+            ),
             "device": str(emb.device),
-            "precision": emb.precision,
             "toks_per_batch": emb.toks_per_batch,
         }
-        manifest = writer.finish(
-            model_name=emb.model_name,
-            model_source=emb.model_source,
-            checkpoint_sha256=emb.checkpoint_sha256,
-            layer=emb.layer,
-            pooling=POOLING,
-            normalisation=NORMALISATION,
-            metric="inner_product",
-            dim=emb.dim,
-            index_factory=spec.factory,
-            search_params={k: v for k, v in spec.to_json().items() if k != "factory" and v is not None},
-            source_fasta=str(prep.fasta),
-            source_fasta_sha256=summary.sha256,
-            tool_version=__version__,
-            build=build_info,
+        verified = verify(
+            writer,
+            {
+                "model_name": emb.model_name,
+                "model_source": emb.model_source,
+                "checkpoint_sha256": emb.checkpoint_sha256,
+                "layer": emb.layer,
+                "pooling": POOLING,
+                "normalisation": NORMALISATION,
+                "precision": emb.precision,
+                "metric": "inner_product",
+                "dim": emb.dim,
+                "index_factory": prep.spec.factory,
+                "search_params": {k: v for k, v in prep.spec.to_json().items() if k != "factory" and v is not None},
+                "source_fasta": str(prep.fasta),
+                "source_fasta_sha256": summary.sha256,
+                "tool_version": __version__,
+                "build": info,
+            },
         )
-        report = verify_index(writer.directory)
-        log.info(
-            "verified %s: checksums, row counts, %d/%d sampled self-hits at rank 1",
-            manifest.version,
-            report.self_hits_at_rank1,
-            report.sampled,
-        )
-    return manifest, build_info, reuse, embed_seconds, embedded_residues
+    return _Built(verified.manifest, info, reuse, outcome.embed_seconds, outcome.embedded_residues)
 
 
 def build_index(
@@ -486,7 +837,9 @@ def build_index(
         layer: representation layer (None = last).
         toks_per_batch: token budget per forward pass.
         device: ``auto|cpu|cuda|cuda:N``.
-        precision: ``fp32|bf16|fp16``.
+        precision: ``fp32|bf16|fp16|auto``; ``auto`` is bf16 on CUDA devices with bf16
+            support and on CPUs with AMX, fp32 elsewhere. The resolved value is the
+            manifest's ``precision``, at which the server embeds queries.
         index_factory: FAISS factory string (``Flat``, ``IVF1024,Flat``, ``HNSW32``, ...)
             or ``auto`` (chosen from database size; see :func:`esmsearch.vector_index.auto_spec`).
         chunk_residues: residues per streamed chunk (memory bound).
@@ -510,7 +863,10 @@ def build_index(
         IndexFormatError: the built index failed verification.
         ConfigError: a setting out of range, or a partial build that cannot be resumed.
 
-    On any error nothing is left at ``out_dir`` and an existing index there is untouched.
+    On any error an existing index at ``out_dir`` is untouched (it is replaced by an
+    atomic exchange, see :func:`esmsearch.store.publish_directory`; only if the fsync
+    after that exchange fails is the whole new index left there), and no new one
+    appears at a fresh ``out_dir``.
     A failure while embedding keeps the work done in :func:`partial_build_dir` for
     ``resume``; a failure before it (bad input, model, factory) leaves nothing.
     """
@@ -529,15 +885,10 @@ def build_index(
     )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    prep = _prepare(Path(fasta_path), cfg, embedder)
-    work = partial_build_dir(out)
-    manifest, info, reuse, embed_s, embedded_res = _build_in(work, prep, cfg, None, t_start)
-    try:
-        publish_directory(work, out, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return _result(manifest, out, prep, info, reuse, embed_s, embedded_res, t_start, None)
+    prep = validate(Path(fasta_path), cfg, embedder)
+    built = _build_in(partial_build_dir(out), prep, cfg, None, t_start)
+    publish_standalone(partial_build_dir(out), out, overwrite=overwrite)
+    return _result(built, out, prep, t_start, None)
 
 
 def build_version(
@@ -563,10 +914,11 @@ def build_version(
     at once with :class:`~esmsearch.versions.BuildLockedError`). With ``reuse``, the
     vectors of sequences whose sha256 is in the live version are copied instead of
     re-embedded, provided the live version was built with the same checkpoint
-    sha256, layer, pooling and normalisation (otherwise everything is re-embedded);
+    sha256, layer, pooling, normalisation and precision (otherwise everything is re-embedded);
     removed sequences disappear. The new version is verified (checksums, row counts,
     self-search), moved to ``ROOT/versions/<version>``, and ``ROOT/current`` is
-    swapped to it atomically; a failure at any point leaves ``current`` untouched.
+    swapped to it atomically and durably; a failure at any point leaves ``current``
+    naming the old version (or, if only the fsync after the swap failed, the new one).
 
     Args:
         fasta_path, model, layer, toks_per_batch, device, precision, index_factory,
@@ -600,53 +952,30 @@ def build_version(
     index_root = IndexRoot(root)
     with index_root.lock():
         index_root.create()
-        prep = _prepare(Path(fasta_path), cfg, embedder)
+        prep = validate(Path(fasta_path), cfg, embedder)
         previous = None
         live = index_root.current_version()
         if reuse and live is not None:
             with Index.open(index_root.current_path()) as live_index:
-                try:
-                    prep.embedder.check_manifest(live_index.manifest)
-                    previous = _Previous(live_index)
-                except IndexMismatchError as exc:
-                    log.warning("not reusing vectors of %s: %s", live, exc)
-        manifest, info, counts, embed_s, embedded_res = _build_in(index_root.partial_dir, prep, cfg, previous, t_start)
-        try:
-            path = index_root.add_version(index_root.partial_dir, manifest.version)
-        except BaseException:
-            shutil.rmtree(index_root.partial_dir, ignore_errors=True)
-            raise
-        index_root.set_current(manifest.version)
-        if keep_versions is not None:
-            deleted = index_root.prune(keep_versions)
-            if deleted:
-                log.info("retention (keep %d): deleted versions %s", keep_versions, ", ".join(deleted))
-    return _result(manifest, path, prep, info, counts, embed_s, embedded_res, t_start, live)
+                previous = plan_reuse(prep.embedder, live_index)
+        built = _build_in(index_root.partial_dir, prep, cfg, previous, t_start)
+        path = publish_version(index_root, index_root.partial_dir, built.manifest.version, keep_versions=keep_versions)
+    return _result(built, path, prep, t_start, live)
 
 
-def _result(
-    manifest: Manifest,
-    path: Path,
-    prep: _Prepared,
-    info: dict[str, Any],
-    reuse: ReuseCounts,
-    embed_seconds: float,
-    embedded_residues: int,
-    t_start: float,
-    previous_version: str | None,
-) -> BuildResult:
-    windowed = int(info["windowed_sequences"])
+def _result(built: _Built, path: Path, prep: Prepared, t_start: float, previous_version: str | None) -> BuildResult:
+    windowed = int(built.info["windowed_sequences"])
     if windowed:
         log.info("%d sequences longer than %d residues were embedded in overlapping windows", windowed, WINDOW_RESIDUES)
     return BuildResult(
-        manifest=manifest,
+        manifest=built.manifest,
         path=path,
         sequences=prep.summary.sequences,
         residues=prep.summary.residues,
         windowed_sequences=windowed,
         seconds=time.perf_counter() - t_start,
-        embed_seconds=embed_seconds,
-        embedded_residues=embedded_residues,
-        reuse=reuse,
+        embed_seconds=built.embed_seconds,
+        embedded_residues=built.embedded_residues,
+        reuse=built.reuse,
         previous_version=previous_version,
     )
