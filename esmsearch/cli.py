@@ -441,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("search", help="search query sequences against a server")
-    q.add_argument("query", help="query FASTA (plain or .gz), or - for stdin")
+    q.add_argument(
+        "query",
+        help="query FASTA file (plain or .gz), - for stdin, FASTA text, or one bare sequence "
+        "(an existing file wins over a sequence of the same letters)",
+    )
     q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
     q.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     q.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")

@@ -34,7 +34,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,13 @@ __all__ = [
     "publish_directory",
 ]
 
-#: Version of the on-disk layout; bumped on incompatible changes.
-FORMAT_VERSION = 1
+#: Version of the on-disk layout written by this esmsearch; bumped on incompatible
+#: changes. 2: the top-level ``precision`` field is part of the contract (an older
+#: server, which ignores it, would embed queries at fp32 for a bf16 index: it must refuse).
+FORMAT_VERSION = 2
+#: Versions this esmsearch reads (1: written before ``precision`` was top-level; read as
+#: the ``build.precision`` it recorded, else fp32).
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -161,10 +166,11 @@ class Manifest:
         missing = required - data.keys()
         if missing:
             raise IndexFormatError(f"{source}: missing keys {sorted(missing)}")
-        if data["format_version"] != FORMAT_VERSION:
+        if data["format_version"] not in READABLE_FORMAT_VERSIONS:
             raise IndexFormatError(
                 f"{source}: format version {data['format_version']} is not supported "
-                f"(this esmsearch reads version {FORMAT_VERSION}); rebuild the index"
+                f"(this esmsearch reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); "
+                "rebuild the index or upgrade esmsearch"
             )
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -201,7 +207,7 @@ class Target:
 def new_version_id(now: datetime | None = None) -> str:
     """A sortable, unique index version id such as ``20261122T031500.123Z-1a2b3c``
     (UTC build time to the millisecond, then a random suffix)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-" + uuid.uuid4().hex[:6]
 
 
@@ -333,7 +339,7 @@ class IndexWriter:
                 raise IndexFormatError(f"build produced no {name}")
             fsutil.fsync_file(path)
             files[name] = fsutil.file_sha256(path)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         fields.setdefault("built_at", now.isoformat(timespec="seconds"))
         fields.setdefault("version", new_version_id(now))
         manifest = Manifest(format_version=FORMAT_VERSION, files=files, count=self._rows, **fields)

@@ -108,6 +108,7 @@ def test_old_manifest_without_top_level_precision_still_loads(
     shutil.copytree(small_index, copy)
 
     def to_old_style(data: dict[str, Any]) -> None:
+        data["format_version"] = 1  # what the first releases wrote
         del data["precision"]
         data["build"].pop("precision", None)
         if build_precision is not None:
@@ -125,7 +126,7 @@ def test_old_fp32_manifest_is_served(small_index: Path, tmp_path: Path) -> None:
 
     copy = tmp_path / "old"
     shutil.copytree(small_index, copy)
-    _edit_manifest(copy, lambda d: (d.pop("precision"), d["build"].pop("precision", None)))
+    _edit_manifest(copy, lambda d: (d.update(format_version=1), d.pop("precision"), d["build"].pop("precision", None)))
     first = next(read_fasta(Path(__file__).parent / "data" / "ecoli_40.fasta"))
     server, port = _start_server(copy)
     try:

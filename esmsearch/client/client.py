@@ -227,10 +227,12 @@ class SearchClient:
         pass ``split_requests=False`` to send exactly one RPC.
 
         Args:
-            queries: a FASTA path (plain or gzip; ``-`` = stdin), a mapping
-                record id -> sequence, or a sequence of residue strings (ids become
-                ``query_1``, ``query_2``, ...). Validated locally first (see
-                :func:`esmsearch.sequences.records_from`).
+            queries: a ``str`` that is an existing FASTA file (plain or gzip; ``-`` =
+                stdin), FASTA text (starts with ``>``) or one sequence (id
+                ``query_1``) -- in that order, so an existing file wins; a
+                ``pathlib.Path`` (always a file); a mapping record id -> sequence; or
+                a sequence of residue strings (ids ``query_1``, ``query_2``, ...).
+                Validated locally first (see :func:`esmsearch.sequences.records_from`).
             k: hits per query, 1 .. the server's ``max_k`` (1000 by default).
             min_score: drop hits whose cosine score is below this, in [-1, 1];
                 ``None`` = keep all.
@@ -246,9 +248,11 @@ class SearchClient:
             and the version of the index that answered.
 
         Raises:
-            esmsearch.errors.InvalidSequenceError: a query is invalid (caught locally,
-                before any RPC; names the record id and residue position).
-            esmsearch.errors.FastaFormatError, FileNotFoundError: unreadable FASTA.
+            esmsearch.errors.InvalidSequenceError: a query is invalid, or a ``str`` is
+                neither an existing file nor FASTA text nor a valid sequence (caught
+                locally, before any RPC; names the record id and residue position).
+            esmsearch.errors.FastaFormatError: unreadable FASTA.
+            FileNotFoundError: a ``pathlib.Path`` that does not exist.
             InvalidArgumentError: the server rejected the request (e.g. ``k`` out of range).
             ResourceExhaustedError: a request exceeds a server limit (with
                 ``split_requests``: one query is longer than the per-query limit).

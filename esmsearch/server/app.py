@@ -213,9 +213,9 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
     Raises:
         IndexNotFoundError, IndexFormatError: no usable index at ``config.index``.
         ModelLoadError: the model cannot be loaded.
-        IndexMismatchError: the model does not match the index (the server refuses
-            to start).
-        ConfigError: the index's precision cannot run on ``config.device``.
+        IndexMismatchError: the model does not match the index, or the index's precision
+            cannot run on ``config.device`` (the server refuses to start; the message
+            names both).
         OSError: the address or the metrics port cannot be bound.
     """
     from esmsearch.versions import IndexRoot
