@@ -1,4 +1,4 @@
-"""Serving load test: gRPC search with dynamic batching on and off vs the bare in-process floor.
+"""Serving load test: gRPC search with dynamic batching on and off, bounded admission, vs the in-process floor.
 
 One run, same machine, same checkpoint, same index, same queries:
 
@@ -6,15 +6,21 @@ One run, same machine, same checkpoint, same index, same queries:
   ``Embedder.embed([seq])`` + ``Index.search(vec, k)``, one query at a time;
   measured before and after the server runs (both printed, to show drift from
   other load on the machine).
-* **server, batching on / on with max_padding_ratio 1.25 / off**:
-  ``esmsearch.server.create_server`` in a child
-  process on loopback (``max_workers`` 64), driven by 1, 8 and 32 concurrent
-  client threads, each with its own channel, each sending one-query ``Search``
-  requests (k=10) back to back for ``--seconds`` per level.
+* **server modes** (``--modes``, default all): ``on`` (concurrent requests merged
+  into one packed forward), ``off`` (each request its own forward), each with the
+  default admission bounds (1,024 queries in flight: never reached by these
+  clients, so as good as unbounded), and ``<mode>,admit=N`` with
+  ``--max-queries-in-flight N`` (``--bounded-in-flight``, default 8): the
+  comparison of OK-request latency with and without a bound on work in flight.
+  Each mode is ``esmsearch.server.create_server`` in a child process on loopback
+  (``max_workers`` 64), driven by 1, 8 and 32 concurrent client threads, each with
+  its own channel, each sending one-query ``Search`` requests (k=10) back to back
+  for ``--seconds`` per level, without client retries: a RESOURCE_EXHAUSTED answer
+  is counted as "refused", anything else non-OK as an error.
 
-Printed per level: requests/s (QPS), p50/p95/p99 latency in ms and the error
-count, the two modes side by side, the throughput ratio on/off, and
-p50(1 client)/p50(floor).
+Printed per level: OK requests/s, p50/p95/p99 latency in ms of OK requests, refusals
+and errors, the modes side by side, the throughput ratio of each mode to ``off`` and
+of 8 and 32 clients to 1 client, and p50(1 client)/p50(floor).
 
 Model: a seeded random-weight checkpoint of the esm2_t6_8M_UR50D architecture
 (:func:`esmsearch.checkpoints.write_random_checkpoint`): speed is real, retrieval
@@ -50,12 +56,9 @@ ECOLI = DATA / "UP000000625_83333_Ecoli_K12_2020.fasta"
 YEAST = DATA / "UP000002311_559292_yeast.fasta.gz"
 K = 10
 PAIRED: dict[str, tuple[float, float, int]] = {}
-#: Server modes compared: label -> (batching enabled, BatchingConfig.max_padding_ratio).
-MODES: dict[str, tuple[bool, float | None]] = {
-    "on": (True, None),
-    "on,pad<=1.25": (True, 1.25),
-    "off": (False, None),
-}
+DEVICE = ["cpu"]
+#: Server modes compared: label -> (batching enabled, max queries in flight or None = default).
+MODES: dict[str, tuple[bool, int | None]] = {}
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Level:
     errors: int
     seconds: float
     latencies_s: list[float]
+    refused: int = 0
 
     @property
     def qps(self) -> float:
@@ -74,6 +78,13 @@ class Level:
         if not self.latencies_s:
             return float("nan")
         return float(np.percentile(self.latencies_s, q) * 1e3)
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def _loadavg() -> str:
@@ -104,7 +115,7 @@ def build_or_reuse_index(args: argparse.Namespace, work: Path) -> Path:
             out.write(f">{rec.record_id} {rec.description}\n{rec.sequence}\n")
     out_dir = work / "index" if args.index is None else Path(args.index)
     t0 = time.perf_counter()
-    result = build_index(fasta, out_dir, model=str(ckpt), device="cpu")
+    result = build_index(fasta, out_dir, model=str(ckpt), device=DEVICE[0])
     print(f"built index of {result.manifest.count if hasattr(result, 'manifest') else '?'} "
           f"proteins in {time.perf_counter() - t0:.1f} s -> {out_dir}", flush=True)  # fmt: skip
     return out_dir
@@ -128,7 +139,7 @@ def measure_floor(index_dir: Path, queries: list[str], seconds: float, *, in_thr
     from esmsearch.store import Index
 
     with Index.open(index_dir) as index:
-        embedder = Embedder.for_manifest(index.manifest, device="cpu")
+        embedder = Embedder.for_manifest(index.manifest, device=DEVICE[0])
         for q in queries:  # warm-up: every query shape once, as the server gets
             index.search(embedder.embed([q]), K)
         out: list[float] = []
@@ -148,10 +159,11 @@ def measure_floor(index_dir: Path, queries: list[str], seconds: float, *, in_thr
 SERVER_SCRIPT = textwrap.dedent(
     """
     import sys
-    from esmsearch.server import ServerConfig, create_server
-    from esmsearch.server.batcher import BatchingConfig
-    cfg = BatchingConfig(enabled={enabled}, max_wait_ms={wait}, max_batch_toks={toks}, max_padding_ratio={pad})
-    srv, port = create_server(ServerConfig(index={index!r}, port=0, device="cpu", max_workers=64, batching=cfg))
+    from esmsearch.server import AdmissionConfig, BatchingConfig, ServerConfig, create_server
+    cfg = BatchingConfig(enabled={enabled}, max_wait_ms={wait}, max_batch_toks={toks})
+    admission = AdmissionConfig() if {in_flight} is None else AdmissionConfig(max_queries_in_flight={in_flight})
+    srv, port = create_server(ServerConfig(index={index!r}, port=0, device={device!r}, max_workers=64,
+                                           batching=cfg, admission=admission))
     print(port, flush=True)
     sys.stdin.read()
     srv.stop(5.0)
@@ -166,6 +178,7 @@ def run_level(address: str, queries: list[str], clients: int, seconds: float, se
 
     lat: list[list[float]] = [[] for _ in range(clients)]
     errs = [0] * clients
+    refused = [0] * clients
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
@@ -183,8 +196,11 @@ def run_level(address: str, queries: list[str], clients: int, seconds: float, se
                 try:
                     stub.Search(req, timeout=120)
                     lat[c].append(time.perf_counter() - t0)
-                except grpc.RpcError:
-                    errs[c] += 1
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refused[c] += 1
+                    else:
+                        errs[c] += 1
                 n += 1
 
     threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
@@ -198,7 +214,7 @@ def run_level(address: str, queries: list[str], clients: int, seconds: float, se
         t.join()
     elapsed = time.perf_counter() - t0
     all_lat = [x for per in lat for x in per]
-    return Level(clients, len(all_lat), sum(errs), elapsed, all_lat)
+    return Level(clients, len(all_lat), sum(errs), elapsed, all_lat, sum(refused))
 
 
 def warm_up(address: str, queries: list[str]) -> None:
@@ -231,7 +247,7 @@ def paired(address: str, index_dir: Path, queries: list[str], seconds: float) ->
 
     def body() -> None:
         with Index.open(index_dir) as index, grpc.insecure_channel(address) as ch:
-            embedder = Embedder.for_manifest(index.manifest, device="cpu")
+            embedder = Embedder.for_manifest(index.manifest, device=DEVICE[0])
             stub = search_pb2_grpc.HomologSearchStub(ch)
             for q in queries:  # warm-up
                 index.search(embedder.embed([q]), K)
@@ -256,9 +272,14 @@ def paired(address: str, index_dir: Path, queries: list[str], seconds: float) ->
 
 
 def run_mode(args: argparse.Namespace, index_dir: Path, queries: list[str], mode: str) -> list[Level]:
-    enabled, pad = MODES[mode]
+    enabled, in_flight = MODES[mode]
     script = SERVER_SCRIPT.format(
-        enabled=enabled, wait=args.max_wait_ms, toks=args.batch_toks, pad=pad, index=str(index_dir)
+        enabled=enabled,
+        wait=args.max_wait_ms,
+        toks=args.batch_toks,
+        in_flight=in_flight,
+        index=str(index_dir),
+        device=args.device,
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -272,11 +293,11 @@ def run_mode(args: argparse.Namespace, index_dir: Path, queries: list[str], mode
             print(
                 f"  batching={mode:<12} clients={clients:>2}: "
                 f"{lv.qps:7.2f} req/s  p50 {lv.pct_ms(50):7.1f} ms  p95 {lv.pct_ms(95):7.1f} ms  "
-                f"p99 {lv.pct_ms(99):7.1f} ms  errors {lv.errors}  (load {_loadavg()})",
+                f"p99 {lv.pct_ms(99):7.1f} ms  refused {lv.refused}  errors {lv.errors}  (load {_loadavg()})",
                 flush=True,
             )
             levels.append(lv)
-        if args.paired_seconds > 0:
+        if args.paired_seconds > 0 and in_flight is None:
             floor, served = paired(address, index_dir, queries, args.paired_seconds)
             f50, s50 = np.median(floor) * 1e3, np.median(served) * 1e3
             print(
@@ -315,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--batch-toks", type=int, default=4096)
+    p.add_argument("--device", default="cpu", help="cpu or cuda for the server and the floor (default cpu)")
+    p.add_argument("--modes", default="on,off", help="batching modes to compare: on, off (default both)")
+    p.add_argument(
+        "--bounded-in-flight",
+        type=int,
+        default=8,
+        help="also run each mode with --max-queries-in-flight N (0 = skip; default 8)",
+    )
     p.add_argument(
         "--paired-seconds",
         type=float,
@@ -322,10 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of alternating floor/served pairs per mode",
     )
     args = p.parse_args(argv)
+    DEVICE[0] = args.device
+    for mode in args.modes.split(","):
+        MODES[mode] = (mode == "on", None)
+    if args.bounded_in_flight > 0:
+        for mode in args.modes.split(","):
+            MODES[f"{mode},admit={args.bounded_in_flight}"] = (mode == "on", args.bounded_in_flight)
 
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {_loadavg()}")
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else _cpu_model()
+    print(
+        f"machine: {where}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {_loadavg()}"
+    )
     with tempfile.TemporaryDirectory(prefix="esmsearch-serve-load-") as tmp:
         index_dir = build_or_reuse_index(args, Path(tmp))
         queries = sample_queries(args.n_queries, args.seed)
@@ -349,24 +387,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"floor again after the server runs (worker thread): p50 {f50_after:.1f} ms")
 
     print()
-    print("req/s, p50/p95/p99 latency (ms) and errors per batching mode; last columns: req/s ratio to 'off'")
-    print("clients | " + " | ".join(f"{m}: req/s   p50    p95    p99 err" for m in MODES) + " | ratios")
-
-    def cells(lv: Level) -> str:
-        return f"{lv.qps:8.2f} {lv.pct_ms(50):6.1f} {lv.pct_ms(95):6.1f} {lv.pct_ms(99):6.1f} {lv.errors:3d}"
-
-    for i, off in enumerate(results["off"]):
-        row = [results[m][i] for m in MODES]
-        ratios = " ".join(f"{m} {lv.qps / off.qps:4.2f}x" for m, lv in zip(MODES, row, strict=True) if m != "off")
-        print(f"{off.clients:>7} | " + " | ".join(cells(lv) for lv in row) + f" | {ratios}")
+    print("OK req/s, p50/p95/p99 latency of OK requests (ms), refused (RESOURCE_EXHAUSTED) and errors per mode")
+    print("mode             clients |    req/s    p50    p95    p99 refused errors | vs 1 client | vs off")
+    base = "off" if "off" in results else next(iter(results))
+    for mode, levels in results.items():
+        one = next((lv for lv in levels if lv.clients == 1), levels[0])
+        for i, lv in enumerate(levels):
+            ref = results[base][i] if mode != base else None
+            print(
+                f"{mode:<16} {lv.clients:>7} | {lv.qps:8.2f} {lv.pct_ms(50):6.1f} {lv.pct_ms(95):6.1f} "
+                f"{lv.pct_ms(99):6.1f} {lv.refused:7d} {lv.errors:6d} | {lv.qps / one.qps:10.2f}x | "
+                + (f"{lv.qps / ref.qps:5.2f}x" if ref is not None and ref.qps > 0 else "    -")
+            )
     floor = min(float(np.median(floors["worker thread"])) * 1e3, f50_after)
     print(f"floor used below: the lower worker-thread floor p50, {floor:.1f} ms")
-    for name in MODES:
+    for name in results:
         one = next((lv for lv in results[name] if lv.clients == 1), None)
         if one is not None:
             p50 = one.pct_ms(50)
             print(f"p50(1 client, batching {name}) / floor p50 = {p50:.1f} / {floor:.1f} ms = {p50 / floor:.3f}")
-    for name in MODES:
+    for name in results:
         if name in PAIRED:
             s50, f50, n = PAIRED[name]
             ratio = s50 / f50

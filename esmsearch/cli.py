@@ -197,7 +197,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             enabled={"auto": None, "on": True, "off": False}[args.batching],
             max_wait_ms=args.max_batch_wait_ms,
             max_batch_toks=args.batch_toks,
-            max_padding_ratio=args.batch_max_padding,
         ),
         admission=AdmissionConfig(
             max_queries_in_flight=args.max_queries_in_flight,
@@ -392,16 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "dynamic batching of concurrent requests: auto (default) = on for CUDA, "
             "off for CPU, where it measured slower"
-        ),
-    )
-    s.add_argument(
-        "--batch-max-padding",
-        type=float,
-        default=None,
-        metavar="R",
-        help=(
-            "dynamic batching: split a batch into forwards whose padded tokens stay within "
-            "R x their residues (default: one forward)"
         ),
     )
     s.add_argument(

@@ -368,26 +368,3 @@ def test_batching_is_automatic_on_cuda_only(small_index: Path) -> None:
         assert srv.batcher is srv.servicer.batcher and not srv.batcher.merges
     finally:
         srv.stop(0)
-
-
-def test_padding_ratio_splits_a_batch_into_length_homogeneous_forwards(engine, db) -> None:  # type: ignore[no-untyped-def]
-    gate, counter = Gate(engine), Counter()
-    long_a, long_b, short = "M" * 300, "K" * 280, "V" * 20
-    batcher = _batcher(engine, counter, max_wait_ms=0.0, max_padding_ratio=1.25)
-    try:
-        first = batcher.submit_search([db[0].sequence], k=1)
-        assert gate.entered.wait(30)
-        futures = [batcher.submit_embed([s]) for s in (short, long_a, long_b)]
-        counter.wait_depth(3)
-        gate.release.set()
-        vectors = [f.result(timeout=30)[0][0] for f in futures]
-        first.result(timeout=30)
-    finally:
-        batcher.close()
-    # one batch of three requests, embedded as {300, 280} and {20}: 302*2 <= 1.25*(302+282)
-    assert counter.batches[1][:2] == (3, 3)
-    assert gate.calls[1:] == [[long_a, long_b], [short]]
-    alone = engine.embedder.embed([short, long_a, long_b])
-    np.testing.assert_allclose(np.stack(vectors), alone, atol=1e-5)  # order restored
-    with pytest.raises(ConfigError):
-        BatchingConfig(max_padding_ratio=0.5)

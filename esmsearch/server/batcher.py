@@ -68,27 +68,15 @@ class BatchingConfig:
     """Settings of the dynamic batcher.
 
     Attributes:
-        enabled: ``True`` merges concurrent requests into one forward pass, ``False``
-            runs each request as its own batch (same queue, same admission bounds);
-            ``None`` (default) = merge on CUDA devices only. On CPU
-            the forward cost follows padded tokens and is already compute-bound for
-            one sequence, so merging queries of different lengths lowered throughput
-            in ``benchmarks/serve_load.py`` (2-core CPU, esm2_t6 architecture: 0.56x
-            at 8 clients; 0.81x with ``max_padding_ratio=1.25``; see
-            ``benchmarks/results/serve_load_ecoli500.txt``).
+        enabled: ``True`` merges concurrent requests into one packed forward pass,
+            ``False`` runs each request as its own batch (same queue, same admission
+            bounds); ``None`` (default) = auto, resolved by :func:`merge_by_default`.
         max_wait_ms: longest wait in ms for more requests after the first one of a
             batch was taken, >= 0.
         max_batch_toks: token budget of one batch (sum over its sequences of
             residues + 2), >= 1; a single request larger than this still forms a
-            batch of its own.
-        max_padding_ratio: ``None`` (default) embeds the whole batch in one
-            :meth:`SearchEngine.embed` call. A number >= 1 splits the batch's
-            sequences, sorted by length, into forward groups whose padded size
-            ``n * (longest + 2)`` stays within this factor of their real tokens
-            (``sum(len + 2)``), each embedded by its own call: on a CPU, where the
-            forward cost follows padded tokens, merging a 50- and a 500-residue
-            query costs more than embedding them apart. The FAISS search stays one
-            call for the batch.
+            batch of its own. The merged sequences are packed end to end (no
+            padding), so a batch costs what its real tokens cost.
 
     Raises:
         ConfigError: a value is out of range.
@@ -97,11 +85,8 @@ class BatchingConfig:
     enabled: bool | None = None
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_batch_toks: int = DEFAULT_MAX_BATCH_TOKS
-    max_padding_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_padding_ratio is not None and not self.max_padding_ratio >= 1.0:
-            raise ConfigError(f"max_padding_ratio must be >= 1 or None, got {self.max_padding_ratio!r}")
         if not (self.max_wait_ms >= 0 and np.isfinite(self.max_wait_ms)):
             raise ConfigError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
         value = self.max_batch_toks
@@ -428,39 +413,9 @@ class DynamicBatcher:
         with self.engine.lease_index() as index:
             self._answer_with(batch, started, index)
 
-    def _embed(self, sequences: list[str]) -> tuple[np.ndarray, float, float]:
-        ratio = self.config.max_padding_ratio
-        if ratio is None or len(sequences) < 2:
-            return self.engine.embed(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
-        groups: list[list[int]] = []
-        real = 0
-        for i in order:
-            n = len(sequences[i]) + 2
-            if groups:
-                g = groups[-1]
-                longest = len(sequences[g[0]]) + 2
-                if longest * (len(g) + 1) <= ratio * (real + n):
-                    g.append(i)
-                    real += n
-                    continue
-            groups.append([i])
-            real = n
-        vectors: np.ndarray | None = None
-        lock_s = embed_s = 0.0
-        for g in groups:
-            part, wait_s, forward_s = self.engine.embed([sequences[i] for i in g])
-            if vectors is None:
-                vectors = np.empty((len(sequences), part.shape[1]), dtype=part.dtype)
-            vectors[g] = part
-            lock_s += wait_s
-            embed_s += forward_s
-        assert vectors is not None
-        return vectors, lock_s, embed_s
-
     def _answer_with(self, batch: list[_Request], started: float, index: Index) -> None:
         sequences = [s for r in batch for s in r.sequences]
-        vectors, lock_s, embed_s = self._embed(sequences)
+        vectors, lock_s, embed_s = self.engine.embed(sequences)
         self.admission.observe_rate(sum(len(s) for s in sequences), embed_s)
         searching = [i for i, r in enumerate(batch) if r.k is not None]
         offsets = np.cumsum([0] + [len(r.sequences) for r in batch])
