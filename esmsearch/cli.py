@@ -35,6 +35,7 @@ DEFAULT_MAX_QUERIES_IN_FLIGHT = 1024
 DEFAULT_MAX_QUEUED_RESIDUES = 1_048_576
 DEFAULT_MAX_WORKERS = 64
 DEFAULT_GRACE_S = 10.0
+DEFAULT_MAX_K = 1000
 log = logging.getLogger("esmsearch")
 
 
@@ -172,7 +173,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 # -- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from esmsearch.errors import ConfigError
-    from esmsearch.server import AdmissionConfig, BatchingConfig, ServerConfig, serve
+    from esmsearch.server import AdmissionConfig, BatchingConfig, RequestLimits, ServerConfig, serve
     from esmsearch.server.logs import use_log_format
     from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
 
@@ -186,6 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     security = SecurityConfig(tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any)
     config = ServerConfig(
         index=args.index_dir,
+        limits=RequestLimits(max_k=args.max_k),
         host=args.host,
         port=args.port,
         model=args.model,
@@ -363,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="admission: most residues of those sequences (default "
         f"{DEFAULT_MAX_QUEUED_RESIDUES:,}); per-request limits are lowered to fit both",
+    )
+    s.add_argument(
+        "--max-k",
+        type=int,
+        default=DEFAULT_MAX_K,
+        metavar="K",
+        help=f"largest k (hits per query) a request may ask for (default {DEFAULT_MAX_K})",
     )
     s.add_argument(
         "--max-workers",

@@ -449,3 +449,4 @@ def test_cli_serve_defaults_are_the_servers() -> None:
     assert args.max_queued_residues == AdmissionConfig().max_queued_residues
     assert args.toks_per_batch == config.toks_per_batch
     assert args.reload_poll_s == config.reload_poll_s
+    assert args.max_k == config.limits.max_k
