@@ -1,6 +1,6 @@
-"""Embedding throughput: fair-esm's reference extraction vs esmsearch, side by side.
+"""Embedding throughput: fair-esm's reference extraction vs esmsearch, side by side, with FLOP/s.
 
-One run, same sequences, same random-weight checkpoint, same machine:
+One run, same sequences, same random-weight checkpoint, same device:
 
 (a) **reference**: exactly what fair-esm's ``scripts/extract.py`` does for
     ``--include mean``: ``esm.FastaBatchedDataset`` +
@@ -9,16 +9,21 @@ One run, same sequences, same random-weight checkpoint, same machine:
     ``model(toks, repr_layers=[layer])`` under ``torch.no_grad`` + mean over
     ``1 : len + 1``; fp32. The vectors are then L2-normalised for comparison.
 (b) **esmsearch**: ``esmsearch.embedding.Embedder(...).embed(sequences)`` (the
-    public API; float32 ``[n, dim]``, L2-normalised) when that class exists;
-    otherwise :class:`esmsearch.esm2_fast.Esm2Encoder` with a length-sorted
-    token-budget batching and masked residue mean (printed as "encoder-direct").
-    When the Embedder exists, the encoder-direct figure is printed too, so any
-    gap between the two is the Embedder's own overhead.
+    public API, packed batches; float32 ``[n, dim]``, L2-normalised), once per
+    precision in ``--precisions``.
 
-Printed: residues/s of each, the speed ratio (b)/(a), and the minimum over
-sequences of the cosine between (a) and (b). bf16 is also run (and its min cosine
-printed) when the CPU has native bf16 (:func:`esmsearch.esm2_fast.cpu_supports_fast_bf16`)
-or when ``--bf16`` forces it.
+Printed per method: wall time, residues/s, the speed ratio to (a), the minimum over
+sequences of the cosine to (a), the model FLOPs achieved per second, and the
+utilisation: achieved FLOP/s over the device's own matrix-product rate at the
+model's shapes (``--toks-per-batch`` tokens times each weight matrix of a layer,
+measured in the same run and printed, in the method's dtype); on CUDA also the MFU
+against ``--peak-tflops`` (dense bf16 peak of the GPU; H100/H200 SXM: 989).
+
+FLOPs (multiply-add = 2): per token of a sequence of ``L`` tokens (residues + BOS +
+EOS) and per layer run, ``24 E^2`` for the q/k/v, output and feed-forward GEMMs
+(``2 * (3E^2 + E^2 + 2 * 4E^2)``) plus ``4 L E`` for the two attention products;
+the LM and contact heads are not counted (neither path needs them). For
+esm2_t12_35M on E. coli proteins that is about 73 MFLOP per residue.
 
 Sequences: a seeded random sample (``--seed``) of ``--n-seqs`` records of at most
 ``--max-residues`` (default 1022) residues from the E. coli K-12 proteome, so that
@@ -28,13 +33,13 @@ two differ by construction.
 Usage::
 
     python benchmarks/embed_throughput.py --arch esm2_t6_8M_UR50D --threads 2
-    python benchmarks/embed_throughput.py --arch esm2_t12_35M_UR50D
+    python benchmarks/embed_throughput.py --arch esm2_t12_35M_UR50D --precisions fp32,bf16
+    python benchmarks/embed_throughput.py --arch esm2_t33_650M_UR50D --device cuda --precisions fp32,bf16,fp16
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import sys
 import tempfile
@@ -48,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FASTA = ROOT.parent / "shared" / "data" / "seqdb" / "UP000000625_83333_Ecoli_K12_2020.fasta"
 TRUNCATION_SEQ_LENGTH = 1022  # fair-esm scripts/extract.py default
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_sequences(fasta: Path, n_seqs: int, max_residues: int, seed: int) -> list[tuple[str, str]]:
@@ -98,53 +104,69 @@ def reference_embed(model, alphabet, records: Sequence[tuple[str, str]], layer: 
     return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
 
-def encoder_direct_embed(  # type: ignore[no-untyped-def]
-    model,
-    alphabet,
-    records: Sequence[tuple[str, str]],
-    layer: int,
-    toks_per_batch: int,
-    precision: str,
-) -> Callable[[], np.ndarray]:
-    """Esm2Encoder with length-sorted token-budget batches; returns a closure doing one pass."""
-    from esmsearch.esm2_fast import Esm2Encoder
+def model_flops(lengths: Sequence[int], layers: int, embed_dim: int) -> float:
+    """Model FLOPs of embedding sequences of ``lengths`` residues through ``layers`` layers.
 
-    encoder = Esm2Encoder(model, layer, precision=precision)
-    converter = alphabet.get_batch_converter()
-    order = sorted(range(len(records)), key=lambda i: len(records[i][1]))
-    batches: list[list[int]] = []
-    buf: list[int] = []
-    for i in order:
-        padded = (len(records[i][1]) + 2) * (len(buf) + 1)  # sorted: this one is the longest
-        if buf and padded > toks_per_batch:
-            batches.append(buf)
-            buf = []
-        buf.append(i)
-    if buf:
-        batches.append(buf)
-
-    def run() -> np.ndarray:
-        out = np.empty((len(records), model.embed_dim), dtype=np.float32)
-        for batch in batches:
-            _, _, toks = converter([records[i] for i in batch])
-            reps = encoder(toks)  # (B, T, E) float32
-            lengths = torch.tensor([len(records[i][1]) for i in batch], device=reps.device)
-            pos = torch.arange(toks.shape[1], device=reps.device)
-            residue = (pos[None, :] >= 1) & (pos[None, :] <= lengths[:, None])  # (B, T)
-            summed = torch.einsum("bte,bt->be", reps, residue.to(reps.dtype))
-            mean = summed / lengths[:, None].to(reps.dtype)
-            out[batch] = torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
-        return out
-
-    return run
+    Per token of an ``L``-token sequence (residues + BOS + EOS) and per layer:
+    ``24 E^2`` (q/k/v, output, two feed-forward GEMMs) + ``4 L E`` (attention's two
+    products); multiply-add counted as 2.
+    """
+    total = 0.0
+    for n in lengths:
+        tokens = n + 2
+        total += layers * (24.0 * embed_dim**2 * tokens + 4.0 * embed_dim * tokens**2)
+    return total
 
 
-def embedder_available() -> bool:
-    if importlib.util.find_spec("esmsearch.embedding") is None:
-        return False
-    import esmsearch.embedding as emb
+def matmul_rate(embed_dim: int, tokens: int, dtype: torch.dtype, device: str, repeats: int = 5) -> float:
+    """FLOP/s of the device's matrix products at one layer's GEMM shapes.
 
-    return hasattr(emb, "Embedder")
+    ``[tokens, E] @ [E, n]`` for the q/k/v (n = 3E), output (E) and first feed-forward
+    (4E) weights and ``[tokens, 4E] @ [4E, E]`` for the second, in ``dtype``; best of
+    ``repeats`` after a warm-up.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shapes = [
+        (embed_dim, 3 * embed_dim),
+        (embed_dim, embed_dim),
+        (embed_dim, 4 * embed_dim),
+        (4 * embed_dim, embed_dim),
+    ]
+    mats = [
+        (
+            torch.randn(tokens, k, generator=gen).to(device=device, dtype=dtype),
+            torch.randn(k, n, generator=gen).to(device=device, dtype=dtype),
+        )
+        for k, n in shapes
+    ]
+    flops = sum(2.0 * tokens * k * n for k, n in shapes)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            sync()
+            t0 = time.perf_counter()
+            for x, w in mats:
+                torch.mm(x, w)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def time_interleaved(
@@ -155,11 +177,13 @@ def time_interleaved(
     Interleaving and keeping each method's best wall time makes the comparison
     fair on a shared, noisy machine (other load hits all methods alike).
 
+    Every method returns numpy vectors, so CUDA work has finished when its timer stops.
+
     Returns:
-        name -> (vectors of the last run, best residues/s).
+        name -> (vectors of the last run, best wall seconds).
     """
     for fn in methods.values():
-        fn()  # warm-up (allocator, oneDNN primitive caches, rotary tables)
+        fn()  # warm-up (allocator, oneDNN primitive caches, rotary tables, CUDA kernels)
     best_s = {name: float("inf") for name in methods}
     cpu_s = {name: float("inf") for name in methods}
     vectors: dict[str, np.ndarray] = {}
@@ -175,7 +199,7 @@ def time_interleaved(
             f"{name:<34s} {best_s[name]:8.2f} s wall ({cpu_s[name]:7.2f} s CPU)  "
             f"{residues / best_s[name]:10.0f} residues/s"
         )
-    return {name: (vectors[name], residues / best_s[name]) for name in methods}
+    return {name: (vectors[name], best_s[name]) for name in methods}
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,17 +210,17 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from esmsearch.checkpoints import ARCHITECTURES, write_random_checkpoint
-    from esmsearch.esm2_fast import cpu_supports_fast_bf16
+    from esmsearch.embedding import Embedder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="esm2_t6_8M_UR50D", choices=sorted(ARCHITECTURES))
     parser.add_argument("--n-seqs", type=int, default=300)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for both paths (default cpu)")
     parser.add_argument(
-        "--precision",
+        "--precisions",
         default="fp32",
-        choices=["fp32", "bf16", "fp16", "auto"],
-        help="precision of esmsearch's Embedder (b); the reference is always fp32 (default fp32)",
+        help="comma-separated precisions of esmsearch's Embedder (b), each timed side by side; "
+        "the reference is always fp32 (default fp32)",
     )
     parser.add_argument("--fasta", type=Path, default=DEFAULT_FASTA)
     parser.add_argument("--max-residues", type=int, default=TRUNCATION_SEQ_LENGTH)
@@ -204,19 +228,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--toks-per-batch",
         type=int,
-        default=None,
-        help="esmsearch token budget per batch (default: the Embedder's own default, "
-        "4096 for encoder-direct); the reference always uses fair-esm's 4096",
+        default=4096,
+        help="esmsearch token budget of a packed batch (default 4096); the reference always uses fair-esm's 4096",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="timed passes per method, interleaved; the best is reported (default 1)",
+        "--repeats", type=int, default=1, help="timed passes per method, interleaved; the best is reported"
     )
-    parser.add_argument("--bf16", action="store_true", help="also run bf16 even without native CPU bf16")
     parser.add_argument("--layer", type=int, default=None, help="representation layer (default: last)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU (default 989: H100/H200 SXM)"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip (a): esmsearch only")
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -224,50 +247,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     records = load_sequences(args.fasta, args.n_seqs, args.max_residues, args.seed)
     residues = sum(len(s) for _, s in records)
+    on_cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_random_checkpoint(args.arch, tmp, seed=args.seed)
         model, alphabet = load_model(ckpt)
         model = model.to(args.device)
         layer = model.num_layers if args.layer is None else args.layer
+        flops = model_flops([len(s) for _, s in records], layer, model.embed_dim)
         print(
             f"arch {args.arch} (random weights, seed {args.seed}), layer {layer}, "
-            f"{len(records)} sequences, {residues} residues "
-            f"(max {max(len(s) for _, s in records)}), "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"fast bf16 CPU: {cpu_supports_fast_bf16()}"
+            f"{len(records)} sequences, {residues} residues (max {max(len(s) for _, s in records)}), "
+            f"{flops / residues / 1e6:.1f} MFLOP/residue; {device_name(args.device)}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"
         )
-
         seqs = [s for _, s in records]
-        direct_tpb = args.toks_per_batch or 4096
         ref_name = "(a) fair-esm extract.py fp32"
-        methods: dict[str, Callable[[], np.ndarray]] = {
-            ref_name: lambda: reference_embed(model, alphabet, records, layer, args.device),
-            f"    encoder-direct fp32 (tpb {direct_tpb})": encoder_direct_embed(
-                model, alphabet, records, layer, direct_tpb, "fp32"
-            ),
-        }
-        run_bf16 = args.bf16 or cpu_supports_fast_bf16()
-        if embedder_available():
-            from esmsearch.embedding import Embedder
-
-            kwargs = {} if args.toks_per_batch is None else {"toks_per_batch": args.toks_per_batch}
-            embedder = Embedder(str(ckpt), device=args.device, precision=args.precision, **kwargs)
-            methods[f"(b) esmsearch Embedder {embedder.precision}"] = lambda: embedder.embed(seqs)
-            if run_bf16 and embedder.precision != "bf16":
-                embedder_bf16 = Embedder(str(ckpt), device=args.device, precision="bf16", **kwargs)
-                methods["(b) esmsearch Embedder bf16"] = lambda: embedder_bf16.embed(seqs)
-        else:
-            print("    (esmsearch.embedding.Embedder not available yet: (b) = encoder-direct)")
-            if run_bf16:
-                methods[f"    encoder-direct bf16 (tpb {direct_tpb})"] = encoder_direct_embed(
-                    model, alphabet, records, layer, direct_tpb, "bf16"
-                )
+        methods: dict[str, Callable[[], np.ndarray]] = {}
+        if not args.no_reference:
+            methods[ref_name] = lambda: reference_embed(model, alphabet, records, layer, args.device)
+        precision_of: dict[str, str] = {ref_name: "fp32"}
+        for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+            embedder = Embedder(
+                str(ckpt), device=args.device, precision=precision, toks_per_batch=args.toks_per_batch, layer=layer
+            )
+            name = f"(b) esmsearch Embedder {embedder.precision}"
+            methods[name] = lambda e=embedder: e.embed(seqs)  # type: ignore[misc]
+            precision_of[name] = embedder.precision
         timings = time_interleaved(methods, residues, args.repeats)
-
-    ref, ref_rate = timings.pop(ref_name)
-    results = [(name.strip(), vec, rate) for name, (vec, rate) in timings.items()]
-    for name, vec, rate in results:
-        print(f"{name:<34s} ratio vs (a) {rate / ref_rate:5.2f}x   min cosine vs (a) {min_cosine(ref, vec):.7f}")
+        peaks = {
+            p: matmul_rate(model.embed_dim, args.toks_per_batch, _DTYPES[p], args.device)
+            for p in sorted(set(precision_of.values()))
+        }
+    for p, rate in peaks.items():
+        print(f"matrix products at the model's shapes ({args.toks_per_batch} tokens), {p}: {rate / 1e9:,.0f} GFLOP/s")
+    ref_vec = timings[ref_name][0] if ref_name in timings else None
+    ref_s = timings[ref_name][1] if ref_name in timings else None
+    for name, (vec, wall) in timings.items():
+        achieved = flops / wall
+        precision = precision_of[name]
+        parts = [f"{name:<34s} {residues / wall:10,.0f} residues/s", f"{achieved / 1e9:10,.1f} GFLOP/s"]
+        parts.append(f"utilisation {achieved / peaks[precision]:6.1%} of {precision} matmul")
+        if on_cuda:
+            parts.append(f"MFU {achieved / (args.peak_tflops * 1e12):6.2%}")
+        if ref_vec is not None and ref_s is not None and name != ref_name:
+            parts.append(f"ratio vs (a) {ref_s / wall:5.2f}x")
+            parts.append(f"min cosine vs (a) {min_cosine(ref_vec, vec):.7f}")
+        print("  ".join(parts))
     return 0
 
 

@@ -427,6 +427,7 @@ def run_esmsearch(
     toks_per_batch: int | None,
     k: int,
     server_timeout_s: float,
+    precision: str = "fp32",
 ) -> ToolRun:
     """Index build + server + client search through the real CLI."""
     exe = esmsearch_executable()
@@ -435,7 +436,7 @@ def run_esmsearch(
     usage = Usage()
     index_dir = work / "esm_index"
     build = [exe, "index", "build", str(db_fa), "-o", str(index_dir), "--model", model]
-    build += ["--device", device]
+    build += ["--device", device, "--precision", precision]
     if toks_per_batch:
         build += ["--toks-per-batch", str(toks_per_batch)]
     run_measured("esmsearch_index_build", build, work, usage, env=env)
@@ -498,7 +499,7 @@ def run_esmsearch(
     usage.steps["esmsearch_server_ready"] = {"wall_s": ready_s}
     speed_only = is_random_checkpoint(model)
     label = Path(model).stem if Path(model).is_file() else model
-    notes = [f"server ready after {ready_s:.1f} s", f"k={k}, {device}"]
+    notes = [f"server ready after {ready_s:.1f} s", f"k={k}, {device}, {precision}"]
     return ToolRun(
         "esmsearch",
         label + (f" ({RANDOM_LABEL})" if speed_only else ""),
@@ -714,6 +715,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"(default: a seeded random-weight {DEFAULT_ARCH} checkpoint, speed only)",
     )
     parser.add_argument("--device", default="cpu", help="esmsearch device (default %(default)s)")
+    parser.add_argument(
+        "--arch",
+        default=DEFAULT_ARCH,
+        help="architecture of the random-weight checkpoint used when --model is not given (default %(default)s)",
+    )
+    parser.add_argument(
+        "--precision", default="fp32", help="esmsearch index precision: fp32, bf16, fp16, auto (default %(default)s)"
+    )
     parser.add_argument("--toks-per-batch", type=int, default=None)
     parser.add_argument(
         "-k",
@@ -791,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if model is None:
                     from esmsearch.checkpoints import write_random_checkpoint
 
-                    model = str(write_random_checkpoint(DEFAULT_ARCH, work / "checkpoints", seed=0))
+                    model = str(write_random_checkpoint(args.arch, work / "checkpoints", seed=0))
                 run = run_esmsearch(
                     query_fa,
                     db_fa,
@@ -802,6 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.toks_per_batch,
                     args.k,
                     args.server_timeout_s,
+                    args.precision,
                 )
             rows.append(make_row(run, dataset, command))
             table = write_report(rows, dataset, args)  # after every tool: partial results kept
