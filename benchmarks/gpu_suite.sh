@@ -55,15 +55,15 @@ if [ "$DEVICE" != cpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$RESULTS"
 fi
 python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
-'cuda', torch.version.cuda, 'varlen', hasattr(__import__('torch.nn.attention', fromlist=['x']), 'varlen'))" \
+'cuda', torch.version.cuda, 'varlen', __import__('importlib.util').util.find_spec('torch.nn.attention.varlen') is not None)" \
   2>&1 | tee -a "$RESULTS"
 
 if [ "$SMOKE" = 1 ]; then
   ARCHS="esm2_t6_8M_UR50D"; NSEQ=20; LEVELS=1,2; SECS=2; SERVE_ARCH=esm2_t6_8M_UR50D; DB=40
-  SCOP_ARGS=(--max-queries 10 --max-targets 200)
+  SCOP_ARGS=(--max-queries 10 --max-targets 200); SCOP_ARCH=esm2_t6_8M_UR50D
 else
   ARCHS="esm2_t6_8M_UR50D esm2_t12_35M_UR50D esm2_t33_650M_UR50D"; NSEQ=300; LEVELS=1,8,32; SECS=10
-  SERVE_ARCH=esm2_t33_650M_UR50D; DB=500; SCOP_ARGS=()
+  SERVE_ARCH=esm2_t33_650M_UR50D; DB=500; SCOP_ARGS=(); SCOP_ARCH=esm2_t33_650M_UR50D
 fi
 PRECISIONS=fp32,bf16,fp16
 [ "$DEVICE" = cpu ] && PRECISIONS=fp32
@@ -81,10 +81,10 @@ step 900 python3 benchmarks/serve_load.py --arch "$SERVE_ARCH" --device "$DEVICE
   --seconds "$SECS" --levels "$LEVELS" --n-queries 64 --modes on,off --bounded-in-flight 0 --paired-seconds "$SECS"
 
 say ""
-say "## 3. SCOPe 2.08, 400 x 15,177, through the server; MMseqs2 on $THREADS CPU threads"
+say "## 3. SCOPe 2.08, 400 x 15,177, through the server ($SCOP_ARCH); MMseqs2 on $THREADS CPU threads"
 if command -v mmseqs >/dev/null; then
   step 1200 python3 benchmarks/scop_sensitivity.py --tools mmseqs2,esmsearch --device "$DEVICE" \
-    --arch esm2_t33_650M_UR50D --precision "$([ "$DEVICE" = cpu ] && echo fp32 || echo bf16)" \
+    --arch "$SCOP_ARCH" --precision "$([ "$DEVICE" = cpu ] && echo fp32 || echo bf16)" \
     --threads "$THREADS" --toks-per-batch 16384 --out "$OUTDIR" "${SCOP_ARGS[@]}"
 else
   say "mmseqs not on PATH: step 3 skipped"

@@ -279,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16", "auto"],
+        choices=["fp32", "bf16", "fp16", "int8", "auto"],
         help="compute precision, recorded in the manifest; the server embeds queries at it "
-        "(default fp32; auto = bf16 on CUDA with bf16 support and on CPUs with AMX, fp32 elsewhere)",
+        "(default fp32; auto = bf16 on CUDA with bf16 support and on CPUs with AMX, fp32 elsewhere; "
+        "int8 = dynamic int8 GEMMs on the CPU, for models of 150M parameters and up)",
     )
     b.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto"

@@ -301,6 +301,15 @@ class Embedder:
             layer = num_layers + 1 + layer
         if not 0 <= layer <= num_layers:
             raise ConfigError(f"layer {layer} out of range for a {num_layers}-layer model (0..{num_layers})")
+        if precision == "int8":
+            from esmsearch.esm2_fast import INT8_MIN_PARAMETERS
+
+            n_params = sum(p.numel() for p in esm_model.parameters())
+            if n_params < INT8_MIN_PARAMETERS:
+                raise ConfigError(
+                    "precision 'int8' is offered for models of 150M parameters and up (esm2_t30_150M_UR50D and "
+                    f"larger); {loaded.model_name} has {n_params / 1e6:.1f}M: use fp32"
+                )
         self.model_name = loaded.model_name
         self.model_source = loaded.model_source
         self.checkpoint_sha256 = loaded.checkpoint_sha256

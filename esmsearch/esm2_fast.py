@@ -83,7 +83,10 @@ __all__ = [
 ]
 
 #: Accepted values of the ``precision`` argument.
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
+#: Fewest parameters of a model int8 is offered for: the "150M" ESM-2 (esm2_t30_150M_UR50D,
+#: 148M by count) and larger; smaller models are fast in fp32 and lose more to int8.
+INT8_MIN_PARAMETERS = 140_000_000
 
 #: fair-esm's token-dropout constant: 15% of tokens masked, 80% of those as <mask>
 #: (esm/model/esm2.py, ``mask_ratio_train``).
@@ -159,6 +162,8 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
         return default_precision(dev)
     if precision == "fp16" and dev.type != "cuda":
         raise ConfigError(f"precision 'fp16' needs a CUDA device; got device {str(dev)!r} (use 'fp32' or 'bf16')")
+    if precision == "int8" and dev.type != "cpu":
+        raise ConfigError(f"precision 'int8' runs on the CPU only; got device {str(dev)!r} (use 'bf16' or 'fp16')")
     if precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"precision 'bf16' is not supported by CUDA device {str(dev)!r} (use 'fp32' or 'fp16')")
     return precision
@@ -205,6 +210,7 @@ class Esm2Encoder(torch.nn.Module):
         self._rotary_len = 0
         self._rotary: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._qkv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._int8: list[tuple[Any, Any, Any, Any]] | None = None
 
     # ------------------------------------------------------------------ rotary
     def _rotary_tables(self, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -252,6 +258,34 @@ class Esm2Encoder(torch.nn.Module):
         out[..., :half].addcmul_(qk[..., half:], sin_b, value=-1.0)
         out[..., half:].addcmul_(qk[..., :half], sin_b)
         return out
+
+    def _int8_linears(self) -> list[tuple[Any, Any, Any, Any]]:
+        """Per layer, int8 packed (q/k/v, output, fc1, fc2) weights for dynamic int8 GEMMs.
+
+        Weights are quantized once, symmetric per output channel (``scale = max|w| /
+        127``); activations are quantized per batch by fbgemm/oneDNN at run time
+        (PyTorch's dynamic quantization, ``torch.ops.quantized.linear_dynamic``, the
+        kernel behind ``torch.ao.nn.quantized.dynamic.Linear``).
+        """
+        if self._int8 is None:
+            import warnings
+
+            packed = []
+            with warnings.catch_warnings(), torch.no_grad():
+                # torch 2.13 marks quantized tensors deprecated (pytorch#184982) but still runs them.
+                warnings.filterwarnings("ignore", message=".*quantize_per_channel.*deprecated.*")
+                layers: list[Any] = list(self.layers)
+                for i, lay in enumerate(layers):
+                    qkv_w, qkv_b = self._fused_qkv(i)
+                    weights = [
+                        (qkv_w, qkv_b),
+                        (lay.self_attn.out_proj.weight, lay.self_attn.out_proj.bias),
+                        (lay.fc1.weight, lay.fc1.bias),
+                        (lay.fc2.weight, lay.fc2.bias),
+                    ]
+                    packed.append(tuple(_prepack_int8(w.detach().float(), b.detach().float()) for w, b in weights))
+            self._int8 = packed
+        return self._int8
 
     def _fused_qkv(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused ``(3E, E)`` weight and ``(3E,)`` bias of layer ``index``'s q/k/v projections.
@@ -337,10 +371,14 @@ class Esm2Encoder(torch.nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         tables = self._rotary_tables(packing.max_len)
         layers: list[Any] = list(self.layers)  # fair-esm modules are untyped
-        for lay, (cos_t, sin_t), (qkv_weight, qkv_bias) in zip(layers, tables, qkv_params, strict=True):
+        int8 = self._int8_linears() if self.precision == "int8" else None
+        for i, (lay, (cos_t, sin_t), (qkv_weight, qkv_bias)) in enumerate(zip(layers, tables, qkv_params, strict=True)):
             ln1, ln2 = lay.self_attn_layer_norm, lay.final_layer_norm
             out_proj = lay.self_attn.out_proj
             h = F.layer_norm(x, (embed_dim,), ln1.weight, ln1.bias, ln1.eps)
+            if int8 is not None:
+                x = self._int8_layer(x, h, int8[i], lay, cos_t, sin_t, packing)
+                continue
             qkv = F.linear(h, qkv_weight, qkv_bias).view(n_tokens, 3, heads, head_dim)
             # Rotary positions restart at every sequence: gather the table by position.
             cos, sin = cos_t[packing.positions], sin_t[packing.positions]  # (N, D)
@@ -358,6 +396,30 @@ class Esm2Encoder(torch.nn.Module):
             norm: Any = self.final_layer_norm
             x = F.layer_norm(x, (embed_dim,), norm.weight, norm.bias, norm.eps)
         return x
+
+    def _int8_layer(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        packed: tuple[Any, Any, Any, Any],
+        lay: Any,
+        cos_t: torch.Tensor,
+        sin_t: torch.Tensor,
+        packing: _Packing,
+    ) -> torch.Tensor:
+        """One layer with dynamic int8 GEMMs (``h`` = LN1(x) already computed)."""
+        n_tokens, embed_dim = x.shape
+        linear = torch.ops.quantized.linear_dynamic
+        qkv = linear(h, packed[0], True).view(n_tokens, 3, self.num_heads, self.head_dim)
+        cos, sin = cos_t[packing.positions], sin_t[packing.positions]
+        qk = self._apply_rotary(qkv[:, :2], cos, sin)
+        o = self._attention(qk[:, 0], qk[:, 1], qkv[:, 2], packing)
+        x = x + linear(o.reshape(n_tokens, embed_dim), packed[1], True)
+        ln2 = lay.final_layer_norm
+        h = F.layer_norm(x, (embed_dim,), ln2.weight, ln2.bias, ln2.eps)
+        h = F.gelu(linear(h, packed[2], True))
+        out: torch.Tensor = x + linear(h, packed[3], True)
+        return out
 
     def forward_packed(self, tokens: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """Per-token representations of one layer for sequences packed end to end.
@@ -397,7 +459,7 @@ class Esm2Encoder(torch.nn.Module):
             tokens = tokens.to(device)
             packing = _Packing.of(lengths, device, use_varlen=self._use_varlen(device))
             x = self._embed_packed(tokens, packing.seq_id, packing.lengths)
-            if self.precision == "fp32":
+            if self.precision in ("fp32", "int8"):
                 return self._layers_packed(x, packing, qkv_params)
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             with torch.autocast(device_type=device.type, dtype=dtype):
@@ -478,6 +540,14 @@ class _Packing:
             cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
             varlen = (cu.to(device), max_len)
         return cls(bounds, lens.to(device), seq_id.to(device), positions.to(device), max_len, varlen)
+
+
+def _prepack_int8(weight: torch.Tensor, bias: torch.Tensor) -> Any:
+    """fbgemm/oneDNN packed int8 weight (symmetric, per output channel) with its fp32 bias."""
+    scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 @functools.cache

@@ -68,7 +68,7 @@ EMBEDDINGS_FILE = "embeddings.npy"
 METADATA_FILE = "metadata.sqlite"
 DATA_FILES = (FAISS_FILE, EMBEDDINGS_FILE, METADATA_FILE)
 #: Resolved compute precisions a manifest may record (never ``auto``).
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Manifest:
         pooling: ``mean_residues`` (mean over residue positions, no BOS/EOS/padding).
         normalisation: ``l2``.
         precision: resolved compute precision of the embeddings, one of
-            :data:`PRECISIONS` (``fp32``, ``bf16``, ``fp16``; never ``auto``). Part of
+            :data:`PRECISIONS` (``fp32``, ``bf16``, ``fp16``, ``int8``; never ``auto``). Part of
             the contract: the server embeds queries at this precision, and a rebuild
             reuses vectors only from a version of equal precision. JSON: a top-level
             string, e.g. ``"precision": "bf16"``. Manifests written before the field

@@ -12,9 +12,11 @@ import argparse
 from pathlib import Path
 
 import esm
+import numpy as np
 import pytest
 import torch
 
+from esmsearch import esm2_fast
 from esmsearch.checkpoints import write_random_checkpoint
 from esmsearch.errors import ConfigError
 from esmsearch.esm2_fast import (
@@ -248,3 +250,30 @@ def test_rejects_non_2d_tokens(tiny) -> None:  # type: ignore[no-untyped-def]
     tokens = _tokens(alphabet, MIXED[:1])
     with pytest.raises(ValueError, match="2-D"):
         Esm2Encoder(model, 1)(tokens[0])
+
+
+# -- int8 (dynamic int8 GEMMs on the CPU, opt-in for large models) --------------------------
+
+
+def test_int8_is_refused_for_small_models_and_off_the_cpu(tiny_checkpoint: Path) -> None:
+    from esmsearch.embedding import Embedder
+    from esmsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="150M parameters and up"):
+        Embedder(str(tiny_checkpoint), device="cpu", precision="int8")
+    with pytest.raises(ConfigError, match="runs on the CPU only"):
+        esm2_fast.resolve_precision("int8", "cuda")
+
+
+def test_int8_path_agrees_with_fp32_and_really_quantizes(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from esmsearch.embedding import Embedder
+
+    monkeypatch.setattr(esm2_fast, "INT8_MIN_PARAMETERS", 0)  # the tiny model stands in for a large one
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMSLFDFFKNKGSAATATDRLKLKLEGTKDE" * 4]
+    fp32 = Embedder(str(tiny_checkpoint), device="cpu").embed(seqs)
+    int8 = Embedder(str(tiny_checkpoint), device="cpu", precision="int8").embed(seqs)
+    cosines = (fp32 * int8).sum(axis=1)
+    assert cosines.min() > 0.99  # close ...
+    assert np.abs(fp32 - int8).max() > 1e-6  # ... but not the fp32 path under another name
