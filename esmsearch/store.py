@@ -34,7 +34,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,7 @@ class Target:
 def new_version_id(now: datetime | None = None) -> str:
     """A sortable, unique index version id such as ``20261122T031500.123Z-1a2b3c``
     (UTC build time to the millisecond, then a random suffix)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-" + uuid.uuid4().hex[:6]
 
 
@@ -333,7 +333,7 @@ class IndexWriter:
                 raise IndexFormatError(f"build produced no {name}")
             fsutil.fsync_file(path)
             files[name] = fsutil.file_sha256(path)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         fields.setdefault("built_at", now.isoformat(timespec="seconds"))
         fields.setdefault("version", new_version_id(now))
         manifest = Manifest(format_version=FORMAT_VERSION, files=files, count=self._rows, **fields)
