@@ -31,12 +31,12 @@ from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, Server
 from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
 from esmsearch.server.metrics import ServerMetrics
 from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
-from esmsearch.server.servicer import (
+from esmsearch.server.servicer import HomologSearchServicer
+from esmsearch.server.validation import (
     MAX_K,
     MAX_QUERIES_PER_REQUEST,
     MAX_RESIDUES_PER_QUERY,
     MAX_RESIDUES_PER_REQUEST,
-    HomologSearchServicer,
     RequestLimits,
 )
 
