@@ -605,6 +605,9 @@ def test_config_validates_the_http_port(small_index: Path) -> None:
     for bad in (-1, 65536, "8080", True):
         with pytest.raises(ConfigError, match="http_port"):
             ServerConfig(index=small_index, http_port=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="port and http_port must differ, both are 8080"):
+        ServerConfig(index=small_index, port=8080, http_port=8080)
+    assert ServerConfig(index=small_index, port=0, http_port=0).http_port == 0  # 0: two free ports
     assert ServerConfig(index=small_index).http_port is None
 
 

@@ -247,15 +247,19 @@ def test_columns_sort_by_number_or_text_both_ways(page: Browser, db: list[Sequen
 
 
 #: Installed in the page before a search: adds an ``evalue`` to every hit the server
-#: returns (as a server with E-values does), so the column logic is tested today.
+#: returns, as a server with E-values does (``arguments[0]``: E-values or only nulls),
+#: so that the column logic is tested before the server computes E-values.
 ADD_EVALUES = """
+const withValues = arguments[0];
 const original = window.fetch;
 window.fetch = async (url, init) => {
   const response = await original(url, init);
   if (String(url) !== "v1/search" || !response.ok) return response;
   const results = await response.json();
   for (const result of results) {
-    result.hits.forEach((hit, i) => { hit.evalue = i === 1 ? null : Math.pow(10, -(i * 7 % 11)) * 3; });
+    result.hits.forEach((hit, i) => {
+      hit.evalue = withValues && i !== 1 ? Math.pow(10, -(i * 7 % 11)) * 3 : null;
+    });
   }
   return new Response(JSON.stringify(results, null, 2), {status: 200, headers: {"Content-Type": "application/json"}});
 };
@@ -263,7 +267,7 @@ window.fetch = async (url, init) => {
 
 
 def test_an_evalue_column_appears_and_sorts_when_hits_carry_evalues(page: Browser, db: list[SequenceRecord]) -> None:
-    page.driver.execute_script(ADD_EVALUES)
+    page.driver.execute_script(ADD_EVALUES, True)
     _search(page, db[3].sequence, k=6)
     _wait_for_results(page, 1)
     rows = _rows(page)
@@ -272,6 +276,15 @@ def test_an_evalue_column_appears_and_sorts_when_hits_carry_evalues(page: Browse
     assert headers.index("E-value") == headers.index("Cosine score") + 1
     _click_header(page, "E-value")  # most significant first, no E-value last
     assert _column(page, "E-value") == ["3.0e-10", "3.0e-6", "3.0e-3", "0.030", "3.0", "\u2013"]
+
+
+def test_no_evalue_column_when_every_evalue_is_null(page: Browser, db: list[SequenceRecord]) -> None:
+    page.driver.execute_script(ADD_EVALUES, False)  # an index without decoys
+    _search(page, db[3].sequence, k=3)
+    _wait_for_results(page, 1)
+    headers = [th.text for th in page.driver.find_elements(By.CSS_SELECTOR, "table.hits thead th")]
+    assert [h.strip(" \u25b2\u25bc") for h in headers] == ["#", "Target", "Description", "Cosine score", "Length"]
+    assert len(_rows(page)) == 3
 
 
 def _downloaded(browser: Browser, name: str) -> str:

@@ -98,6 +98,11 @@ class ServerConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be an integer in 0..65535, got {value!r}")
+        named = [(n, getattr(self, n)) for n in ("port", "metrics_port", "http_port")]
+        for i, (name, value) in enumerate(named):
+            for other, value2 in named[i + 1 :]:
+                if value and value == value2:
+                    raise ConfigError(f"{name} and {other} must differ, both are {value}")
         if not isinstance(self.max_workers, int) or self.max_workers < 1:
             raise ConfigError(f"max_workers must be an integer >= 1, got {self.max_workers!r}")
         if not isinstance(self.toks_per_batch, int) or self.toks_per_batch < 1:

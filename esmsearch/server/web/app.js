@@ -193,8 +193,8 @@
       { key: "target_description", label: "Description", type: "text", text: (h) => h.target_description },
       { key: "cosine_score", label: "Cosine score", type: "num", text: (h) => h.cosine_score.toFixed(4) },
     ];
-    // Shown whenever the server sends E-values (indexes with decoys).
-    if (results.some((r) => r.hits.some((h) => "evalue" in h))) {
+    // Shown whenever the hits carry E-values (an index without decoys sends none, or nulls).
+    if (results.some((r) => r.hits.some((h) => typeof h.evalue === "number"))) {
       columns.push({ key: "evalue", label: "E-value", type: "num", text: (h) => formatEvalue(h.evalue) });
     }
     columns.push({ key: "target_length", label: "Length", type: "num", text: (h) => String(h.target_length) });
