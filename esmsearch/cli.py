@@ -5,7 +5,7 @@
     esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH] [--layer N]
                           [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
     esmsearch index info INDEX_DIR [--verify] [--json]
-    esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051]
+    esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051] [--http-port 8080]
     esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [--format tsv|json]
 
 Each subcommand is a plain function of the Python API (``esmsearch.indexer.build_index``,
@@ -43,6 +43,8 @@ def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs CPU-feature probing at INFO
+    # uvicorn's own start/stop chatter; the HTTP API logs each request through esmsearch.server.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
 def _human_bytes(n: float) -> str:
@@ -206,6 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         security=security,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         grace_s=args.grace_s,
         mmap_index=not args.no_mmap,
     )
@@ -322,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest and sizes as JSON")
     i.set_defaults(func=cmd_index_info)
 
-    s = sub.add_parser("serve", help="serve an index over gRPC")
+    s = sub.add_parser("serve", help="serve an index over gRPC (and HTTP/JSON with --http-port)")
     s.add_argument("index_dir", type=Path)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=50051)
@@ -429,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default off)",
+    )
+    s.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the HTTP/JSON API (/v1/search, /v1/index, /docs) and the web page on "
+        "HOST:PORT, with the same tokens, TLS and limits as gRPC (default off)",
     )
     s.add_argument(
         "--log-format",

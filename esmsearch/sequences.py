@@ -41,6 +41,7 @@ __all__ = [
     "open_text",
     "read_fasta",
     "records_from",
+    "records_from_text",
     "sequence_sha256",
     "validate_sequence",
 ]
@@ -258,12 +259,41 @@ def _records_from_str(text: str) -> list[SequenceRecord]:
     """:func:`records_from` for one ``str``: existing file, FASTA text, or one sequence."""
     if text == "-" or (os.path.exists(text) and not os.path.isdir(text)):
         return list(read_fasta(text))
+    return _text_records(text, "neither an existing file, nor FASTA text (starting with '>'), nor")
+
+
+def records_from_text(text: str) -> list[SequenceRecord]:
+    """Validated records from FASTA text or one bare protein sequence; never reads a file.
+
+    What a server does with text a user pasted (the HTTP API's ``fasta`` field): the
+    same rules as :func:`records_from` for a ``str``, without its first step, so that
+    no text sent over the network is ever opened as a path.
+
+    Args:
+        text: FASTA text (starts with ``>`` after leading whitespace), or one protein
+            sequence (record id ``query_1``; whitespace removed, case ignored, one
+            trailing ``*`` allowed).
+
+    Returns:
+        The validated records, in input order.
+
+    Raises:
+        InvalidSequenceError: a record is invalid, or the text is neither FASTA nor
+            a valid sequence (the message gives the first invalid residue and its
+            1-based position); a ``ValueError``.
+        DuplicateRecordError: two records share an id.
+        FastaFormatError: the FASTA text is malformed.
+    """
+    return _text_records(text, "neither FASTA text (starting with '>') nor")
+
+
+def _text_records(text: str, neither: str) -> list[SequenceRecord]:
     stripped = text.lstrip()
     if stripped.startswith(">"):
         return list(_parse(io.StringIO(stripped, newline=None), "FASTA text"))
     rid = "query_1"
     shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
-    what = f"{shown} is neither an existing file, nor FASTA text (starting with '>'), nor a valid protein sequence"
+    what = f"{shown} is {neither} a valid protein sequence"
     residues = "".join(text.split())
     if not residues:
         raise InvalidSequenceError(rid, f"{what}: it is empty")

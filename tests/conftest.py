@@ -5,6 +5,7 @@
 * ``ecoli_fasta``: 40 real E. coli proteins (tests/data/ecoli_40.fasta).
 * ``tiny_embedder``: an Embedder on ``tiny_checkpoint`` (CPU).
 * ``small_index``: an index of ``ecoli_fasta`` built through the public API.
+* ``pki``: a throw-away CA with server and client certificates (tests/pki.py).
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def client(server):  # type: ignore[no-untyped-def]
     address, _ = server
     with SearchClient(address, timeout_s=60.0) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from pki import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def reap(proc) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from esmsearch.errors import DuplicateRecordError, InvalidSequenceError
-from esmsearch.sequences import SequenceRecord, records_from
+from esmsearch.sequences import SequenceRecord, records_from, records_from_text
 
 MKT = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
 
@@ -63,6 +63,18 @@ def test_existing_file_wins_over_a_sequence(tmp_path: Path, monkeypatch: pytest.
     Path("ACE").write_text(">from_file\nWWW\n")
     assert records_from("ACE") == [SequenceRecord("from_file", "", "WWW")]  # documented: the file wins
     assert records_from(["ACE"]) == [SequenceRecord("query_1", "", "ACE")]  # a list always means sequences
+
+
+def test_records_from_text_never_opens_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a server does with pasted text: a file named like a sequence, or a path, stays text.
+    monkeypatch.chdir(tmp_path)
+    Path("ACE").write_text(f">from_file\n{MKT}\n")
+    assert records_from_text("ACE") == [SequenceRecord("query_1", "", "ACE")]
+    assert records_from("ACE")[0].record_id == "from_file"  # the client's rule, for contrast
+    with pytest.raises(InvalidSequenceError, match="neither FASTA text .* nor a valid protein sequence") as info:
+        records_from_text(str(tmp_path / "ACE"))
+    assert "existing file" not in str(info.value) and info.value.position == 1
+    assert records_from_text(f">q {MKT[:3]}\n{MKT}") == [SequenceRecord("q", MKT[:3], MKT)]
 
 
 def test_paths_as_str_and_pathlike_and_gzip(tmp_path: Path) -> None:

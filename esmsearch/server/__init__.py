@@ -1,12 +1,16 @@
-"""gRPC server of esmsearch: ``esmsearch.v1.HomologSearch`` plus health and reflection.
+"""Search server of esmsearch: gRPC ``esmsearch.v1.HomologSearch`` plus health and reflection, and HTTP/JSON.
 
 Pieces, one job each:
 
 * :class:`SearchEngine` (``engine.py``): embed queries, FAISS search, metadata lookup;
   thread-safe, no gRPC.
 * :class:`IndexSlot` (``slot.py``): the served index, swapped under reference-counted leases.
-* :class:`HomologSearchServicer` (``servicer.py``): request validation, limits,
-  protobuf conversion.
+* ``validation.py``: request checks and :class:`RequestLimits`, shared by gRPC and HTTP.
+* :class:`HomologSearchServicer` (``servicer.py``): protobuf in and out around the
+  engine and the scheduler.
+* ``httpapi.py``: the HTTP/JSON API (``/v1/search``, ``/v1/index``, health, OpenAPI
+  docs) and the web page (``web/``), served by uvicorn in the same process when
+  ``ServerConfig.http_port`` is set, over the same servicer, tokens and TLS files.
 * ``rpc.py``: the one place where failures become gRPC statuses (INTERNAL answers
   carry an error id, never exception text), plus each RPC's log line and metrics.
 * :class:`DynamicBatcher` (``batcher.py``): the model scheduler every model request
@@ -31,12 +35,12 @@ from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, Server
 from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine
 from esmsearch.server.metrics import ServerMetrics
 from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
-from esmsearch.server.servicer import (
+from esmsearch.server.servicer import HomologSearchServicer
+from esmsearch.server.validation import (
     MAX_K,
     MAX_QUERIES_PER_REQUEST,
     MAX_RESIDUES_PER_QUERY,
     MAX_RESIDUES_PER_REQUEST,
-    HomologSearchServicer,
     RequestLimits,
 )
 

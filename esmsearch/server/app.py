@@ -6,11 +6,17 @@ registered from the service descriptor, and shutdown is a graceful ``stop(grace)
 The ``grpc.Server`` is composed, not subclassed: :class:`SearchServer` holds it next
 to the engine, the model scheduler, the reloader and the metrics, all passed in.
 
+With ``ServerConfig.http_port`` the same process also serves the HTTP/JSON API and the
+web page (:mod:`esmsearch.server.httpapi`): uvicorn in a thread of its own, over the
+same servicer (engine, scheduler, limits, observer), tokens and TLS files.
+
 Shutdown (:meth:`SearchServer.stop`) is one sequence run by the caller's thread --
 for :func:`serve`, the main thread; signal handlers only set an event:
 
-1. health NOT_SERVING (load balancers stop routing here) and the reloader stops;
-2. gRPC stops taking new RPCs and gives in-flight ones ``grace_s`` to finish;
+1. health NOT_SERVING and HTTP ``/readyz`` 503 (load balancers stop routing here),
+   new HTTP API requests answer 503, and the reloader stops;
+2. gRPC stops taking new RPCs; in-flight RPCs and HTTP requests get ``grace_s`` to
+   finish; then uvicorn shuts down and its thread is joined;
 3. the model scheduler, the metrics endpoint and the index are closed;
 4. the RPC thread pool and every thread gRPC started are joined.
 
@@ -26,9 +32,10 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from types import FrameType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,6 +51,9 @@ from esmsearch.server.rpc import RpcObserver
 from esmsearch.server.security import TokenAuthInterceptor
 from esmsearch.server.servicer import HomologSearchServicer
 from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+if TYPE_CHECKING:
+    from esmsearch.server.httpapi import HttpServer
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -81,6 +91,8 @@ class SearchServer:
         reloader: follows ``ROOT/current`` of a versioned root; ``None`` for a fixed index.
         metrics: the Prometheus metrics (always collected).
         metrics_port: port of the ``/metrics`` HTTP endpoint, or ``None`` when not exposed.
+        http: the HTTP/JSON API and web page server, or ``None`` without ``config.http_port``.
+        http_port: its bound port, or ``None``.
     """
 
     def __init__(
@@ -97,6 +109,7 @@ class SearchServer:
         reloader: IndexReloader | None,
         metrics: ServerMetrics,
         metrics_port: int | None,
+        http: HttpServer | None = None,
     ) -> None:
         self.config = config
         self.port = port
@@ -107,19 +120,28 @@ class SearchServer:
         self.reloader = reloader
         self.metrics = metrics
         self.metrics_port = metrics_port
+        self.http = http
+        self.http_port = http.port if http is not None else None
         self._grpc = grpc_server
         self._executor = executor
         self._grpc_threads: list[threading.Thread] = []
         self._stop_lock = threading.Lock()
         self._grpc_done: threading.Event | None = None
+        self._drain_deadline = 0.0
         self._closing = False
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Start serving, mark health SERVING, and start following the root (if any)."""
+        """Start serving (gRPC, then HTTP), mark health SERVING, and start following the root (if any).
+
+        Raises:
+            OSError: the HTTP server did not start.
+        """
         before = set(threading.enumerate())
         self._grpc.start()
         self._grpc_threads += _new_threads(before)
+        if self.http is not None:
+            self.http.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.reloader is not None:
@@ -128,14 +150,18 @@ class SearchServer:
     def begin_stop(self, grace_s: float | None = None) -> None:
         """Start draining without waiting: health NOT_SERVING, no new RPCs, a grace period.
 
-        In-flight RPCs get ``grace_s`` seconds (default: ``config.grace_s``) to finish;
-        :meth:`stop` waits for them and closes everything. Idempotent.
+        In-flight RPCs and HTTP requests get ``grace_s`` seconds (default:
+        ``config.grace_s``) to finish; :meth:`stop` waits for them and closes
+        everything. Idempotent.
         """
         grace = self.config.grace_s if grace_s is None else grace_s
         with self._stop_lock:
             if self._grpc_done is not None:
                 return
+            self._drain_deadline = time.monotonic() + grace
             self.health.enter_graceful_shutdown()
+            if self.http is not None:
+                self.http.begin_drain()
             if self.reloader is not None:
                 self.reloader.stop()
             before = set(threading.enumerate())
@@ -145,10 +171,11 @@ class SearchServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop; returns once everything is closed and every server thread joined.
 
-        :meth:`begin_stop` (if not begun yet), then wait for the in-flight RPCs, close
-        the scheduler, metrics endpoint and index, and join the RPC thread pool and
-        gRPC's threads (see the module docstring). Safe to call from any thread and
-        more than once: later calls wait for the first one to finish.
+        :meth:`begin_stop` (if not begun yet), then wait for the in-flight RPCs and
+        HTTP requests, stop the HTTP server, close the scheduler, metrics endpoint and
+        index, and join the RPC thread pool and gRPC's threads (see the module docstring).
+        Safe to call from any thread and more than once: later calls wait for the first
+        one to finish.
         """
         self.begin_stop(grace_s)
         with self._stop_lock:
@@ -160,7 +187,9 @@ class SearchServer:
         try:
             assert self._grpc_done is not None
             self._grpc_done.wait()
-            self.batcher.close()  # in-flight RPCs are done: nothing is queued
+            if self.http is not None:
+                self.http.stop(self._drain_deadline)
+            self.batcher.close()  # in-flight RPCs and HTTP requests are done: nothing is queued
             self.metrics.stop_http()
             self.engine.close()
             self._executor.shutdown(wait=True)
@@ -216,7 +245,8 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
         IndexMismatchError: the model does not match the index, or the index's precision
             cannot run on ``config.device`` (the server refuses to start; the message
             names both).
-        OSError: the address or the metrics port cannot be bound.
+        OSError: the address, the metrics port or the HTTP port cannot be bound.
+        ssl.SSLError: the TLS files cannot be used by the HTTP server.
     """
     from esmsearch.versions import IndexRoot
 
@@ -232,6 +262,7 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
     metrics = ServerMetrics()
     observer = RpcObserver(metrics)
     parts: list[object] = []  # closed in reverse if anything below fails
+    http: HttpServer | None = None
     try:
         reloader = (
             IndexReloader(engine, root, poll_s=config.reload_poll_s, mmap=config.mmap_index)
@@ -273,6 +304,18 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
                 metrics_port = metrics.start_http(config.metrics_port)
             except OSError as exc:
                 raise OSError(f"cannot bind the metrics port {config.metrics_port}: {exc}") from exc
+        if config.http_port is not None:
+            from esmsearch.server.httpapi import HttpServer, create_http_app
+
+            app = create_http_app(
+                servicer,
+                tokens=tokens,
+                max_body_bytes=_max_message_bytes(config, engine.index.manifest.dim),
+            )
+            try:
+                http = HttpServer(app, host=config.host, port=config.http_port, tls=config.security.tls)
+            except OSError as exc:
+                raise OSError(f"cannot bind the HTTP port {config.http_port}: {exc}") from exc
     except BaseException:
         metrics.stop_http()
         for part in reversed(parts):
@@ -280,6 +323,8 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
                 part.close()
             elif isinstance(part, futures.ThreadPoolExecutor):
                 part.shutdown(wait=True)
+        if http is not None:
+            http.stop(time.monotonic())  # never started: closes its socket
         engine.close()
         raise
     server = SearchServer(
@@ -294,8 +339,13 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
         reloader=reloader,
         metrics=metrics,
         metrics_port=metrics_port,
+        http=http,
     )
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.stop(0)
+        raise
     if reloader is not None and root is not None:
         log.info(
             "following %s/current for new index versions (poll every %s s; SIGHUP or ReloadIndex reload now)",
@@ -347,6 +397,10 @@ def serve(config: ServerConfig) -> int:
             )
             print(line, flush=True)
             log.info(line)
+            if server.http is not None:
+                http_line = f"HTTP API and web page on {server.http.scheme}://{shown}:{server.http_port}/"
+                print(http_line, flush=True)
+                log.info(http_line)
             # Lock waits are interrupted by signals on POSIX: the handler sets the event.
             while not stop_requested.wait(1.0):
                 if server.wait_for_termination(0):

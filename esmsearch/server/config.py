@@ -19,7 +19,7 @@ from esmsearch.server.admission import AdmissionConfig
 from esmsearch.server.batcher import BatchingConfig
 from esmsearch.server.reload import DEFAULT_RELOAD_POLL_S
 from esmsearch.server.security import SecurityConfig, check_bind_host
-from esmsearch.server.servicer import RequestLimits
+from esmsearch.server.validation import RequestLimits
 
 __all__ = ["DEFAULT_GRACE_S", "DEFAULT_MAX_WORKERS", "DEFAULT_PORT", "ServerConfig"]
 
@@ -57,6 +57,9 @@ class ServerConfig:
             without them (refused otherwise, when the config is built).
         metrics_port: serve Prometheus metrics at ``http://127.0.0.1:PORT/metrics``
             (0 picks a free port); ``None`` = off.
+        http_port: also serve the HTTP/JSON API and the web page on ``host:PORT``
+            (0 picks a free one: see ``SearchServer.http_port``), in this process, with
+            the same engine, scheduler, limits, tokens and TLS as gRPC; ``None`` = off.
         grace_s: seconds in-flight requests get to finish on a graceful stop, >= 0.
         mmap_index: memory-map FAISS index files (served and reloaded versions) where
             FAISS allows it, so that a reload does not hold two private copies of the
@@ -80,6 +83,7 @@ class ServerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics_port: int | None = None
+    http_port: int | None = None
     grace_s: float = DEFAULT_GRACE_S
     mmap_index: bool = True
 
@@ -88,12 +92,17 @@ class ServerConfig:
             if not isinstance(self.index, (str, os.PathLike)):
                 raise ConfigError(f"index must be a path, got {self.index!r}")
             object.__setattr__(self, "index", Path(self.index))
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
-            if value is None and name == "metrics_port":
+            if value is None and name != "port":
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be an integer in 0..65535, got {value!r}")
+        named = [(n, getattr(self, n)) for n in ("port", "metrics_port", "http_port")]
+        for i, (name, value) in enumerate(named):
+            for other, value2 in named[i + 1 :]:
+                if value and value == value2:
+                    raise ConfigError(f"{name} and {other} must differ, both are {value}")
         if not isinstance(self.max_workers, int) or self.max_workers < 1:
             raise ConfigError(f"max_workers must be an integer >= 1, got {self.max_workers!r}")
         if not isinstance(self.toks_per_batch, int) or self.toks_per_batch < 1:

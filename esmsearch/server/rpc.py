@@ -1,7 +1,9 @@
 """Errors, logs and metrics of every RPC, in one place.
 
 Every RPC the server answers -- the search service's methods, GetIndexInfo and
-ReloadIndex included, and calls that the bearer-token check refuses -- ends in
+ReloadIndex included, calls that the bearer-token check refuses, and every request
+to the HTTP API (:mod:`esmsearch.server.httpapi`, logged with an ``rpc`` label such
+as ``http:POST /v1/search``) -- ends in
 :meth:`RpcObserver.finish`, which writes the request's one log line and records its
 metrics; every failure is turned into a gRPC status by :func:`status_for`, which is
 the only mapping from exceptions to status codes on the server side:
@@ -11,6 +13,7 @@ exception                                          status
 =================================================  ==================================
 :class:`Reject` (validation in the servicer)       its own code and details
 :class:`~esmsearch.errors.InvalidSequenceError`    INVALID_ARGUMENT
+:class:`~esmsearch.errors.FastaFormatError`        INVALID_ARGUMENT (FASTA text sent over HTTP)
 :class:`~esmsearch.errors.ServerBusyError`         RESOURCE_EXHAUSTED + ``retry-after-ms``
 :class:`~esmsearch.errors.RequestTooLargeError`    RESOURCE_EXHAUSTED (no retry-after)
 :class:`~esmsearch.errors.RequestExpiredError`     DEADLINE_EXCEEDED
@@ -26,7 +29,8 @@ traceback, so an operator can find it from a user's report.
 ``retry-after-ms`` (trailing metadata, an integer number of milliseconds as ASCII
 digits) is set only on RESOURCE_EXHAUSTED answers that a retry can succeed, as
 qdrant-client and HTTP's ``Retry-After`` do; answers over a permanent limit never
-carry it.
+carry it. The HTTP API turns these gRPC codes into HTTP statuses with one table
+(``esmsearch.server.httpapi.HTTP_STATUS``) and the retry hint into ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import grpc
 
 from esmsearch.errors import (
+    FastaFormatError,
     IndexDirectoryError,
     InvalidSequenceError,
     RequestExpiredError,
@@ -60,12 +65,28 @@ RETRY_AFTER_KEY: Final = "retry-after-ms"
 
 
 class Reject(Exception):
-    """A request refused by validation with this status code and details (never logged as a bug)."""
+    """A request refused by validation with this status code and details (never logged as a bug).
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    Attributes:
+        code: the gRPC status code to answer with.
+        details: the message for the client.
+        record_id: the query (record id) at fault, when one is; ``None`` otherwise.
+        position: 1-based residue position of a bad residue in that query, or ``None``.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        record_id: str | None = None,
+        position: int | None = None,
+    ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.record_id = record_id
+        self.position = position
 
 
 @dataclass(frozen=True)
@@ -77,24 +98,34 @@ class Status:
         details: the message sent to the client.
         trailing_metadata: extra trailing metadata (``retry-after-ms``), possibly empty.
         error_id: the id of an INTERNAL error (also in the server log), else ``""``.
+        retry_after_s: seconds after which a retry should find room (RESOURCE_EXHAUSTED
+            from a busy server only; the same estimate as ``retry-after-ms``); ``None``
+            when retrying cannot help.
+        record_id: the query (record id) at fault, when the failure names one.
+        position: 1-based position of the bad residue in that query, when known.
     """
 
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple[tuple[str, str], ...] = ()
     error_id: str = ""
+    retry_after_s: float | None = None
+    record_id: str | None = None
+    position: int | None = None
 
 
 def status_for(exc: BaseException) -> Status:
     """The status a failed RPC answers with (the table in the module docstring)."""
     codes = grpc.StatusCode
     if isinstance(exc, Reject):
-        return Status(exc.code, exc.details)
+        return Status(exc.code, exc.details, record_id=exc.record_id, position=exc.position)
     if isinstance(exc, InvalidSequenceError):
+        return Status(codes.INVALID_ARGUMENT, str(exc), record_id=exc.record_id, position=exc.position)
+    if isinstance(exc, FastaFormatError):
         return Status(codes.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, ServerBusyError):
         ms = max(1, round(exc.retry_after_s * 1e3))
-        return Status(codes.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_KEY, str(ms)),))
+        return Status(codes.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_KEY, str(ms)),), retry_after_s=ms / 1e3)
     if isinstance(exc, RequestTooLargeError):
         return Status(codes.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, RequestExpiredError):
@@ -142,20 +173,30 @@ class RpcObserver:
         """A record for one request (message, for streams) of ``rpc``."""
         return RpcRecord(rpc, peer=_peer(context))
 
-    def fail(self, context: grpc.ServicerContext, rec: RpcRecord, exc: BaseException, prefix: str = "") -> NoReturn:
-        """Answer ``exc`` with its status (:func:`status_for`) through ``context.abort``.
+    def begin(self, rpc: str, peer: str) -> RpcRecord:
+        """A record for one request that did not come through gRPC (an HTTP request)."""
+        return RpcRecord(rpc, peer=peer)
+
+    def resolve(self, rec: RpcRecord, exc: BaseException) -> Status:
+        """The status ``exc`` is answered with (:func:`status_for`), noted in ``rec``.
 
         Unexpected exceptions are logged with their traceback and an error id here;
         the client sees only the id.
-
-        Raises:
-            Exception: what ``context.abort`` raises to end the RPC (always).
         """
         status = status_for(exc)
         rec.code = status.code
         rec.error_id = status.error_id
         if status.error_id:
             log.error("rpc=%s error_id=%s failed", rec.rpc, status.error_id, exc_info=exc)
+        return status
+
+    def fail(self, context: grpc.ServicerContext, rec: RpcRecord, exc: BaseException, prefix: str = "") -> NoReturn:
+        """Answer ``exc`` with its status (:meth:`resolve`) through ``context.abort``.
+
+        Raises:
+            Exception: what ``context.abort`` raises to end the RPC (always).
+        """
+        status = self.resolve(rec, exc)
         if status.trailing_metadata:
             context.set_trailing_metadata(status.trailing_metadata)
         context.abort(status.code, prefix + status.details)

@@ -2,13 +2,16 @@
 
 * TLS: server certificate and key from PEM files; optionally a client CA, in which
   case every client must present a certificate signed by it (mutual TLS).
-* Bearer tokens: clients send ``authorization: Bearer <token>`` metadata; the
-  :class:`TokenAuthInterceptor` accepts a call only if the token equals one of the
-  configured tokens, compared with :func:`hmac.compare_digest` (constant time in the
-  token length) against every configured token. Anything else gets UNAUTHENTICATED.
-  The standard health service (``grpc.health.v1.Health``) stays reachable without a
-  token so that load balancers and orchestrators can probe the server; it reveals
-  only SERVING / NOT_SERVING. Reflection and every search RPC need the token.
+* Bearer tokens: clients send ``authorization: Bearer <token>`` metadata (gRPC) or
+  an ``Authorization: Bearer <token>`` header (HTTP API). :func:`bearer_token_ok`,
+  behind the :class:`TokenAuthInterceptor` and the HTTP API alike, accepts a call
+  only if the token equals one of the configured tokens, compared with
+  :func:`hmac.compare_digest` (constant time in the token length) against every
+  configured token. Anything else gets UNAUTHENTICATED (HTTP 401). The standard
+  health service (``grpc.health.v1.Health``) and the HTTP ``/healthz`` and
+  ``/readyz`` stay reachable without a token so that load balancers and
+  orchestrators can probe the server; they reveal only whether it serves.
+  Reflection, every search RPC and every ``/v1`` HTTP endpoint need the token.
 * Binding: without TLS and without tokens the server only binds loopback
   interfaces; a non-loopback host is refused unless ``insecure_bind_any`` is set.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -36,6 +39,7 @@ __all__ = [
     "SecurityConfig",
     "TlsConfig",
     "TokenAuthInterceptor",
+    "bearer_token_ok",
     "check_bind_host",
     "is_loopback_host",
     "load_tokens",
@@ -185,6 +189,23 @@ def _token_ok(presented: str, tokens: Iterable[str]) -> bool:
     return ok
 
 
+def bearer_token_ok(authorization: Sequence[object], tokens: Iterable[str]) -> bool:
+    """Whether the ``authorization`` values of one call carry exactly one accepted bearer token.
+
+    The one check behind both interfaces: gRPC metadata (:class:`TokenAuthInterceptor`)
+    and the HTTP ``Authorization`` header (:mod:`esmsearch.server.httpapi`).
+
+    Args:
+        authorization: every value the call sent under ``authorization``; exactly one
+            of the form ``Bearer <token>`` (scheme case-insensitive) is accepted.
+        tokens: the accepted tokens, each compared in constant time.
+    """
+    if len(authorization) != 1 or not isinstance(authorization[0], str):
+        return False
+    scheme, _, token = authorization[0].partition(" ")
+    return scheme.lower() == "bearer" and _token_ok(token.strip(), tokens)
+
+
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a valid ``authorization: Bearer <token>`` with UNAUTHENTICATED.
 
@@ -209,11 +230,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._observer = observer
 
     def _authorised(self, metadata: Iterable[Any] | None) -> bool:
-        values = [v for k, v in (metadata or ()) if k == "authorization"]
-        if len(values) != 1 or not isinstance(values[0], str):
-            return False
-        scheme, _, token = values[0].partition(" ")
-        return scheme.lower() == "bearer" and _token_ok(token.strip(), self._tokens)
+        return bearer_token_ok([v for k, v in (metadata or ()) if k == "authorization"], self._tokens)
 
     def intercept_service(
         self,

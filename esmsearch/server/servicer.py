@@ -1,32 +1,39 @@
-"""gRPC servicer of ``esmsearch.v1.HomologSearch``: request validation, limits, protobuf.
+"""gRPC servicer of ``esmsearch.v1.HomologSearch``: protobuf in, engine/scheduler, protobuf out.
 
 The servicer only translates between protobuf and the engine/scheduler; every
-request is validated here first. Every method is wrapped by one decorator that hands
-failures, the log line and the metrics to :class:`esmsearch.server.rpc.RpcObserver`,
-the one place where exceptions become gRPC statuses.
+request is validated first by :mod:`esmsearch.server.validation` (shared with the HTTP
+API). Every method is wrapped by one decorator that hands failures, the log line and
+the metrics to :class:`esmsearch.server.rpc.RpcObserver`, the one place where
+exceptions become gRPC statuses.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
-import numpy as np
 
 import esmsearch
-from esmsearch.errors import IndexDirectoryError, InvalidSequenceError
-from esmsearch.sequences import validate_sequence
+from esmsearch.errors import IndexDirectoryError
 from esmsearch.server.engine import EngineHit, SearchEngine
 from esmsearch.server.rpc import Reject, RpcObserver, RpcRecord
+from esmsearch.server.validation import (
+    MAX_K,
+    MAX_QUERIES_PER_REQUEST,
+    MAX_QUERY_ID_BYTES,
+    MAX_RESIDUES_PER_QUERY,
+    MAX_RESIDUES_PER_REQUEST,
+    RequestLimits,
+    check_embeddings,
+    check_k,
+    check_queries,
+)
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
 if TYPE_CHECKING:
-    from esmsearch.server.admission import AdmissionConfig
     from esmsearch.server.batcher import DynamicBatcher
     from esmsearch.server.reload import IndexReloader
 
@@ -38,182 +45,24 @@ __all__ = [
     "MAX_RESIDUES_PER_REQUEST",
     "HomologSearchServicer",
     "RequestLimits",
+    "fill_results",
 ]
 
-#: Default largest ``k`` (hits per query). Larger values give INVALID_ARGUMENT.
-MAX_K: Final = 1000
-#: Default most queries in one Search request.
-MAX_QUERIES_PER_REQUEST: Final = 1000
-#: Default longest query in residues (titin, the longest known protein, has ~35,000).
-MAX_RESIDUES_PER_QUERY: Final = 40_000
-#: Default most residues in one Search request (about 3,000 average proteins).
-MAX_RESIDUES_PER_REQUEST: Final = 1_000_000
-#: Longest query id in bytes of UTF-8.
-MAX_QUERY_ID_BYTES: Final = 1000
 
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Limits enforced on each Search request (``RequestLimits`` in search.proto).
-
-    Attributes:
-        max_k: largest ``k``; above it -> INVALID_ARGUMENT.
-        max_queries_per_request: most queries per request; above -> RESOURCE_EXHAUSTED.
-        max_residues_per_query: longest query in residues; above -> RESOURCE_EXHAUSTED.
-        max_residues_per_request: most residues per request; above -> RESOURCE_EXHAUSTED.
-
-    Raises:
-        ValueError: a limit is below 1.
-    """
-
-    max_k: int = MAX_K
-    max_queries_per_request: int = MAX_QUERIES_PER_REQUEST
-    max_residues_per_query: int = MAX_RESIDUES_PER_QUERY
-    max_residues_per_request: int = MAX_RESIDUES_PER_REQUEST
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_k",
-            "max_queries_per_request",
-            "max_residues_per_query",
-            "max_residues_per_request",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"RequestLimits.{name} must be an integer >= 1, got {value!r}")
-
-    def within(self, admission: AdmissionConfig) -> RequestLimits:
-        """These limits tightened so that any request within them can be admitted.
-
-        A request with more queries or residues than the admission bounds could never
-        run; the tightened limits refuse it at validation (RESOURCE_EXHAUSTED, no
-        retry-after) and are what ``GetIndexInfo`` reports, so clients split to fit.
-        """
-        return RequestLimits(
-            max_k=self.max_k,
-            max_queries_per_request=min(self.max_queries_per_request, admission.max_queries_in_flight),
-            max_residues_per_query=min(self.max_residues_per_query, admission.max_queued_residues),
-            max_residues_per_request=min(self.max_residues_per_request, admission.max_queued_residues),
-        )
-
-    def to_proto(self) -> search_pb2.RequestLimits:
-        return search_pb2.RequestLimits(
-            max_k=self.max_k,
-            max_queries_per_request=self.max_queries_per_request,
-            max_residues_per_query=self.max_residues_per_query,
-            max_residues_per_request=self.max_residues_per_request,
-        )
-
-
-def _check_k(k: int, has_min_score: bool, min_score: float, limits: RequestLimits) -> float | None:
-    """Validate ``k`` and ``min_score``; return min_score or ``None`` when unset."""
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    if not 1 <= k <= limits.max_k:
-        raise Reject(invalid, f"k must be in [1, {limits.max_k}], got {k}")
-    if not has_min_score:
-        return None
-    if math.isnan(min_score) or not -1.0 <= min_score <= 1.0:
-        raise Reject(invalid, f"min_score must be a cosine score in [-1, 1], got {min_score}")
-    return min_score
-
-
-def _check_count(n: int, limits: RequestLimits, what: str) -> None:
-    if n == 0:
-        raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"request has no {what}; send at least one")
-    if n > limits.max_queries_per_request:
-        raise Reject(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"request has {n} {what}, over the limit of {limits.max_queries_per_request} "
-            "per request; split it into several requests",
-        )
-
-
-def _check_ids(ids: list[str]) -> None:
-    """Non-empty, bounded, unique query ids."""
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    seen: dict[str, int] = {}
-    for i, qid in enumerate(ids, start=1):
-        if not qid:
-            raise Reject(invalid, f"query #{i} has an empty query_id; every query needs a unique id")
-        if len(qid.encode("utf-8")) > MAX_QUERY_ID_BYTES:
-            raise Reject(invalid, f"query #{i}: query_id is longer than {MAX_QUERY_ID_BYTES} bytes")
-        if qid in seen:
-            raise Reject(
-                invalid,
-                f"query {qid!r}: duplicate query_id (queries #{seen[qid]} and #{i}); "
-                "query ids must be unique within a request",
-            )
-        seen[qid] = i
-
-
-def _check_queries(queries: Sequence[search_pb2.Query], limits: RequestLimits) -> list[str]:
-    """Validate query ids, sequences and residue limits; return normalised sequences.
-
-    Raises:
-        Reject: INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a precise message.
-    """
-    _check_count(len(queries), limits, "queries")
-    _check_ids([q.query_id for q in queries])
-    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-    sequences: list[str] = []
-    total = 0
-    for query in queries:
-        qid = query.query_id
-        if len(query.sequence) > limits.max_residues_per_query + 1:  # +1: a trailing '*'
-            raise Reject(
-                exhausted,
-                f"query {qid!r} has {len(query.sequence)} residues, over the limit of "
-                f"{limits.max_residues_per_query} per query",
-            )
-        try:
-            seq = validate_sequence(qid, query.sequence)
-        except InvalidSequenceError as exc:
-            where = f" at residue {exc.position}" if exc.position is not None else ""
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"query {qid!r}{where}: {exc.reason}") from exc
-        if len(seq) > limits.max_residues_per_query:
-            raise Reject(
-                exhausted,
-                f"query {qid!r} has {len(seq)} residues, over the limit of {limits.max_residues_per_query} per query",
-            )
-        total += len(seq)
-        if total > limits.max_residues_per_request:
-            raise Reject(
-                exhausted,
-                f"request has more than {limits.max_residues_per_request} residues in total "
-                f"(reached {total} at query {qid!r}); split it into several requests",
-            )
-        sequences.append(seq)
-    return sequences
-
-
-def _check_embeddings(embeddings: Sequence[search_pb2.Embedding], dim: int, limits: RequestLimits) -> np.ndarray:
-    """Validate query vectors; return them L2-normalised as float32 ``[n, dim]``."""
-    _check_count(len(embeddings), limits, "embeddings")
-    _check_ids([e.query_id for e in embeddings])
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
-    vectors = np.zeros((len(embeddings), dim), dtype=np.float32)
-    for i, emb in enumerate(embeddings):
-        if len(emb.values) != dim:
-            raise Reject(
-                invalid,
-                f"query {emb.query_id!r}: embedding has {len(emb.values)} values, the index dimension is {dim}",
-            )
-        vectors[i] = emb.values
-    finite = np.asarray(np.isfinite(vectors).all(axis=1))
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-    for bad in np.flatnonzero(~finite | (norms == 0)).tolist():
-        what = "non-finite values" if not bool(finite[bad]) else "a zero vector"
-        raise Reject(invalid, f"query {embeddings[bad].query_id!r}: embedding has {what}")
-    normalised: np.ndarray = (vectors / norms[:, None]).astype(np.float32)
-    return normalised
-
-
-def _fill_results(
+def fill_results(
     response: search_pb2.SearchResponse,
     ids: Sequence[str],
     lengths: Sequence[int],
     hits: Sequence[Sequence[EngineHit]],
 ) -> None:
+    """Append one ``QueryResult`` per query to ``response`` (the gRPC and HTTP answers both come from here).
+
+    Args:
+        response: the response to fill.
+        ids: query ids, in request order.
+        lengths: query lengths in residues (0 for SearchByEmbedding).
+        hits: the engine's hits per query, by descending cosine score.
+    """
     for qid, length, query_hits in zip(ids, lengths, hits, strict=True):
         qr = response.results.add(query_id=qid, query_length=length)
         for h in query_hits:
@@ -250,6 +99,10 @@ def _unary_rpc(name: str) -> Callable[[_Impl[_Req, _Resp]], _Rpc[_Req, _Resp]]:
         return wrapper
 
     return wrap
+
+
+def _min_score(request: search_pb2.SearchRequest | search_pb2.SearchByEmbeddingRequest) -> float | None:
+    return request.min_score if request.HasField("min_score") else None
 
 
 def _remaining_s(context: grpc.ServicerContext) -> float | None:
@@ -295,15 +148,15 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         self, request: search_pb2.SearchRequest, rec: RpcRecord, context: grpc.ServicerContext
     ) -> search_pb2.SearchResponse:
         rec.queries, rec.k = len(request.queries), request.k
-        sequences = _check_queries(request.queries, self.limits)
-        min_score = _check_k(request.k, request.HasField("min_score"), request.min_score, self.limits)
+        sequences = check_queries(request.queries, self.limits)
+        min_score = check_k(request.k, _min_score(request), self.limits)
         rec.residues = sum(len(s) for s in sequences)
         result = self.batcher.search(
             sequences, request.k, min_score, is_active=context.is_active, timeout_s=_remaining_s(context)
         )
         rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
         response = search_pb2.SearchResponse(index_version=result.index_version)
-        _fill_results(response, [q.query_id for q in request.queries], [len(s) for s in sequences], result.hits)
+        fill_results(response, [q.query_id for q in request.queries], [len(s) for s in sequences], result.hits)
         return response
 
     @_unary_rpc("Search")
@@ -333,14 +186,14 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
     ) -> search_pb2.SearchResponse:
         rec.queries, rec.k = len(request.embeddings), request.k
         with self.engine.lease_index() as index:  # one version for the whole request
-            vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
-            min_score = _check_k(request.k, request.HasField("min_score"), request.min_score, self.limits)
+            vectors = check_embeddings(request.embeddings, index.manifest.dim, self.limits)
+            min_score = check_k(request.k, _min_score(request), self.limits)
             t0 = time.perf_counter()
             hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
             rec.search_s = time.perf_counter() - t0
         response = search_pb2.SearchResponse(index_version=index.version)
         ids = [e.query_id for e in request.embeddings]
-        _fill_results(response, ids, [0] * len(ids), hits)
+        fill_results(response, ids, [0] * len(ids), hits)
         return response
 
     @_unary_rpc("Embed")
@@ -348,7 +201,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         self, request: search_pb2.EmbedRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.EmbedResponse:
         rec.queries = len(request.queries)
-        sequences = _check_queries(request.queries, self.limits)
+        sequences = check_queries(request.queries, self.limits)
         rec.residues = sum(len(s) for s in sequences)
         m = self.engine.index.manifest  # model settings: the same across swaps
         vectors, version, rec.queue_s, rec.embed_s = self.batcher.embed(
@@ -369,6 +222,10 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
     def GetIndexInfo(  # noqa: N802 - gRPC method name
         self, request: search_pb2.GetIndexInfoRequest, context: grpc.ServicerContext, rec: RpcRecord
     ) -> search_pb2.IndexInfo:
+        return self.index_info()
+
+    def index_info(self) -> search_pb2.IndexInfo:
+        """The served index, its model and the request limits (``GetIndexInfo`` and ``GET /v1/index``)."""
         index = self.engine.index
         m = index.manifest
         return search_pb2.IndexInfo(

@@ -1,0 +1,653 @@
+"""HTTP/JSON API: a real in-process server (gRPC + HTTP on free ports), called with httpx.
+
+Every status code of the API: 200 (JSON and TSV, byte for byte what the CLI writes),
+400 (naming the record and residue), 401, 409, 413, 429 with Retry-After, 500 with an
+error id, 503 while draining, 504 past a deadline; plus TLS with the gRPC certificate,
+logs and metrics shared with gRPC, the OpenAPI document and the offline docs page.
+
+Synchronisation is by Events only: the model forward is gated (``Gate``) so that
+requests wait behind it for as long as a test needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from conftest import reap
+from pki import Pki
+
+from esmsearch.cli import main
+from esmsearch.client import SearchClient
+from esmsearch.errors import (
+    IndexFormatError,
+    InvalidSequenceError,
+    RequestExpiredError,
+    RequestTooLargeError,
+    ServerBusyError,
+    ServerClosingError,
+)
+from esmsearch.sequences import SequenceRecord, read_fasta
+from esmsearch.server import AdmissionConfig, BatchingConfig, RequestLimits, SearchServer, ServerConfig, create_server
+from esmsearch.server.httpapi import HTTP_STATUS, error_body, http_status
+from esmsearch.server.rpc import Reject, RpcRecord, status_for
+from esmsearch.server.security import SecurityConfig, TlsConfig
+from esmsearch.v1 import search_pb2, search_pb2_grpc
+
+TOKEN = "http-token-0123456789abcdef"
+SEARCH = "/v1/search"
+
+
+@pytest.fixture(scope="module")
+def db(ecoli_fasta: Path) -> list[SequenceRecord]:
+    return list(read_fasta(ecoli_fasta))
+
+
+def _fasta(records: Sequence[SequenceRecord]) -> str:
+    return "".join(f">{r.record_id} {r.description}\n{r.sequence}\n" for r in records)
+
+
+def _start(small_index: Path, **kw: Any) -> SearchServer:
+    kw.setdefault("max_workers", 4)
+    kw.setdefault("batching", BatchingConfig(enabled=False))
+    srv, _ = create_server(ServerConfig(index=small_index, port=0, http_port=0, device="cpu", **kw))
+    assert srv.http_port is not None
+    return srv
+
+
+def _client(srv: SearchServer, **kw: Any) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def srv(small_index: Path) -> Iterator[SearchServer]:
+    server = _start(small_index)
+    try:
+        yield server
+    finally:
+        server.stop(1.0)
+
+
+@pytest.fixture(scope="module")
+def api(srv: SearchServer) -> Iterator[httpx.Client]:
+    with _client(srv) as client:
+        yield client
+
+
+class Gate:
+    """Wraps ``engine.embed``: holds every forward pass until released (the model is "busy")."""
+
+    def __init__(self, srv: SearchServer) -> None:
+        self.engine = srv.engine
+        self.original = srv.engine.embed
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        srv.engine.embed = self  # type: ignore[method-assign]
+
+    def __call__(self, sequences: Sequence[str]):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.original(sequences)
+
+
+class Finished:
+    """Records every request the observer finishes (log line + metrics written)."""
+
+    def __init__(self, srv: SearchServer) -> None:
+        self.records: list[RpcRecord] = []
+        self._cond = threading.Condition()
+        observer = srv.servicer.observer
+        original = observer.finish
+
+        def finish(rec: RpcRecord) -> None:
+            original(rec)
+            with self._cond:
+                self.records.append(rec)
+                self._cond.notify_all()
+
+        observer.finish = finish  # type: ignore[method-assign]
+
+    def wait_for(self, n: int) -> list[RpcRecord]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.records) >= n, timeout=60)
+            return list(self.records)
+
+
+def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["code"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+    return dict(body)
+
+
+# -- 200: the same JSON and TSV as the CLI --------------------------------------------------
+
+
+def test_search_json_is_byte_for_byte_what_the_cli_prints(
+    srv: SearchServer, api: httpx.Client, db: list[SequenceRecord], tmp_path: Path
+) -> None:
+    picked = [db[3], db[0], db[17], db[8], db[30]]
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(_fasta(picked))
+    out = tmp_path / "cli.json"
+    address = f"127.0.0.1:{srv.port}"
+    assert main(["search", str(fasta), "--server", address, "-k", "3", "--format", "json", "-o", str(out)]) == 0
+    cli = out.read_text()
+
+    by_fasta = api.post(SEARCH, json={"fasta": fasta.read_text(), "k": 3})
+    by_list = api.post(SEARCH, json={"queries": [{"id": r.record_id, "sequence": r.sequence} for r in picked], "k": 3})
+    for response in (by_fasta, by_list):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert response.text == cli
+    results = json.loads(cli)
+    assert [r["query_id"] for r in results] == [r.record_id for r in picked]
+    assert all(r["hits"][0]["target_id"] == r["query_id"] and r["hits"][0]["rank"] == 1 for r in results)
+
+
+@pytest.mark.parametrize("how", ["format=tsv", "Accept header"])
+def test_search_tsv_is_byte_for_byte_what_the_cli_prints(
+    srv: SearchServer, api: httpx.Client, db: list[SequenceRecord], tmp_path: Path, how: str
+) -> None:
+    picked = [db[5], db[11]]
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(_fasta(picked))
+    out = tmp_path / "cli.tsv"
+    assert main(["search", str(fasta), "--server", f"127.0.0.1:{srv.port}", "-k", "4", "-o", str(out)]) == 0
+    body = {"fasta": fasta.read_text(), "k": 4}
+    if how == "format=tsv":
+        response = api.post(SEARCH, params={"format": "tsv"}, json=body)
+    else:
+        response = api.post(SEARCH, json=body, headers={"Accept": "text/tab-separated-values"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/tab-separated-values; charset=utf-8"
+    assert response.text == out.read_text()
+    lines = response.text.splitlines()
+    assert lines[0].split("\t")[:3] == ["query_id", "target_id", "cosine_score"]
+    assert len(lines) == 1 + 2 * 4
+
+
+def test_a_bare_sequence_is_query_1_and_finds_itself(api: httpx.Client, db: list[SequenceRecord]) -> None:
+    seq = db[9].sequence
+    wrapped = "\n".join(seq[i : i + 60].lower() for i in range(0, len(seq), 60)) + "*"
+    response = api.post(SEARCH, json={"fasta": wrapped, "k": 2, "min_score": 0.0})
+    assert response.status_code == 200
+    (result,) = response.json()
+    assert result["query_id"] == "query_1"
+    assert result["query_length"] == len(seq)
+    assert result["hits"][0]["target_id"] == db[9].record_id
+    assert result["hits"][0]["cosine_score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_index_info_is_what_get_index_info_answers(srv: SearchServer, api: httpx.Client) -> None:
+    response = api.get("/v1/index")
+    assert response.status_code == 200
+    with SearchClient(f"127.0.0.1:{srv.port}", timeout_s=30) as client:
+        assert response.json() == dataclasses.asdict(client.index_info())
+    assert response.json()["count"] == 40
+    assert response.json()["limits"]["max_k"] == 1000
+
+
+# -- 400 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["queries", "fasta"])
+def test_a_bad_residue_is_400_naming_the_record_and_position(api: httpx.Client, form: str) -> None:
+    if form == "queries":
+        body: dict[str, Any] = {"queries": [{"id": "ok", "sequence": "MKTAYIAK"}, {"id": "bad", "sequence": "MKJA"}]}
+    else:
+        body = {"fasta": ">ok\nMKTAYIAK\n>bad some description\nMK\nJA\n"}
+    error = _error(api.post(SEARCH, json=body), 400, "INVALID_ARGUMENT")
+    assert error["record_id"] == "bad"
+    assert error["position"] == 3
+    assert "'bad'" in error["message"] and "residue 3" in error["message"] and "'J'" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, "JSON decode error"),
+        ({"json": {"fasta": "MKT", "kk": 3}}, "kk: Extra inputs are not permitted"),
+        ({"json": {"fasta": "MKT", "k": "three"}}, "k: Input should be a valid integer"),
+        ({"json": {"fasta": "MKT", "k": 0}}, "k must be in [1, 1000], got 0"),
+        ({"json": {"fasta": "MKT", "k": 1001}}, "k must be in [1, 1000], got 1001"),
+        ({"json": {"fasta": "MKT", "min_score": 1.5}}, "min_score must be a cosine score in [-1, 1]"),
+        ({"json": {"fasta": "MKT", "queries": []}}, "either as 'queries' or as 'fasta', not both"),
+        ({"json": {"k": 3}}, "request has no queries"),
+        ({"json": {"queries": []}}, "request has no queries; send at least one"),
+        ({"json": {"fasta": "  \n"}}, "'fasta' is empty"),
+        ({"json": {"fasta": ">a\nMKT\n>a\nMKV\n"}}, "duplicate record id"),
+        ({"json": {"queries": [{"id": "", "sequence": "MKT"}]}}, "query #1 has an empty query_id"),
+        ({"json": {"fasta": "MKT", "timeout_s": 0}}, "timeout_s must be a number of seconds > 0"),
+        ({"json": {"fasta": "MKT"}, "params": {"format": "xml"}}, "format: Input should be 'json' or 'tsv'"),
+        ({"content": b'{"fasta": "MKT"}'}, "Content-Type: application/json"),
+    ],
+)
+def test_invalid_requests_are_400_with_a_reason(api: httpx.Client, kwargs: dict[str, Any], expected: str) -> None:
+    error = _error(api.post(SEARCH, **kwargs), 400, "INVALID_ARGUMENT")
+    assert expected in error["message"]
+
+
+def test_unknown_paths_and_methods_answer_json_errors(api: httpx.Client) -> None:
+    assert _error(api.get("/v1/nothing"), 404, "NOT_FOUND")
+    assert _error(api.get(SEARCH), 405, "METHOD_NOT_ALLOWED")
+
+
+# -- 409, 413 ----------------------------------------------------------------------------------
+
+
+def test_max_evalue_on_a_server_without_evalues_is_409(api: httpx.Client) -> None:
+    error = _error(api.post(SEARCH, json={"fasta": "MKTAYIAK", "max_evalue": 1e-3}), 409, "FAILED_PRECONDITION")
+    assert "E-values" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def limited(small_index: Path) -> Iterator[tuple[SearchServer, httpx.Client]]:
+    server = _start(small_index, limits=RequestLimits(max_queries_per_request=2, max_residues_per_query=50))
+    try:
+        with _client(server) as client:
+            yield server, client
+    finally:
+        server.stop(1.0)
+
+
+@pytest.mark.parametrize(
+    ("queries", "expected"),
+    [
+        ([("a", "MKT"), ("b", "MKT"), ("c", "MKT")], "request has 3 queries, over the limit of 2"),
+        ([("long", "M" * 51)], "query 'long' has 51 residues, over the limit of 50 per query"),
+    ],
+)
+def test_over_a_request_limit_is_413_without_retry_after(
+    limited: tuple[SearchServer, httpx.Client], queries: list[tuple[str, str]], expected: str
+) -> None:
+    _, client = limited
+    body = {"queries": [{"id": i, "sequence": s} for i, s in queries]}
+    response = client.post(SEARCH, json=body)
+    error = _error(response, 413, "RESOURCE_EXHAUSTED")
+    assert expected in error["message"]
+    assert "retry-after" not in response.headers
+
+
+def test_a_body_over_the_size_limit_is_413_before_it_is_sent(srv: SearchServer) -> None:
+    # Only the headers go out: the answer comes from the Content-Length alone.
+    assert srv.http_port is not None
+    with socket.create_connection(("127.0.0.1", srv.http_port), timeout=30) as raw:
+        raw.sendall(
+            b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = raw.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    error = json.loads(body)
+    assert error["code"] == "RESOURCE_EXHAUSTED"
+    assert "request body is larger than the limit" in error["message"]
+    assert b"retry-after" not in head.lower()
+
+
+def test_a_chunked_body_over_the_size_limit_is_413_while_read(api: httpx.Client) -> None:
+    big = b'{"fasta": "' + b"A" * (8 << 20) + b'"}'
+    # A generator body goes out chunked, without Content-Length: counted while read.
+    response = api.post(SEARCH, content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]))
+    error = _error(response, 413, "RESOURCE_EXHAUSTED")
+    assert "request body is larger than the limit" in error["message"]
+    assert "retry-after" not in response.headers
+
+
+# -- 429, 503, 504, 500: the model scheduler is shared ---------------------------------------
+
+
+@contextlib.contextmanager
+def _gated(small_index: Path, in_flight: int) -> Iterator[tuple[SearchServer, Gate, httpx.Client]]:
+    """A server admitting ``in_flight`` queries, whose model waits for ``gate.release``."""
+    server = _start(small_index, admission=AdmissionConfig(max_queries_in_flight=in_flight))
+    gate = Gate(server)
+    try:
+        with _client(server) as client:
+            yield server, gate, client
+    finally:
+        gate.release.set()
+        server.stop(5.0)
+
+
+def test_busy_is_429_with_retry_after_from_the_same_estimate_as_grpc(
+    small_index: Path, db: list[SequenceRecord]
+) -> None:
+    with _gated(small_index, 1) as (server, gate, client):
+        _busy(server, gate, client, db)
+
+
+def _busy(server: SearchServer, gate: Gate, client: httpx.Client, db: list[SequenceRecord]) -> None:
+    body = {"queries": [{"id": "q", "sequence": db[0].sequence}], "k": 1}
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, SEARCH, json=body)
+        assert gate.entered.wait(60)  # the admitted request holds the model
+        busy = client.post(SEARCH, json=body)
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                search_pb2_grpc.HomologSearchStub(channel).Search(
+                    search_pb2.SearchRequest(queries=[search_pb2.Query(query_id="q", sequence="MKT")], k=1), timeout=30
+                )
+        gate.release.set()
+        assert held.result(60).status_code == 200
+    error = _error(busy, 429, "RESOURCE_EXHAUSTED")
+    assert "server busy" in error["message"]
+    ms = int(dict(info.value.trailing_metadata())["retry-after-ms"])
+    assert busy.headers["retry-after"] == str(max(1, math.ceil(ms / 1e3)))
+    assert server.batcher.admission.queries_in_flight == 0
+
+
+def test_deadline_passed_while_queued_is_504(small_index: Path, db: list[SequenceRecord]) -> None:
+    # Two queries admitted: the second waits in the queue behind the gated one.
+    with _gated(small_index, 2) as (_server, gate, client), ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, SEARCH, json={"fasta": db[0].sequence, "k": 1})
+        assert gate.entered.wait(60)
+        late = client.post(SEARCH, json={"fasta": db[1].sequence, "k": 1, "timeout_s": 0.2})
+        gate.release.set()
+        assert held.result(60).status_code == 200
+    error = _error(late, 504, "DEADLINE_EXCEEDED")
+    assert "deadline passed" in error["message"]
+
+
+def test_draining_answers_503_to_new_requests_while_in_flight_ones_finish(
+    small_index: Path, db: list[SequenceRecord]
+) -> None:
+    server = _start(small_index)
+    gate = Gate(server)
+    try:
+        with _client(server) as client, ThreadPoolExecutor(1) as pool:
+            assert client.get("/readyz").json()["status"] == "ready"
+            held = pool.submit(client.post, SEARCH, json={"fasta": db[2].sequence, "k": 2})
+            assert gate.entered.wait(60)
+            server.begin_stop(30.0)
+            _error(client.get("/readyz"), 503, "UNAVAILABLE")
+            assert client.get("/healthz").status_code == 200  # alive, not ready
+            error = _error(client.post(SEARCH, json={"fasta": "MKTAYIAK"}), 503, "UNAVAILABLE")
+            assert "draining" in error["message"]
+            _error(client.get("/v1/index"), 503, "UNAVAILABLE")
+            gate.release.set()
+            finished = held.result(60)
+        assert finished.status_code == 200
+        assert finished.json()[0]["hits"][0]["target_id"] == db[2].record_id
+        server.stop()
+        with pytest.raises(httpx.ConnectError):  # stopped: the port is closed
+            httpx.get(f"http://127.0.0.1:{server.http_port}/healthz", timeout=5)
+    finally:
+        gate.release.set()
+        server.stop(0)
+
+
+def test_a_client_that_disconnects_while_queued_is_dropped_before_embedding(
+    small_index: Path, db: list[SequenceRecord]
+) -> None:
+    server = _start(small_index, admission=AdmissionConfig(max_queries_in_flight=4))
+    gate = Gate(server)
+    finished = Finished(server)
+    queued = threading.Semaphore(0)
+    server.batcher.on_enqueue = lambda depth: queued.release()
+    try:
+        with _client(server) as client, ThreadPoolExecutor(1) as pool:
+            held = pool.submit(client.post, SEARCH, json={"fasta": db[0].sequence, "k": 1})
+            assert queued.acquire(timeout=60) and gate.entered.wait(60)
+            body = json.dumps({"fasta": db[1].sequence, "k": 1}).encode()
+            with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as raw:
+                raw.sendall(
+                    b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                assert queued.acquire(timeout=60)  # the second request is queued behind the gate
+            (gone,) = finished.wait_for(1)  # the socket closed: answered at once, not embedded
+            assert gone.code == grpc.StatusCode.DEADLINE_EXCEEDED and gone.embed_s == 0.0
+            gate.release.set()
+            assert held.result(60).status_code == 200
+            # A third request runs after the scheduler has passed the dropped one.
+            assert client.post(SEARCH, json={"fasta": db[2].sequence, "k": 1}).status_code == 200
+        assert server.metrics.registry.get_sample_value("esmsearch_dropped_requests_total") == 1.0
+        assert server.batcher.admission.queries_in_flight == 0
+    finally:
+        gate.release.set()
+        server.stop(5.0)
+
+
+def test_an_internal_error_is_500_with_an_error_id_never_the_exception_text(
+    srv: SearchServer, api: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = srv.engine.embed
+
+    def broken(sequences: Sequence[str]) -> Any:
+        raise RuntimeError("secret /srv/path")
+
+    srv.engine.embed = broken  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.INFO, logger="esmsearch.server"):
+            response = api.post(SEARCH, json={"fasta": "MKTAYIAK"})
+    finally:
+        srv.engine.embed = original  # type: ignore[method-assign]
+    error = _error(response, 500, "INTERNAL")
+    assert "secret" not in response.text
+    assert re.fullmatch(r"[0-9a-f]{12}", error["error_id"])
+    assert error["error_id"] in error["message"]
+    logged = [r for r in caplog.records if getattr(r, "fields", {}).get("error_id") == error["error_id"]]
+    assert logged and logged[0].fields["rpc"] == "http:POST /v1/search"  # type: ignore[attr-defined]
+    assert any(r.exc_info and "secret" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_the_status_table_covers_every_code_the_server_answers() -> None:
+    busy = status_for(ServerBusyError("busy", retry_after_s=1.2))
+    assert (http_status(busy), busy.retry_after_s) == (429, 1.2)
+    cases: list[tuple[BaseException, int]] = [
+        (Reject(grpc.StatusCode.INVALID_ARGUMENT, "x"), 400),
+        (Reject(grpc.StatusCode.UNAUTHENTICATED, "x"), 401),
+        (Reject(grpc.StatusCode.FAILED_PRECONDITION, "x"), 409),
+        (Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, "x"), 413),
+        (InvalidSequenceError("r", "bad", 7), 400),
+        (RequestTooLargeError("x"), 413),
+        (RequestExpiredError("x"), 504),
+        (ServerClosingError("x"), 503),
+        (IndexFormatError("x"), 409),
+        (RuntimeError("x"), 500),
+    ]
+    for exc, expected in cases:
+        assert http_status(status_for(exc)) == expected, exc
+    assert error_body(status_for(InvalidSequenceError("r", "bad", 7))) == {
+        "code": "INVALID_ARGUMENT",
+        "message": "record 'r' at residue 7: bad",
+        "record_id": "r",
+        "position": 7,
+    }
+    assert all(400 <= HTTP_STATUS[c] < 600 for c in grpc.StatusCode if c != grpc.StatusCode.OK)
+
+
+# -- tokens, TLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_srv(small_index: Path) -> Iterator[SearchServer]:
+    server = _start(small_index, security=SecurityConfig(tokens=frozenset({TOKEN})))
+    try:
+        yield server
+    finally:
+        server.stop(1.0)
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-token-0123456789", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x"]
+)
+def test_a_missing_or_wrong_token_is_401(token_srv: SearchServer, authorization: str | None) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    with _client(token_srv, headers=headers) as client:
+        for response in (client.post(SEARCH, json={"fasta": "MKTAYIAK"}), client.get("/v1/index")):
+            error = _error(response, 401, "UNAUTHENTICATED")
+            assert "bearer token" in error["message"]
+            assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_valid_token_is_accepted_and_health_docs_and_page_need_none(token_srv: SearchServer) -> None:
+    with _client(token_srv, headers={"Authorization": f"bearer {TOKEN}"}) as client:
+        assert client.post(SEARCH, json={"fasta": "MKTAYIAK", "k": 2}).status_code == 200
+        assert client.get("/v1/index").json()["count"] == 40
+    with _client(token_srv) as anonymous:
+        for path in ("/healthz", "/readyz", "/", "/static/app.js", "/openapi.json", "/docs"):
+            assert anonymous.get(path).status_code == 200, path
+    refused = token_srv.metrics.registry.get_sample_value(
+        "esmsearch_errors_total", {"rpc": "http:POST /v1/search", "code": "UNAUTHENTICATED"}
+    )
+    assert refused is not None and refused >= 1
+
+
+def _tls_context(pki: Pki, *, client_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_https_uses_the_grpc_servers_certificate(small_index: Path, pki: Pki, mutual: bool) -> None:
+    tls = TlsConfig(pki.server_cert, pki.server_key, client_ca_file=pki.ca if mutual else None)
+    server = _start(small_index, security=SecurityConfig(tls=tls))
+    try:
+        assert server.http is not None and server.http.scheme == "https"
+        url = f"https://localhost:{server.http_port}"
+        with httpx.Client(base_url=url, verify=_tls_context(pki, client_cert=True), timeout=30) as client:
+            response = client.post(SEARCH, json={"fasta": "MKTAYIAK", "k": 2})
+            assert response.status_code == 200 and len(response.json()[0]["hits"]) == 2
+        with pytest.raises(httpx.TransportError):  # plaintext to the TLS port
+            httpx.get(f"http://localhost:{server.http_port}/healthz", timeout=10)
+        if mutual:
+            with pytest.raises(httpx.TransportError):  # no client certificate
+                with httpx.Client(base_url=url, verify=_tls_context(pki, client_cert=False), timeout=10) as client:
+                    client.get("/v1/index")
+    finally:
+        server.stop(1.0)
+
+
+# -- logs, metrics, docs ---------------------------------------------------------------------
+
+
+def test_http_requests_are_logged_and_counted_like_rpcs(
+    srv: SearchServer, api: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = srv.metrics.registry
+    label = {"rpc": "http:POST /v1/search"}
+    before = registry.get_sample_value("esmsearch_requests_total", label) or 0.0
+    errors_before = registry.get_sample_value("esmsearch_errors_total", {**label, "code": "INVALID_ARGUMENT"}) or 0.0
+    with caplog.at_level(logging.INFO, logger="esmsearch.server"):
+        assert api.post(SEARCH, json={"fasta": "MKTAYIAKQR", "k": 3}).status_code == 200
+        assert api.post(SEARCH, json={"fasta": "MK1"}).status_code == 400
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("rpc") == "http:POST /v1/search"]
+    assert [r.fields["code"] for r in lines] == ["OK", "INVALID_ARGUMENT"]  # type: ignore[attr-defined]
+    ok = lines[0].fields  # type: ignore[attr-defined]
+    assert (ok["queries"], ok["residues"], ok["k"]) == (1, 10, 3)
+    assert ok["embed_ms"] > 0 and ok["peer"].startswith("ipv4:127.0.0.1:")
+    assert registry.get_sample_value("esmsearch_requests_total", label) == before + 2
+    assert registry.get_sample_value("esmsearch_errors_total", {**label, "code": "INVALID_ARGUMENT"}) == (
+        errors_before + 1
+    )
+    assert registry.get_sample_value("esmsearch_stage_seconds_count", {**label, "stage": "embed"}) is not None
+
+
+def test_openapi_documents_exactly_the_fields_search_returns(api: httpx.Client) -> None:
+    doc = api.get("/openapi.json").json()
+    assert {"/v1/search", "/v1/index", "/healthz", "/readyz"} <= set(doc["paths"])
+    schemas = doc["components"]["schemas"]
+    hit = api.post(SEARCH, json={"fasta": "MKTAYIAKQR", "k": 1}).json()[0]
+    assert set(schemas["HitOut"]["properties"]) == set(hit["hits"][0])
+    assert set(schemas["QueryResultOut"]["properties"]) == set(hit)
+    assert {"queries", "fasta", "k", "min_score", "max_evalue", "timeout_s"} == set(schemas["SearchBody"]["properties"])
+    assert "HTTPBearer" in doc["components"]["securitySchemes"]
+    assert "429" in doc["paths"]["/v1/search"]["post"]["responses"]
+
+
+def test_the_docs_page_loads_nothing_from_other_hosts(api: httpx.Client) -> None:
+    for path in ("/docs", "/redoc"):
+        html = api.get(path).text
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        assert assets, path
+        for asset in assets:
+            assert not re.match(r"(?i)^(https?:)?//", asset), (path, asset)
+            assert api.get(asset).status_code == 200, asset
+
+
+# -- configuration, CLI -----------------------------------------------------------------------
+
+
+def test_config_validates_the_http_port(small_index: Path) -> None:
+    from esmsearch.errors import ConfigError
+
+    for bad in (-1, 65536, "8080", True):
+        with pytest.raises(ConfigError, match="http_port"):
+            ServerConfig(index=small_index, http_port=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="port and http_port must differ, both are 8080"):
+        ServerConfig(index=small_index, port=8080, http_port=8080)
+    assert ServerConfig(index=small_index, port=0, http_port=0).http_port == 0  # 0: two free ports
+    assert ServerConfig(index=small_index).http_port is None
+
+
+def test_a_busy_http_port_fails_create_server_and_releases_everything(small_index: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = {t.name for t in threading.enumerate()}
+        with pytest.raises(OSError, match=f"cannot bind the HTTP port {port}"):
+            create_server(ServerConfig(index=small_index, port=0, http_port=port, device="cpu"))
+    assert not [t for t in threading.enumerate() if t.name not in before and t.name.startswith("esmsearch")]
+
+
+def _readline(proc: subprocess.Popen[str], pattern: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert re.match(pattern, line), line
+    return line
+
+
+def test_cli_serve_with_http_port_prints_the_url_and_stops_on_sigterm(small_index: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "esmsearch.cli", "serve", str(small_index), "--port", "0", "--http-port", "0"]
+    proc = subprocess.Popen(
+        [*cmd, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        _readline(proc, r"serving .* on 127\.0\.0\.1:\d+$")
+        url = _readline(proc, r"HTTP API and web page on http://127\.0\.0\.1:\d+/$").rsplit(" ", 1)[1].strip()
+        with urllib.request.urlopen(url + "readyz", timeout=30) as response:
+            assert json.load(response)["status"] == "ready"
+        request = urllib.request.Request(
+            url + "v1/search",
+            data=json.dumps({"fasta": "MKTAYIAKQR", "k": 2}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert len(json.load(response)[0]["hits"]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        reap(proc)
