@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from esmsearch.server.admission import AdmissionConfig
     from esmsearch.server.batcher import DynamicBatcher
     from esmsearch.server.reload import IndexReloader
+    from esmsearch.store import Index
 
 __all__ = [
     "MAX_K",
@@ -115,6 +116,26 @@ def _check_k(k: int, has_min_score: bool, min_score: float, limits: RequestLimit
     if math.isnan(min_score) or not -1.0 <= min_score <= 1.0:
         raise Reject(invalid, f"min_score must be a cosine score in [-1, 1], got {min_score}")
     return min_score
+
+
+def _check_max_evalue(has_max_evalue: bool, max_evalue: float, index: Index) -> float | None:
+    """Validate ``max_evalue`` against the index about to answer; ``None`` when unset.
+
+    Raises:
+        Reject: INVALID_ARGUMENT for a negative or NaN bound; FAILED_PRECONDITION
+            when the index has no decoys (no E-values to filter on).
+    """
+    if not has_max_evalue:
+        return None
+    if math.isnan(max_evalue) or max_evalue < 0:
+        raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"max_evalue must be an E-value >= 0, got {max_evalue}")
+    if not index.has_evalues:
+        raise Reject(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"max_evalue needs E-values, but the served index (version {index.version}) has no decoys "
+            "(built before E-values existed, or with --decoys 0); drop max_evalue or rebuild the index with decoys",
+        )
+    return max_evalue
 
 
 def _check_count(n: int, limits: RequestLimits, what: str) -> None:
@@ -217,13 +238,15 @@ def _fill_results(
     for qid, length, query_hits in zip(ids, lengths, hits, strict=True):
         qr = response.results.add(query_id=qid, query_length=length)
         for h in query_hits:
-            qr.hits.add(
+            hit = qr.hits.add(
                 target_id=h.target_id,
                 target_description=h.target_description,
                 cosine_score=h.cosine_score,
                 rank=h.rank,
                 target_length=h.target_length,
             )
+            if h.evalue is not None:
+                hit.evalue = h.evalue
 
 
 _Req = TypeVar("_Req")
@@ -297,9 +320,16 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         rec.queries, rec.k = len(request.queries), request.k
         sequences = _check_queries(request.queries, self.limits)
         min_score = _check_k(request.k, request.HasField("min_score"), request.min_score, self.limits)
+        # Checked against the index served now; the batch re-checks the version it runs on.
+        max_evalue = _check_max_evalue(request.HasField("max_evalue"), request.max_evalue, self.engine.index)
         rec.residues = sum(len(s) for s in sequences)
         result = self.batcher.search(
-            sequences, request.k, min_score, is_active=context.is_active, timeout_s=_remaining_s(context)
+            sequences,
+            request.k,
+            min_score,
+            max_evalue=max_evalue,
+            is_active=context.is_active,
+            timeout_s=_remaining_s(context),
         )
         rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
         response = search_pb2.SearchResponse(index_version=result.index_version)
@@ -335,8 +365,9 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         with self.engine.lease_index() as index:  # one version for the whole request
             vectors = _check_embeddings(request.embeddings, index.manifest.dim, self.limits)
             min_score = _check_k(request.k, request.HasField("min_score"), request.min_score, self.limits)
+            max_evalue = _check_max_evalue(request.HasField("max_evalue"), request.max_evalue, index)
             t0 = time.perf_counter()
-            hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
+            hits = self.engine.search_vectors(vectors, request.k, min_score, max_evalue=max_evalue, index=index)
             rec.search_s = time.perf_counter() - t0
         response = search_pb2.SearchResponse(index_version=index.version)
         ids = [e.query_id for e in request.embeddings]
@@ -371,6 +402,15 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
     ) -> search_pb2.IndexInfo:
         index = self.engine.index
         m = index.manifest
+        decoys = None
+        if m.decoys is not None:
+            decoys = search_pb2.DecoySettings(
+                count=m.decoys.count,
+                seed=m.decoys.seed,
+                method=m.decoys.method,
+                block_size=m.decoys.block_size,
+                shape=m.decoys.shape,
+            )
         return search_pb2.IndexInfo(
             model_name=m.model_name,
             checkpoint_sha256=m.checkpoint_sha256,
@@ -388,6 +428,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             server_version=esmsearch.__version__,
             limits=self.limits.to_proto(),
             reload_error=self.reloader.last_error if self.reloader is not None else "",
+            decoys=decoys,
         )
 
     @_unary_rpc("ReloadIndex")
