@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         growth = {m: r["peak"]["RssAnon"] - r["before"]["RssAnon"] for m, r in results.items()}
         print(
-            f"RssAnon growth during reload: read {growth['read'] / 1024:.0f} MiB, mmap {growth['mmap'] / 1024:.0f} MiB; "
+            f"RssAnon growth during reload: read {growth['read'] / 1024:.0f} MiB, "
+            f"mmap {growth['mmap'] / 1024:.0f} MiB; "
             f"peak RssAnon mmap/read = {results['mmap']['peak']['RssAnon'] / results['read']['peak']['RssAnon']:.2f}"
         )
     finally:
