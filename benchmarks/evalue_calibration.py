@@ -365,7 +365,7 @@ def scop_false_positives(
 
 
 # ------------------------------------------------------------------------- method comparison
-def compare_methods(scores_dir: Path, db_size: int, decoys: int) -> str:
+def compare_methods(scores_dir: Path, db_size: int, decoys: int, plot_path: Path | None = None) -> str:
     """Observed / expected hits per query for candidate null models, from saved scores.
 
     Reads ``null_decoy_scores.npy`` [q, n_decoys] and ``null_db_scores.npy`` [q, n] (written
@@ -380,6 +380,7 @@ def compare_methods(scores_dir: Path, db_size: int, decoys: int) -> str:
     With ``scop_decoy_scores.npy`` and ``scop_db_top.npz`` present, also the mean SCOPe
     false positives per query of esmsearch's method, the shape estimated from the query
     domains without their own decoys (as the indexer does for its pseudo-queries).
+    With ``plot_path``, a log-log plot of observed against expected for each model.
     """
     from esmsearch.significance import (
         GevFit,
@@ -398,8 +399,11 @@ def compare_methods(scores_dir: Path, db_size: int, decoys: int) -> str:
     xs = (0.01, 0.1, 1.0, 10.0, 100.0)
     block = 100
     rows = []
+    grid = np.logspace(-3, 2, 26)
+    curves: dict[str, list[float]] = {}
 
     def add(name: str, e: np.ndarray) -> None:
+        curves[name] = [float((e <= x).sum(axis=1).mean()) for x in grid]
         counts = [float((e <= x).sum(axis=1).mean()) for x in xs]
         zero = int((e == 0).sum())
         rows.append(
@@ -447,6 +451,8 @@ def compare_methods(scores_dir: Path, db_size: int, decoys: int) -> str:
         "|---|" + "---:|" * (len(xs) + 1),
         *rows,
     ]
+    if plot_path is not None:
+        plot_curves(grid, curves, plot_path, f"{len(s)} yeast queries vs {n:,} shuffled sequences (random model)")
     scop_d, scop_top = scores_dir / "scop_decoy_scores.npy", scores_dir / "scop_db_top.npz"
     if scop_d.is_file() and scop_top.is_file():
         lines += ["", scop_rescore(np.load(scop_d), np.load(scop_top), decoys)]
@@ -509,6 +515,31 @@ def scop_rescore(decoy_scores: np.ndarray, top: Any, decoys: int) -> str:
 
 
 # ------------------------------------------------------------------------------- report
+def plot_curves(grid: np.ndarray, curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """Observed hits per query with E <= x against x, one line per null model, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.fill_between(grid, grid / 2, grid * 2, color="0.9", label="within 2x")
+    ax.plot(grid, grid, color="0.4", lw=1, ls="--", label="expected = observed")
+    for name, curve in curves.items():
+        c = np.array(curve)
+        ax.plot(grid[c > 0], c[c > 0], "o-", ms=3, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("E-value threshold x (expected false hits per query)")
+    ax.set_ylabel("observed hits per query with E <= x")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(cal: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
@@ -614,7 +645,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compare_methods is not None:
-        print(compare_methods(args.compare_methods, args.db_size, args.decoys))
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(compare_methods(args.compare_methods, args.db_size, args.decoys, args.out / "evalue_methods.png"))
         return 0
     t_start = time.perf_counter()
     load_start = load_average()

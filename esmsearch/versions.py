@@ -96,7 +96,13 @@ def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 
         if n == 0:
             raise IndexFormatError(f"index {path} has no sequences")
         if index.null is not None:
-            norms = np.linalg.norm(np.asarray(index.null.decoys, dtype=np.float64), axis=1)
+            decoys = index.null.decoys
+            norms = np.concatenate(  # in chunks: no float64 copy of all decoys at once
+                [
+                    np.linalg.norm(np.asarray(decoys[i : i + 4096], dtype=np.float64), axis=1)
+                    for i in range(0, len(decoys), 4096)
+                ]
+            )
             bad = np.flatnonzero(~(np.abs(norms - 1.0) <= 1e-3))  # also catches NaN
             if bad.size:
                 raise IndexFormatError(
