@@ -54,9 +54,7 @@ def load_sequences(fasta: Path, n_seqs: int, max_residues: int, seed: int) -> li
     """Seeded random sample of ``(record_id, sequence)`` with at most ``max_residues`` residues."""
     from esmsearch.sequences import read_fasta
 
-    records = [
-        (r.record_id, r.sequence) for r in read_fasta(fasta) if len(r.sequence) <= max_residues
-    ]
+    records = [(r.record_id, r.sequence) for r in read_fasta(fasta) if len(r.sequence) <= max_residues]
     if n_seqs > len(records):
         raise SystemExit(f"only {len(records)} records of <= {max_residues} residues in {fasta}")
     return random.Random(seed).sample(records, n_seqs)
@@ -72,9 +70,7 @@ def load_model(ckpt: Path):  # type: ignore[no-untyped-def]
     with torch.serialization.safe_globals([_argparse.Namespace]):
         model_data = torch.load(ckpt, map_location="cpu")
         regression_data = torch.load(regression, map_location="cpu")
-    model, alphabet = esm.pretrained.load_model_and_alphabet_core(
-        ckpt.stem, model_data, regression_data
-    )
+    model, alphabet = esm.pretrained.load_model_and_alphabet_core(ckpt.stem, model_data, regression_data)
     return model.eval(), alphabet
 
 
@@ -212,21 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="esmsearch token budget per batch (default: the Embedder's own default, "
         "4096 for encoder-direct); the reference always uses fair-esm's 4096",
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--repeats",
         type=int,
         default=1,
         help="timed passes per method, interleaved; the best is reported (default 1)",
     )
-    parser.add_argument(
-        "--bf16", action="store_true", help="also run bf16 even without native CPU bf16"
-    )
-    parser.add_argument(
-        "--layer", type=int, default=None, help="representation layer (default: last)"
-    )
+    parser.add_argument("--bf16", action="store_true", help="also run bf16 even without native CPU bf16")
+    parser.add_argument("--layer", type=int, default=None, help="representation layer (default: last)")
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -277,10 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref, ref_rate = timings.pop(ref_name)
     results = [(name.strip(), vec, rate) for name, (vec, rate) in timings.items()]
     for name, vec, rate in results:
-        print(
-            f"{name:<34s} ratio vs (a) {rate / ref_rate:5.2f}x   "
-            f"min cosine vs (a) {min_cosine(ref, vec):.7f}"
-        )
+        print(f"{name:<34s} ratio vs (a) {rate / ref_rate:5.2f}x   min cosine vs (a) {min_cosine(ref, vec):.7f}")
     return 0
 
 

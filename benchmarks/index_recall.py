@@ -44,9 +44,7 @@ class Row:
     recall: float
 
 
-def mixture(
-    n: int, dim: int, n_families: int, n_subfamilies: int, seed: int, latent_dim: int = 32
-) -> np.ndarray:
+def mixture(n: int, dim: int, n_families: int, n_subfamilies: int, seed: int, latent_dim: int = 32) -> np.ndarray:
     """Returns float32 [n, dim] L2-normalised points of a seeded two-level Gaussian mixture.
 
     Like protein families and their subfamilies, in a ``latent_dim``-dimensional
@@ -109,16 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100_000, help="database vectors")
     parser.add_argument("--dim", type=int, default=320, help="embedding dimension")
     parser.add_argument("--queries", type=int, default=1_000, help="held-out queries")
-    parser.add_argument(
-        "--single-queries", type=int, default=200, help="queries timed one call each (latency mode)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="FAISS OpenMP threads (default: FAISS's, = cores)"
-    )
+    parser.add_argument("--single-queries", type=int, default=200, help="queries timed one call each (latency mode)")
+    parser.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: FAISS's, = cores)")
     parser.add_argument("--families", type=int, default=200, help="top-level mixture components")
-    parser.add_argument(
-        "--subfamilies", type=int, default=20, help="second-level components per family"
-    )
+    parser.add_argument("--subfamilies", type=int, default=20, help="second-level components per family")
     parser.add_argument("-k", type=int, default=10, help="recall@k")
     parser.add_argument(
         "--budget-mb",
@@ -204,15 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             built[factory] = (index, build_s, size_mb)
         for spec in specs:
             vi.apply_search_params(index, spec)
-            found, batched_ms, single_ms = time_search(
-                index, queries, args.k, n_single, args.repeats
-            )
+            found, batched_ms, single_ms = time_search(index, queries, args.k, n_single, args.repeats)
             if truth is None:  # the first plan entry is exact Flat
                 truth, flat_batched, flat_single = found, batched_ms, single_ms
             params = ", ".join(
-                f"{k}={v}"
-                for k, v in (("nprobe", spec.nprobe), ("efSearch", spec.ef_search))
-                if v is not None
+                f"{k}={v}" for k, v in (("nprobe", spec.nprobe), ("efSearch", spec.ef_search)) if v is not None
             )
             shown = label if factory == label or "(" not in label else f"{label}: {factory}"
             rows.append(

@@ -202,17 +202,13 @@ def measured_cmd(json_path: Path, cmd: Sequence[str]) -> list[str]:
     return [sys.executable, str(MEASURE), str(json_path), "--", *cmd]
 
 
-def run_measured(
-    step: str, cmd: Sequence[str], work: Path, usage: Usage, env: Mapping[str, str] | None = None
-) -> None:
+def run_measured(step: str, cmd: Sequence[str], work: Path, usage: Usage, env: Mapping[str, str] | None = None) -> None:
     """Run ``cmd`` to completion under the measuring wrapper; raise on failure."""
     json_path = work / f"usage_{step}.json"
     log_path = work / f"{step}.log"
     print(f"[{step}] {' '.join(cmd)}", flush=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.run(
-            measured_cmd(json_path, cmd), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        proc = subprocess.run(measured_cmd(json_path, cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise BenchmarkError(f"{step} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
@@ -324,9 +320,7 @@ def run_blast(query_fa: Path, db_fa: Path, work: Path, threads: int) -> ToolRun:
         work,
         usage,
     )
-    version = subprocess.run(
-        [exes["blastp"], "-version"], capture_output=True, text=True
-    ).stdout.split("\n")[0]
+    version = subprocess.run([exes["blastp"], "-version"], capture_output=True, text=True).stdout.split("\n")[0]
     return ToolRun("BLASTp", version.strip(), out, False, "E-value", usage)
 
 
@@ -381,9 +375,7 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout_s: float) 
                 raise BenchmarkError(f"esmsearch server exited early (code {proc.returncode})")
             try:
                 # wait_for_ready blocks until the port accepts connections (bounded).
-                reply = stub.Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=5.0, wait_for_ready=True
-                )
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5.0, wait_for_ready=True)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -398,9 +390,7 @@ def esmsearch_executable() -> str:
         return str(beside)
     found = shutil.which("esmsearch")
     if found is None:
-        raise BenchmarkError(
-            "'esmsearch' console script not found: install the project (pip install -e .)"
-        )
+        raise BenchmarkError("'esmsearch' console script not found: install the project (pip install -e .)")
     return found
 
 
@@ -418,9 +408,7 @@ def run_esmsearch(
     """Index build + server + client search through the real CLI."""
     exe = esmsearch_executable()
     env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), ESMSEARCH_THREADS=str(threads)
-    )
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), ESMSEARCH_THREADS=str(threads))
     usage = Usage()
     index_dir = work / "esm_index"
     build = [exe, "index", "build", str(db_fa), "-o", str(index_dir), "--model", model]
@@ -439,9 +427,7 @@ def run_esmsearch(
     if toks_per_batch:
         serve += ["--toks-per-batch", str(toks_per_batch)]
     print(f"[esmsearch_server] {' '.join(serve)}", flush=True)
-    server = subprocess.Popen(
-        measured_cmd(server_json, serve), stdout=server_log, stderr=subprocess.STDOUT, env=env
-    )
+    server = subprocess.Popen(measured_cmd(server_json, serve), stdout=server_log, stderr=subprocess.STDOUT, env=env)
     out = work / "esmsearch.tsv"
     try:
         t0 = time.perf_counter()
@@ -458,9 +444,7 @@ def run_esmsearch(
                 cmd += ["--format", "tsv", "--timeout-s", "3600"]
                 print(f"[{step}] {' '.join(cmd)} >> {out}", flush=True)
                 with open(work / f"{step}.log", "wb") as log:
-                    rc = subprocess.run(
-                        measured_cmd(search_json, cmd), stdout=stdout, stderr=log, env=env
-                    ).returncode
+                    rc = subprocess.run(measured_cmd(search_json, cmd), stdout=stdout, stderr=log, env=env).returncode
                 if rc != 0:
                     tail = (work / f"{step}.log").read_text(errors="replace")[-2000:]
                     raise BenchmarkError(f"esmsearch search failed (exit {rc}):\n{tail}")
@@ -487,11 +471,7 @@ def run_esmsearch(
     )
     # The server and the client overlap in time: wall time is build + (server start
     # to SERVING) + search, not the sum of the server's and the client's lives.
-    usage.wall_s = (
-        usage.steps["esmsearch_index_build"]["wall_s"]
-        + ready_s
-        + usage.steps["esmsearch_search"]["wall_s"]
-    )
+    usage.wall_s = usage.steps["esmsearch_index_build"]["wall_s"] + ready_s + usage.steps["esmsearch_search"]["wall_s"]
     usage.steps["esmsearch_server_ready"] = {"wall_s": ready_s}
     speed_only = is_random_checkpoint(model)
     label = Path(model).stem if Path(model).is_file() else model
@@ -564,11 +544,7 @@ def markdown(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace) ->
         f"# SCOPe sensitivity and speed: {dataset.description}",
         "",
         f"Queries: {len(dataset.queries)} of {dataset.n_queries_total}"
-        + (
-            f" (seeded random sample, seed {args.seed})"
-            if len(dataset.queries) < dataset.n_queries_total
-            else ""
-        )
+        + (f" (seeded random sample, seed {args.seed})" if len(dataset.queries) < dataset.n_queries_total else "")
         + f"; targets: {len(dataset.database):,}. Threads: {args.threads} for every tool. "
         f"Machine: {os.cpu_count()} CPU cores visible, {platform_line()}; 1-min load "
         f"average when the report was written: {os.getloadavg()[0]:.1f} (other work on the "
@@ -591,9 +567,7 @@ def markdown(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace) ->
     for row in rows:
         s = row.sensitivity_foldseek
         notes = list(row.notes)
-        steps = ", ".join(
-            f"{name}: {v['wall_s']:.1f} s" for name, v in row.steps.items() if "wall_s" in v
-        )
+        steps = ", ".join(f"{name}: {v['wall_s']:.1f} s" for name, v in row.steps.items() if "wall_s" in v)
         notes.append(f"steps (wall): {steps}")
         if row.speed_only:
             notes.insert(0, f"**{RANDOM_LABEL}**; sensitivities in brackets are meaningless")
@@ -702,9 +676,7 @@ def write_report(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=["progres208", "scope207"], default="progres208")
-    parser.add_argument(
-        "--data-dir", type=Path, default=DATA, help="SCOPe files (default %(default)s)"
-    )
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="SCOPe files (default %(default)s)")
     parser.add_argument(
         "--tools",
         default="mmseqs2,blastp,esmsearch",
@@ -769,12 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import matplotlib  # noqa: F401 - fail early when the plot cannot be drawn
         except ImportError as exc:
-            raise BenchmarkError(
-                "matplotlib is needed for the plot: pip install matplotlib"
-            ) from exc
-        dataset = load_dataset(
-            args.dataset, args.data_dir, args.max_queries, args.seed, args.max_targets
-        )
+            raise BenchmarkError("matplotlib is needed for the plot: pip install matplotlib") from exc
+        dataset = load_dataset(args.dataset, args.data_dir, args.max_queries, args.seed, args.max_targets)
         work = args.work_dir or Path(tempfile.mkdtemp(prefix="scop_bench_"))
         work.mkdir(parents=True, exist_ok=True)
         query_fa, db_fa = work / "queries.fasta", work / "db.fasta"

@@ -495,9 +495,9 @@ class Embedder:
                     tok = torch.from_numpy(tokens).to(self.device, non_blocking=True)
                     reps = self._encoder.forward_packed(tok, item_lengths)  # (N, E)
                     weight = torch.from_numpy(keep).to(reps.device)
-                    item_of_token = torch.repeat_interleave(
-                        torch.arange(len(batch)), torch.tensor(item_lengths)
-                    ).to(reps.device)
+                    item_of_token = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(item_lengths)).to(
+                        reps.device
+                    )
                     pooled = torch.zeros((len(batch), self.dim), dtype=torch.float32, device=reps.device)
                     pooled.index_add_(0, item_of_token, reps * weight[:, None])  # (B, E) sums
                     idx = torch.tensor([it.seq_index for it in batch], dtype=torch.long)

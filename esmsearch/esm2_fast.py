@@ -293,7 +293,7 @@ class Esm2Encoder(torch.nn.Module):
         fair-esm: ``x * (1 - 0.15 * 0.8) / (1 - n_mask / n_tokens)`` per sequence, where
         ``n_tokens`` counts the sequence's non-padding tokens (BOS and EOS included).
         """
-        x = self.embed_scale * self.embed_tokens(tokens)  # (N, E)
+        x: torch.Tensor = self.embed_scale * self.embed_tokens(tokens)  # (N, E)
         if self.token_dropout:
             is_mask = tokens == self.mask_idx
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
@@ -303,9 +303,7 @@ class Esm2Encoder(torch.nn.Module):
             x = x * scale[seq_id].unsqueeze(-1)
         return x
 
-    def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: _Packing
-    ) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: _Packing) -> torch.Tensor:
         """Attention within each sequence of a packed batch.
 
         Args:

@@ -144,9 +144,7 @@ def parse_sccs(sccs: str) -> ScopLabel:
     parts = sccs.strip().split(".")
     if len(parts) != 4 or not all(parts):
         raise ScopLabelError(f"not a SCOPe sccs (class.fold.superfamily.family): {sccs!r}")
-    return ScopLabel(
-        fold=".".join(parts[:2]), superfamily=".".join(parts[:3]), family=".".join(parts)
-    )
+    return ScopLabel(fold=".".join(parts[:2]), superfamily=".".join(parts[:3]), family=".".join(parts))
 
 
 def read_sid_sccs(path: str | os.PathLike[str]) -> dict[str, ScopLabel]:
@@ -258,9 +256,7 @@ def read_hits_tsv(
     """
     hits: list[Hit] = []
     with open(path, encoding="utf-8", newline="") as handle:
-        rows = (
-            row for row in csv.reader(handle, delimiter="\t") if row and not row[0].startswith("#")
-        )
+        rows = (row for row in csv.reader(handle, delimiter="\t") if row and not row[0].startswith("#"))
         columns = [query_column, target_column, score_column]
         if header:
             names = next(rows, None)
@@ -380,9 +376,7 @@ def evaluate(
         ScopLabelError: if a query has no label.
         HitsFormatError: if a score is NaN.
     """
-    merged = (
-        hits if isinstance(hits, Mapping) else merge_hits(hits, higher_is_better=higher_is_better)
-    )
+    merged = hits if isinstance(hits, Mapping) else merge_hits(hits, higher_is_better=higher_is_better)
     db_ids = list(labels) if database is None else [d for d in database if d in labels]
     # Count database domains per family / superfamily / fold once.
     fam_count: dict[str, int] = {}

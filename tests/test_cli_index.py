@@ -47,9 +47,7 @@ def _build_args(fasta: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cli_index(
-    tmp_path_factory: pytest.TempPathFactory, ecoli_fasta: Path, tiny_checkpoint: Path
-) -> tuple[Path, str]:
+def cli_index(tmp_path_factory: pytest.TempPathFactory, ecoli_fasta: Path, tiny_checkpoint: Path) -> tuple[Path, str]:
     """An index built by the CLI, and what the build printed."""
     out = tmp_path_factory.mktemp("cli") / "ecoli_cli"
     buf = io.StringIO()
@@ -159,9 +157,7 @@ def test_info_missing_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert captured.out == ""
 
 
-def test_build_missing_fasta(
-    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_build_missing_fasta(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "idx"
     assert _run(_build_args(tmp_path / "absent.fasta", out, tiny_checkpoint)) == 1
     assert "absent.fasta" in _assert_one_error_line(capsys.readouterr().err)
@@ -189,9 +185,7 @@ def test_build_existing_output(
     assert list(out.iterdir()) == []
 
 
-def test_build_unknown_model(
-    tmp_path: Path, ecoli_fasta: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_build_unknown_model(tmp_path: Path, ecoli_fasta: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "index",
         "build",

@@ -47,14 +47,10 @@ def test_async_methods_match_the_blocking_client(server, client, db) -> None:  #
     assert info == client.index_info()
     sync = client.search(queries, k=3, min_score=-1.0)
     assert [r.query_id for r in results] == list(queries)
-    assert [[h.target_id for h in r.hits] for r in results] == [
-        [h.target_id for h in r.hits] for r in sync
-    ]
+    assert [[h.target_id for h in r.hits] for r in results] == [[h.target_id for h in r.hits] for r in sync]
     assert all(r.hits[0].target_id == r.query_id for r in results)
     np.testing.assert_allclose(emb.vectors, client.embed(queries).vectors, atol=1e-6)
-    assert [[h.target_id for h in r.hits] for r in by_vec] == [
-        [h.target_id for h in r.hits] for r in results
-    ]
+    assert [[h.target_id for h in r.hits] for r in by_vec] == [[h.target_id for h in r.hits] for r in results]
 
 
 def test_async_errors_map_to_the_same_classes(server) -> None:  # type: ignore[no-untyped-def]

@@ -67,9 +67,7 @@ U = grpc.StatusCode.UNAVAILABLE
 
 def test_unavailable_is_retried_with_growing_jittered_backoff() -> None:
     clock = FakeClock()
-    policy = RetryPolicy(
-        max_attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3, rng=random.Random(3)
-    )
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3, rng=random.Random(3))
     call = Flaky(U, U, U, U)
     assert call_with_retry(call, policy, None, sleep=clock.sleep, clock=clock) == "ok"
     assert len(call.timeouts) == 5
@@ -128,15 +126,11 @@ def test_attempts_are_bounded_and_the_last_error_is_raised() -> None:
 def test_retries_share_one_deadline() -> None:
     clock = FakeClock()
     call = Flaky(U, U, U, U, U, U, U, U)
-    policy = RetryPolicy(
-        max_attempts=100, initial_backoff_s=1.0, max_backoff_s=1.0, rng=random.Random(0)
-    )
+    policy = RetryPolicy(max_attempts=100, initial_backoff_s=1.0, max_backoff_s=1.0, rng=random.Random(0))
     with pytest.raises(FakeRpcError):
         call_with_retry(call, policy, 2.5, sleep=clock.sleep, clock=clock)
     assert call.timeouts[0] == 2.5
-    assert all(
-        b < a for a, b in zip(call.timeouts, call.timeouts[1:], strict=False)
-    )  # each attempt gets what is left
+    assert all(b < a for a, b in zip(call.timeouts, call.timeouts[1:], strict=False))  # each attempt gets what is left
     assert clock.now < 2.5  # never slept past the deadline
 
 
@@ -191,9 +185,7 @@ def flaky() -> Iterator[tuple[FlakyServicer, str]]:
         server.stop(0)
 
 
-FAST = RetryPolicy(
-    max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.005, rng=random.Random(1)
-)
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.005, rng=random.Random(1))
 
 
 def test_sync_client_retries_unavailable_until_it_succeeds(flaky) -> None:  # type: ignore[no-untyped-def]

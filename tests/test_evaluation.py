@@ -146,16 +146,12 @@ def test_lower_is_better_evalues() -> None:
         "x1": 100.0,
     }
     hits = [Hit("q", t, e) for t, e in sorted(evalues.items(), key=lambda kv: -kv[1])]
-    res = evaluate(
-        hits, queries=["q"], labels=LABELS, higher_is_better=False, self_hit=SelfHit.EXCLUDE
-    )
+    res = evaluate(hits, queries=["q"], labels=LABELS, higher_is_better=False, self_hit=SelfHit.EXCLUDE)
     assert res.per_query["family"]["q"] == pytest.approx(0.5)
     assert res.per_query["superfamily"]["q"] == pytest.approx(0.5)
     assert res.per_query["fold"]["q"] == 0.0
     # Read as higher-is-better, x1 (100) would be first and everything 0.
-    wrong = evaluate(
-        hits, queries=["q"], labels=LABELS, higher_is_better=True, self_hit=SelfHit.EXCLUDE
-    )
+    wrong = evaluate(hits, queries=["q"], labels=LABELS, higher_is_better=True, self_hit=SelfHit.EXCLUDE)
     assert wrong.per_query["family"]["q"] == 0.0
 
 
@@ -173,15 +169,11 @@ def test_repeated_rows_keep_best_score() -> None:
     merged = merge_hits(hits, higher_is_better=False)
     assert merged["q"]["f2"] == 1e-6
     assert merged["q"]["x2"] == 0.1
-    res = evaluate(
-        hits, queries=["q"], labels=LABELS, higher_is_better=False, self_hit=SelfHit.EXCLUDE
-    )
+    res = evaluate(hits, queries=["q"], labels=LABELS, higher_is_better=False, self_hit=SelfHit.EXCLUDE)
     assert res.per_query["family"]["q"] == 1.0
     assert res.per_query["superfamily"]["q"] == 0.0
     # Higher-is-better merge keeps the maximum.
-    assert merge_hits([Hit("a", "b", 0.2), Hit("a", "b", 0.7)], higher_is_better=True)["a"][
-        "b"
-    ] == pytest.approx(0.7)
+    assert merge_hits([Hit("a", "b", 0.2), Hit("a", "b", 0.7)], higher_is_better=True)["a"]["b"] == pytest.approx(0.7)
 
 
 def test_unlabelled_targets_are_skipped() -> None:
@@ -286,9 +278,7 @@ def test_tie_with_first_false_positive_is_not_counted() -> None:
 
 def test_unlabelled_query_raises() -> None:
     with pytest.raises(ScopLabelError, match="nolabel"):
-        evaluate(
-            [], queries=["nolabel"], labels=LABELS, higher_is_better=True, self_hit=SelfHit.COUNT
-        )
+        evaluate([], queries=["nolabel"], labels=LABELS, higher_is_better=True, self_hit=SelfHit.COUNT)
 
 
 def test_nan_score_raises() -> None:

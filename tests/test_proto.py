@@ -30,8 +30,7 @@ def test_committed_generated_code_is_fresh(tmp_path: Path) -> None:
     stale = [
         name
         for name in GENERATED
-        if (tmp_path / "esmsearch" / "v1" / name).read_bytes()
-        != (REPO / "esmsearch" / "v1" / name).read_bytes()
+        if (tmp_path / "esmsearch" / "v1" / name).read_bytes() != (REPO / "esmsearch" / "v1" / name).read_bytes()
     ]
     assert not stale, f"stale generated code {stale}: run `python scripts/gen_proto.py`"
 
