@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from esmsearch.embedding import Embedder
     from esmsearch.store import Index
 
-__all__ = ["EngineHit", "EngineResult", "SearchEngine"]
+__all__ = ["EngineHit", "EngineResult", "SearchEngine", "evalues_unavailable"]
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class SearchEngine:
                 return self.search_vectors(vectors, k, min_score, max_evalue=max_evalue, index=leased)
         idx = index
         if max_evalue is not None and not idx.has_evalues:
-            raise _no_evalues(idx)
+            raise evalues_unavailable(idx)
         k_eff = max(1, min(k, idx.count))
         scores, rows = idx.search(vectors, k_eff)
         evalues = idx.evalues(vectors, scores) if idx.has_evalues else None
@@ -240,7 +240,7 @@ class SearchEngine:
         """
         with self.lease_index() as index:  # one version for the whole request
             if max_evalue is not None and not index.has_evalues:
-                raise _no_evalues(index)
+                raise evalues_unavailable(index)
             vectors, queue_s, embed_s = self.embed(sequences)
             t0 = time.perf_counter()
             hits = self.search_vectors(vectors, k, min_score, max_evalue=max_evalue, index=index)
@@ -252,7 +252,8 @@ class SearchEngine:
         self._slot.close()
 
 
-def _no_evalues(index: Index) -> EvaluesUnavailableError:
+def evalues_unavailable(index: Index) -> EvaluesUnavailableError:
+    """The error for ``max_evalue`` asked of ``index``, which has no decoys (-> FAILED_PRECONDITION)."""
     return EvaluesUnavailableError(
         f"max_evalue needs E-values, but index version {index.version} has no decoys (built before "
         "E-values existed, or with --decoys 0); drop max_evalue or rebuild the index with decoys"
@@ -289,7 +290,7 @@ def hits_from_scores(
         EvaluesUnavailableError: ``max_evalue`` without ``evalues``.
     """
     if max_evalue is not None and evalues is None:
-        raise _no_evalues(index)
+        raise evalues_unavailable(index)
     scores, rows = scores[:, :k], rows[:, :k]
     keep = rows >= 0
     if min_score is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import esmsearch
 from esmsearch.errors import IndexDirectoryError, InvalidSequenceError
 from esmsearch.sequences import validate_sequence
-from esmsearch.server.engine import EngineHit, SearchEngine
+from esmsearch.server.engine import EngineHit, SearchEngine, evalues_unavailable
 from esmsearch.server.rpc import Reject, RpcObserver, RpcRecord
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -122,19 +122,16 @@ def _check_max_evalue(has_max_evalue: bool, max_evalue: float, index: Index) -> 
     """Validate ``max_evalue`` against the index about to answer; ``None`` when unset.
 
     Raises:
-        Reject: INVALID_ARGUMENT for a negative or NaN bound; FAILED_PRECONDITION
-            when the index has no decoys (no E-values to filter on).
+        Reject: INVALID_ARGUMENT for a negative or NaN bound.
+        EvaluesUnavailableError: the index has no decoys (no E-values to filter on;
+            FAILED_PRECONDITION), checked before any model time is spent.
     """
     if not has_max_evalue:
         return None
     if math.isnan(max_evalue) or max_evalue < 0:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"max_evalue must be an E-value >= 0, got {max_evalue}")
     if not index.has_evalues:
-        raise Reject(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"max_evalue needs E-values, but the served index (version {index.version}) has no decoys "
-            "(built before E-values existed, or with --decoys 0); drop max_evalue or rebuild the index with decoys",
-        )
+        raise evalues_unavailable(index)
     return max_evalue
 
 
