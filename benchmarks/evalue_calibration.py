@@ -364,6 +364,49 @@ def scop_false_positives(
     }
 
 
+# ------------------------------------------------------------------------------ cost only
+def cost_only(arch: str, work: Path, decoys: int, rounds: int) -> str:
+    """The E-value step against the query embedding it follows, in process, same run.
+
+    Embeds single yeast queries with the random-weight ``arch`` checkpoint on the CPU and,
+    alternating with it, computes one query's E-values for k = 10 hits against ``decoys``
+    synthetic decoys of the model's width (the step's speed does not depend on their
+    values). A server adds the same step to each query's embedding plus FAISS search, so
+    ``1 + evalue_ms / embed_ms`` bounds the latency ratio with / without E-values from above.
+    """
+    from esmsearch.embedding import Embedder
+    from esmsearch.significance import DecoyNull, DecoySettings
+
+    model = checkpoint(arch, work)
+    embedder = Embedder(str(model), device="cpu")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((decoys, embedder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    settings = DecoySettings.for_database(decoys, decoys)
+    assert settings is not None
+    null = DecoyNull(vectors, dataclasses.replace(settings, shape=-0.07))
+    queries = [s for _, s in yeast_queries(50, 1)][: max(1, rounds)]
+    embedder.embed(queries[:1])  # warm-up
+    embed_ms, evalue_ms, residues = [], [], []
+    for seq in queries:
+        t0 = time.perf_counter()
+        q = embedder.embed([seq])
+        t1 = time.perf_counter()
+        scores = np.sort(rng.uniform(0.8, 1.0, size=(1, 10)).astype(np.float32), axis=1)[:, ::-1]
+        null.evalues(q, scores, 1_000_000)
+        t2 = time.perf_counter()
+        embed_ms.append((t1 - t0) * 1e3)
+        evalue_ms.append((t2 - t1) * 1e3)
+        residues.append(len(seq))
+    e, v = statistics.median(embed_ms), statistics.median(evalue_ms)
+    return (
+        f"{arch} on {cpu_name()} (load {load_average()}): {len(queries)} single yeast queries "
+        f"(median {statistics.median(residues):.0f} residues): embedding median {e:.1f} ms, E-value step "
+        f"({decoys:,} decoys of dim {embedder.dim}, k = 10) median {v:.2f} ms = {v / e * 100:.2f}% of the "
+        f"embedding, so at most {1 + v / e:.3f}x per query"
+    )
+
+
 # ------------------------------------------------------------------------- method comparison
 def compare_methods(scores_dir: Path, db_size: int, decoys: int, plot_path: Path | None = None) -> str:
     """Observed / expected hits per query for candidate null models, from saved scores.
@@ -631,6 +674,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--save-scores", type=Path, default=None, help="also save the queries' decoy and database scores here"
     )
     p.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only time the E-value step against single-query embedding on the CPU, and stop",
+    )
+    p.add_argument(
         "--compare-methods",
         type=Path,
         default=None,
@@ -644,6 +692,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cost_only:
+        print(cost_only(args.arch, args.work, args.decoys, args.latency_queries))
+        return 0
     if args.compare_methods is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         print(compare_methods(args.compare_methods, args.db_size, args.decoys, args.out / "evalue_methods.png"))

@@ -56,9 +56,9 @@ held-out null sequences (``benchmarks/evalue_calibration.py``: 200 yeast queries
 against 20,000 shuffled *E. coli* sequences, random-weight ``esm2_t6_8M``), the raw
 cosines of one query are strongly left-skewed with a short upper tail (skewness
 -3.4), outside the Gumbel domain: a Gumbel fitted to maxima of 100 decoys and scaled
-to 20,000 sequences gave 0.35 hits per query with E <= 10 and 0.015 with E <= 1, 35x
-too conservative. Gumbel on ``u`` gave 0.86 and 0.54, still 5x too conservative at
-E <= 0.1; a GEV with a free shape per query fitted an end point below the null's
+to 20,000 sequences gave 0.35 hits per query with E <= 10 and 0.015 with E <= 1 (3x
+and 67x too few). Gumbel on ``u`` gave 0.96, 0.49 and 0.15 times the expected hits at
+E <= 10, 1 and 0.1, still 7x too few at 0.1; a GEV with a free shape per query fitted an end point below the null's
 largest scores, so null hits got E = 0. One shape per index, location and scale per
 query, came within a factor of 2 at E = 0.01 .. 100 (table in the README).
 
