@@ -506,6 +506,27 @@ def test_max_evalue_drops_exactly_the_hits_over_it(client, db) -> None:  # type:
         np.testing.assert_allclose([h.evalue for h in after.hits], kept, rtol=2e-3)
 
 
+def test_stream_and_asyncio_clients_carry_max_evalue(client, server, db) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from esmsearch.client import AsyncSearchClient
+
+    queries = {r.record_id: r.sequence for r in db[:4]}
+    expected = [[(h.target_id, h.evalue) for h in r.hits if h.evalue <= 2.0] for r in client.search(queries, k=40)]
+    [streamed] = list(client.search_stream([queries], k=40, max_evalue=2.0))
+    assert [[(h.target_id, h.evalue) for h in r.hits] for r in streamed] == expected
+
+    async def run() -> list:  # type: ignore[type-arg]
+        address, _ = server
+        async with AsyncSearchClient(address, timeout_s=60.0) as aio:
+            plain = await aio.search(queries, k=40, max_evalue=2.0)
+            streamed = [batch async for batch in aio.search_stream([queries], k=40, max_evalue=2.0)]
+            return [plain, streamed[0]]
+
+    for results in asyncio.run(run()):
+        assert [[(h.target_id, h.evalue) for h in r.hits] for r in results] == expected
+
+
 @pytest.mark.parametrize("bound", [-1e-9, float("nan")])
 def test_bad_max_evalue_is_invalid_argument(server, bound: float) -> None:  # type: ignore[no-untyped-def]
     address, _ = server
