@@ -4,9 +4,10 @@
 
     esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH] [--layer N]
                           [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
+                          [--decoys 10000] [--decoy-seed 0]
     esmsearch index info INDEX_DIR [--verify] [--json]
     esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051] [--http-port 8080]
-    esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [--format tsv|json]
+    esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [-e MAX_EVALUE] [--format tsv|json]
 
 Each subcommand is a plain function of the Python API (``esmsearch.indexer.build_index``,
 ``esmsearch.store.Index``, ``esmsearch.server.serve``, ``esmsearch.client.SearchClient``).
@@ -30,6 +31,8 @@ from esmsearch import __version__
 __all__ = ["main"]
 
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"
+# Repeated from esmsearch.significance so that `esmsearch --help` imports no numpy code.
+DEFAULT_DECOYS = 10_000
 # Server defaults, repeated here so that `esmsearch --help` does not import torch/grpc server code.
 DEFAULT_MAX_QUERIES_IN_FLIGHT = 1024
 DEFAULT_MAX_QUEUED_RESIDUES = 1_048_576
@@ -69,6 +72,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index_factory=args.index_factory,
         resume=args.resume,
         progress=not args.no_progress,
+        decoys=args.decoys,
+        decoy_seed=args.decoy_seed,
     )
     if args.root is not None:
         result = build_version(args.fasta, args.root, reuse=not args.no_reuse, keep_versions=args.keep, **common)
@@ -84,6 +89,15 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"total {result.seconds:.1f} s; {result.windowed_sequences} sequences longer than "
         f"{m.build.get('window_residues')} residues embedded in windows"
     )
+    if m.decoys is None:
+        print("decoys: none (--decoys 0): hits of this index carry no E-values")
+    elif m.build.get("decoys_reused_from"):
+        print(f"decoys: {m.decoys.count} reused from version {m.build['decoys_reused_from']} (E-values on)")
+    else:
+        print(
+            f"decoys: {m.decoys.count} shuffled database sequences embedded in "
+            f"{m.build.get('decoy_embed_seconds', 0.0):.1f} s (E-values on)"
+        )
     if args.root is not None:
         r = result.reuse
         print(
@@ -150,6 +164,13 @@ def cmd_index_info(args: argparse.Namespace) -> int:
             ("faiss index", m.index_factory + (f" {m.search_params}" if m.search_params else "")),
             ("source fasta", f"{m.source_fasta} (sha256 {m.source_fasta_sha256[:16]}...)"),
             ("built", f"{m.built_at} by esmsearch {m.tool_version}"),
+            (
+                "decoys",
+                "none: hits carry no E-values (built before E-values existed, or with --decoys 0)"
+                if m.decoys is None
+                else f"{m.decoys.count:,} ({m.decoys.method}, seed {m.decoys.seed}); per-query GEV fit to maxima "
+                f"of blocks of {m.decoys.block_size}, shape {m.decoys.shape:+.4f}: E-values on",
+            ),
         ]
         b = m.build
         if b:
@@ -231,7 +252,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     with SearchClient(args.server, timeout_s=args.timeout_s, credentials=credentials) as client:
         try:
-            results = client.search(args.query, k=args.k, min_score=args.min_score)
+            results = client.search(args.query, k=args.k, min_score=args.min_score, max_evalue=args.max_evalue)
         except UnavailableError as exc:
             raise UnavailableError(
                 exc.code,
@@ -247,6 +268,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
     return 0
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _evalue(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an E-value >= 0 such as 0.001 or 1e-5, got {text!r}") from exc
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected an E-value >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto"
+    )
+    b.add_argument(
+        "--decoys",
+        type=_non_negative_int,
+        default=DEFAULT_DECOYS,
+        metavar="N",
+        help=f"shuffled database sequences embedded as the null behind E-values (default {DEFAULT_DECOYS:,}; "
+        "a smaller database gets one per sequence, adding about the database's own embedding time to a "
+        "first build; rebuilds reuse them). 0 = no E-values",
+    )
+    b.add_argument(
+        "--decoy-seed",
+        type=_non_negative_int,
+        default=0,
+        metavar="S",
+        help="seed of the decoy sample and shuffles (default 0; recorded in the manifest)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path (-o)")
     b.add_argument(
@@ -459,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
     q.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     q.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
+    q.add_argument(
+        "-e",
+        "--max-evalue",
+        type=_evalue,
+        default=None,
+        metavar="E",
+        help="drop hits with E-value above this (of the k nearest; like BLAST's -evalue, MMseqs2's -e); "
+        "the index needs decoys. Default: keep all",
+    )
     q.add_argument("--format", choices=["tsv", "json"], default="tsv")
     q.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
     q.add_argument("--timeout-s", type=float, default=300.0, help="per-call deadline in seconds (default 300)")

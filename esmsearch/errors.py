@@ -8,7 +8,8 @@
     ├── IndexDirectoryError             base of index-directory problems
     │   ├── IndexNotFoundError          no index (manifest.json) at the given path (FileNotFoundError)
     │   ├── IndexFormatError            manifest, checksums or files are inconsistent
-    │   └── IndexMismatchError          model settings differ from the index's manifest
+    │   ├── IndexMismatchError          model settings differ from the index's manifest
+    │   └── EvaluesUnavailableError     E-values asked of an index built without decoys
     ├── BuildLockedError                another build holds a versioned root's lock
     ├── InvalidIndexFactoryError        a FAISS factory string is rejected (ValueError)
     ├── ConfigError                     a setting is out of its valid range (ValueError)
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigError",
     "DuplicateRecordError",
     "EsmsearchError",
+    "EvaluesUnavailableError",
     "FastaFormatError",
     "IndexDirectoryError",
     "IndexFormatError",
@@ -117,6 +119,14 @@ class IndexFormatError(IndexDirectoryError):
 
 class IndexMismatchError(IndexDirectoryError):
     """The loaded model's settings differ from those recorded in an index manifest."""
+
+
+class EvaluesUnavailableError(IndexDirectoryError):
+    """E-values (or an E-value filter) were asked of an index that has no decoys.
+
+    Indexes built before E-values existed, or with ``--decoys 0``, serve hits
+    without E-values; the server answers FAILED_PRECONDITION to ``max_evalue``.
+    """
 
 
 class BuildLockedError(EsmsearchError):

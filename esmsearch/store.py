@@ -6,6 +6,10 @@ One index version is a directory::
     index.faiss       FAISS index over the vectors, row i = database sequence i
     embeddings.npy    float32 [count, dim], L2-normalised (kept for rebuilds)
     metadata.sqlite   table ``sequences(row, record_id, description, length, sha256)``
+    decoys.npy        float32 [decoys.count, dim], L2-normalised embeddings of shuffled
+                      database sequences, for E-values (:mod:`esmsearch.significance`);
+                      absent when the manifest's ``decoys`` is null (indexes built
+                      before E-values existed, or with ``--decoys 0``)
 
 :class:`IndexWriter` writes into a temporary sibling directory and renames it into
 place only after every file is written, fsynced, checksummed and re-opened: an
@@ -41,9 +45,11 @@ from typing import Any
 import numpy as np
 
 from esmsearch import fsutil
-from esmsearch.errors import EsmsearchError, IndexFormatError, IndexNotFoundError
+from esmsearch.errors import EsmsearchError, EvaluesUnavailableError, IndexFormatError, IndexNotFoundError
+from esmsearch.significance import DECOYS_FILE, DecoyNull, DecoySettings, check_decoy_vectors
 
 __all__ = [
+    "DECOYS_FILE",
     "FORMAT_VERSION",
     "MANIFEST",
     "PRECISIONS",
@@ -111,6 +117,10 @@ class Manifest:
         built_at: ISO-8601 UTC build time.
         tool_version: esmsearch version that built it.
         build: informative build statistics (seconds, residues/s, windowed sequences, ...).
+        decoys: the decoy set behind the index's E-values (count, seed, method, block
+            size; see :class:`~esmsearch.significance.DecoySettings`), stored in
+            ``decoys.npy``; ``None`` (JSON ``null``, or no key in manifests written
+            before E-values existed) = no decoys, so hits carry no E-values.
     """
 
     format_version: int
@@ -133,9 +143,15 @@ class Manifest:
     built_at: str
     tool_version: str
     build: dict[str, Any] = field(default_factory=dict)
+    decoys: DecoySettings | None = None
 
     def __post_init__(self) -> None:
         _check_precision(self.precision, "manifest")
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        """The data files this version holds: :data:`DATA_FILES`, plus ``decoys.npy`` with decoys."""
+        return DATA_FILES + ((DECOYS_FILE,) if self.decoys is not None else ())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -148,9 +164,12 @@ class Manifest:
         read with the precision its ``build`` statistics recorded, else ``fp32``
         (the only precision those versions could build by default).
 
+        A manifest without ``decoys`` (written before E-values existed) is read with
+        ``decoys=None``.
+
         Raises:
-            IndexFormatError: missing keys, an unsupported format version, or a
-                precision outside :data:`PRECISIONS`.
+            IndexFormatError: missing keys, an unsupported format version, a
+                precision outside :data:`PRECISIONS`, or a malformed ``decoys`` object.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         if "precision" not in data:
@@ -172,6 +191,8 @@ class Manifest:
                 f"(this esmsearch reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); "
                 "rebuild the index or upgrade esmsearch"
             )
+        decoys = data.get("decoys")
+        data = {**data, "decoys": None if decoys is None else DecoySettings.from_json(decoys, source=source)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
@@ -313,6 +334,18 @@ class IndexWriter:
         """Write float32 ``[rows, dim]`` vectors to ``embeddings.npy``."""
         np.save(self.embeddings_path(), np.ascontiguousarray(vectors, dtype=np.float32))
 
+    def decoys_path(self) -> Path:
+        return self.directory / DECOYS_FILE
+
+    def write_decoys(self, vectors: np.ndarray) -> None:
+        """Write float32 ``[n_decoys, dim]`` decoy vectors to ``decoys.npy``, atomically and durably."""
+        path = self.decoys_path()
+        tmp = path.with_name(path.stem + ".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(vectors, dtype=np.float32))
+        fsutil.fsync_file(tmp)
+        os.replace(tmp, path)
+        fsutil.fsync_dir(self.directory)
+
     def write_faiss(self, index: Any) -> None:
         from esmsearch import vector_index
 
@@ -322,18 +355,26 @@ class IndexWriter:
         """Checksum files, write ``manifest.json`` last, fsync, and verify the result.
 
         ``fields`` are the :class:`Manifest` fields other than ``format_version``,
-        ``files``, ``count`` and (optionally) ``version``/``built_at``.
+        ``files``, ``count`` and (optionally) ``version``/``built_at``/``decoys``.
+        With ``decoys`` (a :class:`~esmsearch.significance.DecoySettings`), ``decoys.npy``
+        must have been written (:meth:`write_decoys`) and is checksummed too.
 
         Raises:
-            IndexFormatError: the written files are inconsistent (row counts differ),
-                or a field is invalid (e.g. an unknown precision).
+            IndexFormatError: the written files are inconsistent (row counts differ,
+                decoys settings without ``decoys.npy`` or the reverse), or a field is
+                invalid (e.g. an unknown precision).
             OSError: an fsync or the manifest's rename failed (nothing is published).
         """
         self._db.commit()
         self._db.execute("VACUUM")
         self._db.close()
+        decoys = fields.get("decoys")
+        if decoys is None and self.decoys_path().is_file():
+            raise IndexFormatError(f"build wrote {DECOYS_FILE} but its manifest has no decoys settings")
+        if decoys is not None and not self.decoys_path().is_file():
+            raise IndexFormatError(f"manifest has decoys settings {decoys} but the build wrote no {DECOYS_FILE}")
         files = {}
-        for name in DATA_FILES:
+        for name in DATA_FILES + ((DECOYS_FILE,) if decoys is not None else ()):
             path = self.directory / name
             if not path.is_file():
                 raise IndexFormatError(f"build produced no {name}")
@@ -429,16 +470,30 @@ def _remove_tree(path: Path) -> None:
 class Index:
     """An opened, read-only index version: FAISS search plus metadata lookup.
 
-    Thread-safe: FAISS search is re-entrant; SQLite access is serialised by a lock.
-    Use :meth:`open`.
+    Thread-safe: FAISS search is re-entrant; SQLite access is serialised by a lock;
+    the decoys are read-only. Use :meth:`open`.
+
+    Attributes:
+        path: the index directory.
+        manifest: its manifest.
+        null: the decoys and per-query null behind E-values, or ``None`` for an index
+            without decoys (:attr:`Manifest.decoys` is ``None``).
     """
 
-    def __init__(self, path: Path, manifest: Manifest, faiss_index: Any, db: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        faiss_index: Any,
+        db: sqlite3.Connection,
+        null: DecoyNull | None = None,
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self._faiss = faiss_index
         self._db = db
         self._lock = threading.Lock()
+        self.null = null
 
     @property
     def version(self) -> str:
@@ -448,6 +503,11 @@ class Index:
     def count(self) -> int:
         return self.manifest.count
 
+    @property
+    def has_evalues(self) -> bool:
+        """Whether hits of this index get E-values (it was built with decoys)."""
+        return self.null is not None
+
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: bool = False, mmap: bool = False) -> Index:
         """Open an index directory.
@@ -455,25 +515,28 @@ class Index:
         Args:
             path: the index directory.
             verify: also check every file's sha256 against the manifest.
-            mmap: memory-map the FAISS index instead of reading it into memory.
+            mmap: memory-map the FAISS index and the decoys instead of reading them
+                into memory.
 
         Raises:
             IndexNotFoundError: no manifest at ``path``.
             IndexFormatError: a file is missing, a checksum differs (with ``verify``),
-                or row counts of FAISS, metadata and manifest disagree.
+                row counts of FAISS, metadata and manifest disagree, or ``decoys.npy``
+                is not float32 ``[decoys.count, dim]``.
         """
         from esmsearch import vector_index
 
         directory = Path(path)
         manifest = Manifest.read(directory)
-        for name in DATA_FILES:
+        expected_files = manifest.data_files
+        for name in expected_files:
             if not (directory / name).is_file():
                 raise IndexFormatError(f"index {directory} is incomplete: {name} missing")
         if verify:
-            if set(manifest.files) != set(DATA_FILES):
+            if set(manifest.files) != set(expected_files):
                 raise IndexFormatError(
                     f"index {directory}: manifest lists checksums for {sorted(manifest.files)}, "
-                    f"expected {sorted(DATA_FILES)}"
+                    f"expected {sorted(expected_files)}"
                 )
             for name, expected in manifest.files.items():
                 actual = fsutil.file_sha256(directory / name)
@@ -512,12 +575,20 @@ class Index:
             emb = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")
             if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.float32:
                 problems.append(f"embeddings.npy is {emb.dtype} {emb.shape}")
+        null = None
+        if manifest.decoys is not None:
+            try:
+                decoys = np.load(directory / DECOYS_FILE, mmap_mode="r" if mmap else None)
+                check_decoy_vectors(decoys, manifest.decoys, manifest.dim)
+                null = DecoyNull(decoys, manifest.decoys)
+            except (OSError, ValueError, IndexFormatError) as exc:
+                problems.append(str(exc))
         if problems:
             db.close()
             raise IndexFormatError(
                 f"index {directory} is inconsistent (manifest count {manifest.count}): " + "; ".join(problems)
             )
-        return cls(directory, manifest, index, db)
+        return cls(directory, manifest, index, db, null)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k-nearest database sequences by cosine score.
@@ -537,6 +608,31 @@ class Index:
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
             raise ValueError(f"query vectors must be [q, {self.manifest.dim}], got {list(queries.shape)}")
         return vector_index.search(self._faiss, queries, k)
+
+    def evalues(self, vectors: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """E-values of hits of this index (see :mod:`esmsearch.significance`).
+
+        Fits each query's null to its scores against the stored decoys (one matrix
+        product) and scales it to this index's ``count`` database sequences.
+
+        Args:
+            vectors: float32 ``[q, dim]``, L2-normalised query embeddings.
+            scores: ``[q, k]`` cosine scores of their hits (from :meth:`search`).
+
+        Returns:
+            float32 ``[q, k]`` E-values in ``[0, count]``: the expected number of
+            database sequences unrelated to the query scoring at least each score;
+            lower = more significant.
+
+        Raises:
+            EvaluesUnavailableError: the index has no decoys.
+        """
+        if self.null is None:
+            raise EvaluesUnavailableError(
+                f"index {self.version} has no decoys, so no E-values; rebuild it with decoys "
+                "(esmsearch index build --decoys N, N > 0)"
+            )
+        return self.null.evalues(np.ascontiguousarray(vectors, dtype=np.float32), scores, self.count)
 
     def embeddings(self) -> np.ndarray:
         """The stored vectors, memory-mapped read-only: float32 ``[count, dim]``."""

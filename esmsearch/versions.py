@@ -80,9 +80,10 @@ def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 
     """Check an index version before it is published.
 
     Checks: manifest readable; every file's sha256 equals the manifest's; row
-    counts of FAISS, metadata and embeddings equal the manifest count; and a
-    self-search: ``sample`` stored vectors (seeded choice) are searched and each
-    must come back at rank 1 -- as itself, or as a row with an identical vector
+    counts of FAISS, metadata and embeddings equal the manifest count; decoys (if
+    any) are finite unit vectors of the index's dimension; and a self-search:
+    ``sample`` stored vectors (seeded choice) are searched and each must come
+    back at rank 1 -- as itself, or as a row with an identical vector
     (identical sequences under different record ids tie). Exact (``Flat``) indexes
     must pass for every sampled row; approximate ones (IVF, HNSW, PQ) for at least
     90% of them, since compression can legitimately reorder near-ties.
@@ -94,6 +95,19 @@ def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 
         n = index.count
         if n == 0:
             raise IndexFormatError(f"index {path} has no sequences")
+        if index.null is not None:
+            decoys = index.null.decoys
+            norms = np.concatenate(  # in chunks: no float64 copy of all decoys at once
+                [
+                    np.linalg.norm(np.asarray(decoys[i : i + 4096], dtype=np.float64), axis=1)
+                    for i in range(0, len(decoys), 4096)
+                ]
+            )
+            bad = np.flatnonzero(~(np.abs(norms - 1.0) <= 1e-3))  # also catches NaN
+            if bad.size:
+                raise IndexFormatError(
+                    f"index {path}: {bad.size} decoy vectors are not finite unit vectors (first: decoy {bad[0]})"
+                )
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
         stored = index.embeddings()  # memory-mapped once

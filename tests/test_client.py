@@ -234,8 +234,8 @@ RESULTS = [
         120,
         "v1",
         [
-            Hit("t1", "first target", 0.98765432, 1, 100),
-            Hit("t2", "tab\tin\ndescription", -0.25, 2, 50),
+            Hit("t1", "first target", 0.98765432, 1, 100, evalue=1.23456e-5),
+            Hit("t2", "tab\tin\ndescription", -0.25, 2, 50, evalue=0.0),
         ],
     ),
     QueryResult("q2", 30, "v1", []),
@@ -247,12 +247,14 @@ def test_write_tsv_one_hit_per_line_with_header() -> None:
     out = io.StringIO()
     write_tsv(RESULTS, out)
     lines = out.getvalue().splitlines()
-    assert lines[0] == ("query_id\ttarget_id\tcosine_score\trank\tquery_length\ttarget_length\ttarget_description")
+    assert lines[0] == (
+        "query_id\ttarget_id\tcosine_score\trank\tquery_length\ttarget_length\tevalue\ttarget_description"
+    )
     assert lines[0].split("\t") == list(TSV_COLUMNS)
     assert lines[1:] == [
-        "q1\tt1\t0.987654\t1\t120\t100\tfirst target",
-        "q1\tt2\t-0.250000\t2\t120\t50\ttab in description",
-        "q3\tt9\t0.500000\t1\t45\t7\t",
+        "q1\tt1\t0.987654\t1\t120\t100\t1.23e-05\tfirst target",
+        "q1\tt2\t-0.250000\t2\t120\t50\t0.00e+00\ttab in description",
+        "q3\tt9\t0.500000\t1\t45\t7\tNA\t",  # an index without decoys: no E-value
     ]
 
 
@@ -266,11 +268,14 @@ def test_write_json_round_trips() -> None:
     assert data[0]["hits"][0] == {
         "target_id": "t1",
         "cosine_score": 0.987654,
+        "evalue": 1.23e-05,  # the 3 significant digits the TSV shows
         "rank": 1,
         "target_length": 100,
         "target_description": "first target",
     }
+    assert data[0]["hits"][1]["evalue"] == 0.0
     assert data[1]["hits"] == []
+    assert data[2]["hits"][0]["evalue"] is None  # JSON null: the index has no decoys
 
 
 def test_embed_then_search_by_embedding_round_trip(client, db) -> None:  # type: ignore[no-untyped-def]

@@ -278,7 +278,8 @@ def test_shards_are_fsynced_before_they_are_journaled_and_publishes_fsync_their_
 ) -> None:
     _, new_fasta = two_databases
     root = tmp_path / "root"
-    journal_shards: list[tuple[int, int]] = []  # (trace position, shards the journal names)
+    # (trace position, chunks the journal names) each time the database / decoy count changes
+    journaled_at: dict[str, list[tuple[int, int]]] = {"shards": [], "decoy_shards": [], "decoys_done": []}
     steps = Steps()
     real_replace = os.replace
 
@@ -286,24 +287,35 @@ def test_shards_are_fsynced_before_they_are_journaled_and_publishes_fsync_their_
         if Path(dst).name == "build-state.json":
             import json
 
-            journal_shards.append((len(steps.trace), json.loads(Path(src).read_text())["shards"]))
+            data = json.loads(Path(src).read_text())
+            for key, seen in journaled_at.items():
+                value = data.get(key)
+                if value is not None and (not seen or seen[-1][1] != value):
+                    seen.append((len(steps.trace), value))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     steps.install(monkeypatch)
     result = build_version(new_fasta, root, model="unused", embedder=embedder, chunk_residues=100)
     trace = steps.trace
-    n_shards = max(s for _, s in journal_shards)
-    assert n_shards >= 3
-    for k in range(n_shards):
-        shard = f"shard-{k:06d}"
-        fsynced = _index_of(trace, lambda n, a, s=shard: n == "fsync_file" and Path(a[0]).name == f"{s}.tmp.npy")
-        renamed = _index_of(trace, lambda n, a, s=shard: n == "replace" and Path(a[1]).name == f"{s}.npy")
-        dir_synced = _index_of(trace, lambda n, a: n == "fsync_dir" and Path(a[0]).name == "shards")
-        journaled = [pos for pos, shards in journal_shards if shards == k + 1]
-        assert len(fsynced) == len(renamed) == len(journaled) == 1, shard
-        assert fsynced[0] < renamed[0] < journaled[0] - 1
-        assert any(renamed[0] < d < journaled[0] for d in dir_synced), shard
+    # Database shards and decoy shards alike: fsynced, renamed, directory fsynced, then journaled.
+    for key, prefix, directory in (("shards", "shard", "shards"), ("decoy_shards", "decoy", "decoy-shards")):
+        n_shards = max(s for _, s in journaled_at[key])
+        assert n_shards >= 3, key
+        for k in range(n_shards):
+            shard = f"{prefix}-{k:06d}"
+            fsynced = _index_of(trace, lambda n, a, s=shard: n == "fsync_file" and Path(a[0]).name == f"{s}.tmp.npy")
+            renamed = _index_of(trace, lambda n, a, s=shard: n == "replace" and Path(a[1]).name == f"{s}.npy")
+            dir_synced = _index_of(trace, lambda n, a, d=directory: n == "fsync_dir" and Path(a[0]).name == d)
+            journaled = [pos for pos, shards in journaled_at[key] if shards == k + 1]
+            assert len(fsynced) == len(renamed) == len(journaled) == 1, shard
+            assert fsynced[0] < renamed[0] < journaled[0] - 1
+            assert any(renamed[0] < d < journaled[0] for d in dir_synced), shard
+    # decoys.npy is written after the last decoy shard and fsynced before the journal says so
+    decoys_synced = _index_of(trace, lambda n, a: n == "fsync_file" and Path(a[0]).name == "decoys.npy")
+    [(done_at, done)] = journaled_at["decoys_done"]
+    assert done is True
+    assert journaled_at["decoy_shards"][-1][0] < decoys_synced[0] < done_at
     versions_dir = root / "versions"
     added = _index_of(trace, lambda n, a: n == "rename" and Path(a[1]).parent == versions_dir)
     swapped = _index_of(trace, lambda n, a: n == "replace" and Path(a[1]) == root / "current")
@@ -314,7 +326,7 @@ def test_shards_are_fsynced_before_they_are_journaled_and_publishes_fsync_their_
     manifest_in = _index_of(trace, lambda n, a: n == "replace" and Path(a[1]).name == "manifest.json")
     assert len(manifest_in) == 1 and trace[manifest_in[0] + 1][0] == "fsync_dir"
     data_fsynced = {Path(a[0]).name for n, a in trace[: manifest_in[0]] if n == "fsync_file"}
-    assert {"index.faiss", "embeddings.npy", "metadata.sqlite"} <= data_fsynced
+    assert {"index.faiss", "embeddings.npy", "metadata.sqlite", "decoys.npy"} <= data_fsynced
     assert IndexRoot(root).current_version() == result.manifest.version
 
 
@@ -440,5 +452,5 @@ def test_index_in_a_directory_named_with_uri_characters(
     with Index.open(out, verify=True) as index:
         assert [t.record_id for t in index.targets([0, 7])] == ["old0", "old7"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "index.faiss", "embeddings.npy", "metadata.sqlite"]
+        ["manifest.json", "index.faiss", "embeddings.npy", "metadata.sqlite", "decoys.npy"]
     )

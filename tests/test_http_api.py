@@ -257,9 +257,36 @@ def test_unknown_paths_and_methods_answer_json_errors(api: httpx.Client) -> None
 # -- 409, 413 ----------------------------------------------------------------------------------
 
 
-def test_max_evalue_on_a_server_without_evalues_is_409(api: httpx.Client) -> None:
-    error = _error(api.post(SEARCH, json={"fasta": "MKTAYIAK", "max_evalue": 1e-3}), 409, "FAILED_PRECONDITION")
-    assert "E-values" in error["message"]
+def test_max_evalue_filters_hits_and_carries_evalues(api: httpx.Client) -> None:
+    query = next(iter(read_fasta(Path(__file__).parent / "data" / "ecoli_40.fasta")))
+    every = api.post(SEARCH, json={"fasta": query.sequence, "k": 40}).json()[0]["hits"]
+    assert all(isinstance(h["evalue"], float) for h in every)  # the index has decoys
+    shown = sorted(set(h["evalue"] for h in every))  # rounded to 3 significant digits in JSON
+    mid = len(shown) // 2
+    bound = (shown[mid] + shown[mid + 1]) / 2  # between two shown values: rounding cannot blur it
+    kept = api.post(SEARCH, json={"fasta": query.sequence, "k": 40, "max_evalue": bound}).json()[0]["hits"]
+    assert [h["target_id"] for h in kept] == [h["target_id"] for h in every if h["evalue"] <= shown[mid]]
+    assert 0 < len(kept) < len(every)
+
+
+def test_max_evalue_on_an_index_without_decoys_is_409(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, ecoli_fasta: Path
+) -> None:
+    from esmsearch.indexer import build_index
+
+    no_decoys = tmp_path_factory.mktemp("nodecoys") / "index"
+    build_index(ecoli_fasta, no_decoys, model=str(tiny_checkpoint), device="cpu", decoys=0)
+    server = _start(no_decoys)
+    try:
+        with _client(server) as client:
+            error = _error(
+                client.post(SEARCH, json={"fasta": "MKTAYIAK", "max_evalue": 1e-3}), 409, "FAILED_PRECONDITION"
+            )
+            assert "E-values" in error["message"]
+            hits = client.post(SEARCH, json={"fasta": "MKTAYIAK", "k": 3}).json()[0]["hits"]
+            assert [h["evalue"] for h in hits] == [None, None, None]  # served, without E-values
+    finally:
+        server.stop(1.0)
 
 
 @pytest.fixture(scope="module")

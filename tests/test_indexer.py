@@ -19,7 +19,7 @@ from esmsearch.errors import (
 from esmsearch.indexer import build_index
 from esmsearch.indexer.build import partial_build_dir
 from esmsearch.sequences import read_fasta
-from esmsearch.store import DATA_FILES, Index, Manifest
+from esmsearch.store import DATA_FILES, DECOYS_FILE, Index, Manifest
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -56,7 +56,8 @@ def test_manifest_fields(small_index: Path, tiny_checkpoint: Path, ecoli_fasta: 
     assert (m.pooling, m.normalisation, m.metric) == ("mean_residues", "l2", "inner_product")
     assert m.source_fasta == str(ecoli_fasta)
     assert m.source_fasta_sha256 == _sha(ecoli_fasta)
-    assert set(m.files) == set(DATA_FILES)
+    assert set(m.files) == {*DATA_FILES, DECOYS_FILE}
+    assert m.decoys is not None and m.decoys.count == 40  # one decoy per sequence of a small database
     for name, digest in m.files.items():
         assert _sha(small_index / name) == digest
     assert m.build["sequences"] == 40
@@ -90,11 +91,16 @@ def test_small_chunks_give_same_vectors(
     out = tmp_path / "chunked"
     result = build_index(ecoli_fasta, out, model="unused", embedder=tiny_embedder, chunk_residues=200)
     assert len(embed_calls) >= 5  # really streamed in many chunks
-    assert sum(embed_calls) == 40
+    assert sum(embed_calls) == 40 + 40  # each sequence and each of its 40 decoys once
     assert result.sequences == 40
     with Index.open(out, verify=True) as a, Index.open(small_index) as b:
         np.testing.assert_allclose(np.array(a.embeddings()), np.array(b.embeddings()), atol=1e-5)
         assert list(a.iter_metadata()) == list(b.iter_metadata())
+        assert a.null is not None and b.null is not None  # chunking changes no decoy either
+        np.testing.assert_allclose(np.array(a.null.decoys), np.array(b.null.decoys), atol=1e-5)
+        assert a.manifest.decoys is not None and a.manifest.decoys.same_decoys(b.manifest.decoys)
+        assert b.manifest.decoys is not None
+        assert a.manifest.decoys.shape == pytest.approx(b.manifest.decoys.shape, abs=1e-4)
 
 
 def test_gzip_database(tmp_path: Path, ecoli_fasta: Path, tiny_embedder: Embedder, small_index: Path) -> None:
@@ -231,7 +237,8 @@ def test_failed_build_leaves_existing_index_untouched(
         overwrite=True,
         resume=True,
     )
-    assert 0 < sum(resumed_calls) < 40  # the chunks embedded before the failure were not redone
+    # the chunks embedded before the failure were not redone (then the 40 decoys are embedded)
+    assert 0 < sum(resumed_calls) - 40 < 40
     assert {p.name for p in tmp_path.iterdir()} == {"idx"}
     with Index.open(out, verify=True) as a, Index.open(small_index) as b:
         np.testing.assert_allclose(np.array(a.embeddings()), np.array(b.embeddings()), atol=1e-5)

@@ -34,6 +34,7 @@ from esmsearch.client.errors import (
 from esmsearch.client.formats import TSV_COLUMNS, write_json, write_tsv
 from esmsearch.client.retry import RetryPolicy
 from esmsearch.client.types import (
+    DecoySettings,
     Embeddings,
     Hit,
     IndexInfo,
@@ -50,6 +51,7 @@ __all__ = [
     "CancelledError",
     "ClientCredentials",
     "DeadlineExceededError",
+    "DecoySettings",
     "Embeddings",
     "FailedPreconditionError",
     "Hit",

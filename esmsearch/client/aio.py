@@ -11,7 +11,6 @@ Like the blocking client it imports no torch, faiss or fair-esm.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -20,7 +19,14 @@ import grpc
 import numpy as np
 
 from esmsearch.client.channel import ClientCredentials
-from esmsearch.client.client import DEFAULT_ADDRESS, Queries, _split, search_by_embedding_request
+from esmsearch.client.client import (
+    DEFAULT_ADDRESS,
+    Queries,
+    _split,
+    check_bounds,
+    search_by_embedding_request,
+    search_request,
+)
 from esmsearch.client.errors import UnavailableError, map_rpc_errors
 from esmsearch.client.retry import RetryPolicy, call_with_retry_async
 from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, RequestLimits
@@ -128,13 +134,13 @@ class AsyncSearchClient:
         *,
         k: int = 10,
         min_score: float | None = None,
+        max_evalue: float | None = None,
         timeout_s: float | None = _DEFAULT,
         split_requests: bool = True,
     ) -> list[QueryResult]:
         """See :meth:`esmsearch.client.SearchClient.search` (same arguments, result, errors)."""
         deadline = self._timeout(timeout_s)
-        if min_score is not None and math.isnan(min_score):
-            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+        check_bounds(min_score, max_evalue)
         records = records_from(queries)
         queries_pb = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
         if split_requests and queries_pb:
@@ -145,9 +151,7 @@ class AsyncSearchClient:
             chunks = [queries_pb]
         results: list[QueryResult] = []
         for chunk in chunks:
-            request = search_pb2.SearchRequest(queries=chunk, k=k)
-            if min_score is not None:
-                request.min_score = min_score
+            request = search_request(chunk, k, min_score, max_evalue)
             response = await self._unary(self.stub.Search, request, deadline)
             results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
         return results
@@ -159,11 +163,12 @@ class AsyncSearchClient:
         query_ids: Sequence[str] | None = None,
         k: int = 10,
         min_score: float | None = None,
+        max_evalue: float | None = None,
         timeout_s: float | None = _DEFAULT,
     ) -> list[QueryResult]:
         """See :meth:`esmsearch.client.SearchClient.search_by_embedding`."""
         deadline = self._timeout(timeout_s)
-        request = search_by_embedding_request(vectors, query_ids, k, min_score)
+        request = search_by_embedding_request(vectors, query_ids, k, min_score, max_evalue=max_evalue)
         response = await self._unary(self.stub.SearchByEmbedding, request, deadline)
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
 
@@ -188,24 +193,19 @@ class AsyncSearchClient:
         *,
         k: int = 10,
         min_score: float | None = None,
+        max_evalue: float | None = None,
         timeout_s: float | None = _DEFAULT,
     ) -> AsyncIterator[list[QueryResult]]:
         """See :meth:`esmsearch.client.SearchClient.search_stream`: one result list per batch."""
         deadline = self._timeout(timeout_s)
-        if min_score is not None and math.isnan(min_score):
-            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+        check_bounds(min_score, max_evalue)
         call = self.stub.SearchStream(timeout=deadline, metadata=self._metadata)
         try:
             with map_rpc_errors():
                 for batch in batches:
                     records = records_from(batch)  # raises before sending a bad batch
-                    request = search_pb2.SearchRequest(
-                        queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records],
-                        k=k,
-                    )
-                    if min_score is not None:
-                        request.min_score = min_score
-                    await call.write(request)
+                    queries = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
+                    await call.write(search_request(queries, k, min_score, max_evalue))
                     response = await call.read()
                     if response is grpc.aio.EOF or not isinstance(response, search_pb2.SearchResponse):
                         await _raise_status(call)

@@ -146,6 +146,7 @@ class SearchClient:
         *,
         k: int = 10,
         min_score: float | None = None,
+        max_evalue: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
     ) -> Iterator[list[QueryResult]]:
         """Search many query batches over one ``SearchStream`` call, lazily.
@@ -161,7 +162,7 @@ class SearchClient:
         Args:
             batches: iterable of query batches, each in any form :meth:`search`
                 accepts (FASTA path, mapping id -> sequence, list of sequences).
-            k, min_score: as for :meth:`search`.
+            k, min_score, max_evalue: as for :meth:`search`.
             timeout_s: deadline of the whole stream in seconds; ``None`` = none.
 
         Yields:
@@ -173,11 +174,12 @@ class SearchClient:
             InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
                 UnavailableError, SearchError: the stream failed (details of a
                 server-side rejection start with ``request #<n>:``).
-            ValueError: the client is closed, or ``min_score`` is NaN.
+            FailedPreconditionError: ``max_evalue`` given but the index has no decoys.
+            ValueError: the client is closed, ``min_score`` is NaN, or ``max_evalue``
+                is negative or NaN.
         """
         deadline = self._timeout(timeout_s)
-        if min_score is not None and math.isnan(min_score):
-            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+        check_bounds(min_score, max_evalue)
 
         failure: list[BaseException] = []  # a bad batch, raised here rather than in grpc's thread
 
@@ -188,13 +190,8 @@ class SearchClient:
                 except (ValueError, OSError) as exc:
                     failure.append(exc)
                     return
-                request = search_pb2.SearchRequest(
-                    queries=[search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records],
-                    k=k,
-                )
-                if min_score is not None:
-                    request.min_score = min_score
-                yield request
+                queries = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
+                yield search_request(queries, k, min_score, max_evalue)
 
         responses = self.stub.SearchStream(requests(), timeout=deadline, metadata=self._metadata)
         try:
@@ -217,6 +214,7 @@ class SearchClient:
         *,
         k: int = 10,
         min_score: float | None = None,
+        max_evalue: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
         split_requests: bool = True,
     ) -> list[QueryResult]:
@@ -236,6 +234,9 @@ class SearchClient:
             k: hits per query, 1 .. the server's ``max_k`` (1000 by default).
             min_score: drop hits whose cosine score is below this, in [-1, 1];
                 ``None`` = keep all.
+            max_evalue: drop hits whose E-value is above this, >= 0 (like BLAST's
+                ``-evalue``, applied to the ``k`` nearest hits); ``None`` = keep all.
+                Needs an index with decoys (:attr:`IndexInfo.has_evalues`).
             timeout_s: deadline of each RPC in seconds; ``None`` = none; default:
                 the client's ``timeout_s``.
             split_requests: split the queries into several RPCs within the server's
@@ -244,8 +245,9 @@ class SearchClient:
 
         Returns:
             One :class:`QueryResult` per query, in input order, each with at most
-            ``k`` hits by descending cosine score (in [-1, 1], higher = closer)
-            and the version of the index that answered.
+            ``k`` hits by descending cosine score (in [-1, 1], higher = closer),
+            each with its E-value (``None`` if the index has no decoys), and the
+            version of the index that answered.
 
         Raises:
             esmsearch.errors.InvalidSequenceError: a query is invalid, or a ``str`` is
@@ -258,12 +260,13 @@ class SearchClient:
                 ``split_requests``: one query is longer than the per-query limit).
             DeadlineExceededError: ``timeout_s`` elapsed.
             UnavailableError: the server is unreachable or draining.
+            FailedPreconditionError: ``max_evalue`` given but the index has no decoys.
             SearchError: any other failed RPC.
-            ValueError: the client is closed, or ``min_score`` is NaN.
+            ValueError: the client is closed, ``min_score`` is NaN, or ``max_evalue``
+                is negative or NaN.
         """
         deadline = self._timeout(timeout_s)
-        if min_score is not None and math.isnan(min_score):
-            raise ValueError("min_score must be a number in [-1, 1], got NaN")
+        check_bounds(min_score, max_evalue)
         records = records_from(queries)
         queries_pb = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
         if split_requests and queries_pb:
@@ -272,9 +275,7 @@ class SearchClient:
             chunks = [queries_pb]
         results: list[QueryResult] = []
         for chunk in chunks:
-            request = search_pb2.SearchRequest(queries=chunk, k=k)
-            if min_score is not None:
-                request.min_score = min_score
+            request = search_request(chunk, k, min_score, max_evalue)
             response = self._unary(self.stub.Search, request, deadline)
             results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
         return results
@@ -291,6 +292,7 @@ class SearchClient:
         query_ids: Sequence[str] | None = None,
         k: int = 10,
         min_score: float | None = None,
+        max_evalue: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
     ) -> list[QueryResult]:
         """Search with precomputed query embeddings (one ``SearchByEmbedding`` RPC).
@@ -302,21 +304,24 @@ class SearchClient:
             query_ids: ids for the rows of an array (default ``query_1``, ``query_2``, ...).
             k: hits per query, 1 .. the server's ``max_k``.
             min_score: drop hits whose cosine score is below this, in [-1, 1].
+            max_evalue: drop hits whose E-value is above this, >= 0 (as in :meth:`search`).
             timeout_s: deadline of the call in seconds; ``None`` = none.
 
         Returns:
             One :class:`QueryResult` per vector, in input order, with
-            ``query_length`` 0 (unknown for a vector).
+            ``query_length`` 0 (unknown for a vector); hits carry E-values as in
+            :meth:`search`.
 
         Raises:
             InvalidArgumentError: wrong dimension, non-finite or zero vector, bad k/ids.
             ResourceExhaustedError, DeadlineExceededError, UnavailableError, SearchError:
                 the RPC failed.
+            FailedPreconditionError: ``max_evalue`` given but the index has no decoys.
             ValueError: ``vectors`` is not 2-D, ``query_ids`` has the wrong length,
-                or the client is closed.
+                ``max_evalue`` is negative or NaN, or the client is closed.
         """
         deadline = self._timeout(timeout_s)
-        request = search_by_embedding_request(vectors, query_ids, k, min_score)
+        request = search_by_embedding_request(vectors, query_ids, k, min_score, max_evalue=max_evalue)
         response = self._unary(self.stub.SearchByEmbedding, request, deadline)
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
 
@@ -419,17 +424,45 @@ def _split(queries: list[search_pb2.Query], limits: RequestLimits) -> list[list[
     return chunks
 
 
+def check_bounds(min_score: float | None, max_evalue: float | None) -> None:
+    """Refuse bounds the server would refuse, before any RPC (shared by both clients).
+
+    Raises:
+        ValueError: ``min_score`` is NaN, or ``max_evalue`` is negative or NaN.
+    """
+    if min_score is not None and math.isnan(min_score):
+        raise ValueError("min_score must be a number in [-1, 1], got NaN")
+    if max_evalue is not None and (math.isnan(max_evalue) or max_evalue < 0):
+        raise ValueError(f"max_evalue must be an E-value >= 0, got {max_evalue}")
+
+
+def search_request(
+    queries: Sequence[search_pb2.Query], k: int, min_score: float | None, max_evalue: float | None
+) -> search_pb2.SearchRequest:
+    """Build a Search request (shared by the sync and asyncio clients and their streams)."""
+    request = search_pb2.SearchRequest(queries=queries, k=k)
+    if min_score is not None:
+        request.min_score = min_score
+    if max_evalue is not None:
+        request.max_evalue = max_evalue
+    return request
+
+
 def search_by_embedding_request(
     vectors: np.ndarray | Mapping[str, Sequence[float]],
     query_ids: Sequence[str] | None,
     k: int,
     min_score: float | None,
+    *,
+    max_evalue: float | None = None,
 ) -> search_pb2.SearchByEmbeddingRequest:
     """Build a SearchByEmbedding request (shared by the sync and asyncio clients).
 
     Raises:
-        ValueError: ``vectors`` is not 2-D or ``query_ids`` has the wrong length.
+        ValueError: ``vectors`` is not 2-D, ``query_ids`` has the wrong length, or
+            ``max_evalue`` is negative or NaN.
     """
+    check_bounds(min_score, max_evalue)
     if isinstance(vectors, Mapping):
         ids = [str(key) for key in vectors]
         array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
@@ -448,4 +481,6 @@ def search_by_embedding_request(
     )
     if min_score is not None:
         request.min_score = min_score
+    if max_evalue is not None:
+        request.max_evalue = max_evalue
     return request

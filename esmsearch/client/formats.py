@@ -1,4 +1,8 @@
-"""Output formats for search results: BLAST/MMseqs2-style TSV and JSON."""
+"""Output formats for search results: BLAST/MMseqs2-style TSV and JSON.
+
+:func:`results_to_jsonable` is the one definition of the JSON shape of a hit (the CLI's
+``--format json`` and any other JSON front end use it).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import json
 from collections.abc import Iterable
 from typing import IO, Any
 
-from esmsearch.client.types import QueryResult
+from esmsearch.client.types import Hit, QueryResult
 
-__all__ = ["TSV_COLUMNS", "results_to_jsonable", "write_json", "write_tsv"]
+__all__ = ["TSV_COLUMNS", "format_evalue", "hit_to_jsonable", "results_to_jsonable", "write_json", "write_tsv"]
 
 #: Column names of :func:`write_tsv`'s header line, in order.
 TSV_COLUMNS = (
@@ -18,8 +22,12 @@ TSV_COLUMNS = (
     "rank",
     "query_length",
     "target_length",
+    "evalue",
     "target_description",
 )
+#: What the ``evalue`` column holds for hits of an index without decoys (read as
+#: missing by R's ``read.table`` and pandas' ``read_csv`` by default).
+NO_EVALUE = "NA"
 
 
 def _clean(text: str) -> str:
@@ -27,12 +35,19 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def format_evalue(evalue: float | None) -> str:
+    """An E-value as BLAST's tabular output writes it: ``%.2e`` (``1.23e-05``), or
+    :data:`NO_EVALUE` when there is none."""
+    return NO_EVALUE if evalue is None else f"{evalue:.2e}"
+
+
 def write_tsv(results: Iterable[QueryResult], stream: IO[str], *, header: bool = True) -> None:
     """Write hits as tab-separated values, one hit per line (the BLAST ``-outfmt 6`` habit).
 
-    Columns are :data:`TSV_COLUMNS`; ``cosine_score`` has 6 decimals. Queries
-    with no hits write no line. Whitespace runs inside descriptions (tabs,
-    newlines) are collapsed to one space.
+    Columns are :data:`TSV_COLUMNS`; ``cosine_score`` has 6 decimals, ``evalue`` is
+    in scientific notation with 3 significant digits (``%.2e``, as BLAST writes it),
+    ``NA`` for hits of an index without decoys. Queries with no hits write no line.
+    Whitespace runs inside descriptions (tabs, newlines) are collapsed to one space.
 
     Args:
         results: query results, written in the given order.
@@ -45,8 +60,23 @@ def write_tsv(results: Iterable[QueryResult], stream: IO[str], *, header: bool =
         for hit in result.hits:
             stream.write(
                 f"{result.query_id}\t{hit.target_id}\t{hit.cosine_score:.6f}\t{hit.rank}\t"
-                f"{result.query_length}\t{hit.target_length}\t{_clean(hit.description)}\n"
+                f"{result.query_length}\t{hit.target_length}\t{format_evalue(hit.evalue)}\t"
+                f"{_clean(hit.description)}\n"
             )
+
+
+def hit_to_jsonable(hit: Hit) -> dict[str, Any]:
+    """One hit as a JSON object: ``cosine_score`` rounded to 6 decimals, ``evalue`` to the
+    3 significant digits the TSV shows (a number, or ``None`` -> ``null`` when the index
+    has no decoys)."""
+    return {
+        "target_id": hit.target_id,
+        "cosine_score": round(hit.cosine_score, 6),
+        "evalue": None if hit.evalue is None else float(format_evalue(hit.evalue)),
+        "rank": hit.rank,
+        "target_length": hit.target_length,
+        "target_description": hit.description,
+    }
 
 
 def results_to_jsonable(results: Iterable[QueryResult]) -> list[dict[str, Any]]:
@@ -56,16 +86,7 @@ def results_to_jsonable(results: Iterable[QueryResult]) -> list[dict[str, Any]]:
             "query_id": r.query_id,
             "query_length": r.query_length,
             "index_version": r.index_version,
-            "hits": [
-                {
-                    "target_id": h.target_id,
-                    "cosine_score": round(h.cosine_score, 6),
-                    "rank": h.rank,
-                    "target_length": h.target_length,
-                    "target_description": h.description,
-                }
-                for h in r.hits
-            ],
+            "hits": [hit_to_jsonable(h) for h in r.hits],
         }
         for r in results
     ]
@@ -77,8 +98,9 @@ def write_json(results: Iterable[QueryResult], stream: IO[str], *, indent: int |
     Shape::
 
         [{"query_id": str, "query_length": int, "index_version": str,
-          "hits": [{"target_id": str, "cosine_score": float (6 decimals), "rank": int,
-                    "target_length": int, "target_description": str}, ...]}, ...]
+          "hits": [{"target_id": str, "cosine_score": float (6 decimals),
+                    "evalue": float (3 significant digits) | null (index without decoys),
+                    "rank": int, "target_length": int, "target_description": str}, ...]}, ...]
 
     Args:
         results: query results, written in the given order.

@@ -8,7 +8,7 @@ import numpy as np
 
 from esmsearch.v1 import search_pb2
 
-__all__ = ["Embeddings", "Hit", "IndexInfo", "QueryResult", "ReloadResult", "RequestLimits"]
+__all__ = ["DecoySettings", "Embeddings", "Hit", "IndexInfo", "QueryResult", "ReloadResult", "RequestLimits"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,10 @@ class Hit:
             higher = closer (float32 precision).
         rank: 1-based rank within the query's hits, by descending cosine_score.
         target_length: length of the database sequence in residues.
+        evalue: E-value: the expected number of database sequences unrelated to the
+            query scoring at least ``cosine_score`` against it, in [0, database size];
+            lower = more significant (float32 precision). ``None`` when the served
+            index has no decoys (:attr:`IndexInfo.decoys` is ``None``).
     """
 
     target_id: str
@@ -29,6 +33,7 @@ class Hit:
     cosine_score: float
     rank: int
     target_length: int
+    evalue: float | None = None
 
     @classmethod
     def from_proto(cls, msg: search_pb2.Hit) -> Hit:
@@ -38,6 +43,7 @@ class Hit:
             cosine_score=float(msg.cosine_score),
             rank=int(msg.rank),
             target_length=int(msg.target_length),
+            evalue=float(msg.evalue) if msg.HasField("evalue") else None,
         )
 
 
@@ -96,6 +102,35 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class DecoySettings:
+    """The decoys behind an index's E-values (``DecoySettings`` in search.proto).
+
+    Attributes:
+        count: number of decoys (shuffled database sequences).
+        seed: seed of their sample and shuffles.
+        method: how they were made (e.g. ``"shuffled_database_sample"``).
+        block_size: decoys per block whose maximum each query's extreme-value null describes.
+        shape: the index's GEV shape of those block maxima (of ``-ln(1 - cosine)``).
+    """
+
+    count: int
+    seed: int
+    method: str
+    block_size: int
+    shape: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg: search_pb2.DecoySettings) -> DecoySettings:
+        return cls(
+            count=int(msg.count),
+            seed=int(msg.seed),
+            method=msg.method,
+            block_size=int(msg.block_size),
+            shape=float(msg.shape),
+        )
+
+
+@dataclass(frozen=True)
 class IndexInfo:
     """Description of the served index and server (see ``IndexInfo`` in search.proto).
 
@@ -117,6 +152,8 @@ class IndexInfo:
         limits: the server's request limits.
         reload_error: why the server's last attempt to load a new version of its
             index root failed (the version above keeps serving); ``""`` if none.
+        decoys: the decoys behind the index's E-values; ``None`` when it has none
+            (hits then carry no E-value and ``max_evalue`` is refused).
     """
 
     model_name: str
@@ -135,6 +172,12 @@ class IndexInfo:
     server_version: str
     limits: RequestLimits
     reload_error: str = ""
+    decoys: DecoySettings | None = None
+
+    @property
+    def has_evalues(self) -> bool:
+        """Whether hits of the served index carry E-values."""
+        return self.decoys is not None
 
     @classmethod
     def from_proto(cls, msg: search_pb2.IndexInfo) -> IndexInfo:
@@ -155,6 +198,7 @@ class IndexInfo:
             server_version=msg.server_version,
             limits=RequestLimits.from_proto(msg.limits),
             reload_error=msg.reload_error,
+            decoys=DecoySettings.from_proto(msg.decoys) if msg.HasField("decoys") else None,
         )
 
 

@@ -1,6 +1,6 @@
 """Build an index from a protein FASTA file: standalone directory or new version of a root.
 
-The pipeline is seven stages, each a plain function with typed input and output, so
+The pipeline is eight stages, each a plain function with typed input and output, so
 that a test can run (or swap) one alone:
 
 1. :func:`validate` -- the whole FASTA first (ids, residues, duplicates: a bad record
@@ -14,11 +14,17 @@ that a test can run (or swap) one alone:
    metadata to SQLite, then journal the chunk -- memory is bounded by one chunk,
    and a crash resumes from the last journaled chunk (``resume``; :func:`open_work`)
    -> :class:`EmbedOutcome`;
-4. :func:`assemble` -- concatenate the shards into ``embeddings.npy``;
-5. :func:`build_faiss` -- build and write ``index.faiss``;
-6. :func:`verify` -- write the manifest last (checksums, fsync), then check
+4. :func:`embed_decoys` -- the decoys behind E-values (:mod:`esmsearch.significance`):
+   shuffles of a seeded sample of the database's sequences, embedded with the same
+   model, layer and precision into ``decoys.npy`` (journaled in chunks like stage 3),
+   and the index's extreme-value shape estimated from a sample of database
+   sequences scored against them; or both copied from the previous version when its
+   model contract and decoy count and seed are this build's -> :class:`DecoyOutcome`;
+5. :func:`assemble` -- concatenate the shards into ``embeddings.npy``;
+6. :func:`build_faiss` -- build and write ``index.faiss``;
+7. :func:`verify` -- write the manifest last (checksums, fsync), then check
    checksums, row counts and a self-search -> :class:`Verified`;
-7. :func:`publish_standalone` (rename, or atomic exchange with ``overwrite``, to
+8. :func:`publish_standalone` (rename, or atomic exchange with ``overwrite``, to
    ``out_dir``; :func:`build_index`) or :func:`publish_version`
    (``ROOT/versions/<version>`` and an atomic swap of ``ROOT/current``;
    :func:`build_version`). Every publishing rename is followed by an fsync of its
@@ -27,6 +33,7 @@ that a test can run (or swap) one alone:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,7 +58,16 @@ from esmsearch.errors import (
 )
 from esmsearch.fsutil import file_sha256
 from esmsearch.sequences import SequenceRecord, read_fasta, sequence_sha256
-from esmsearch.store import FAISS_FILE, Index, IndexWriter, Manifest, publish_directory
+from esmsearch.significance import (
+    DEFAULT_DECOY_SEED,
+    DEFAULT_DECOYS,
+    DecoyNull,
+    DecoySettings,
+    decoy_sequences,
+    pseudo_query_rows,
+    sample_decoy_rows,
+)
+from esmsearch.store import DECOYS_FILE, FAISS_FILE, Index, IndexWriter, Manifest, publish_directory
 from esmsearch.versions import IndexRoot, VerifyReport, verify_index
 
 if TYPE_CHECKING:
@@ -61,6 +77,7 @@ __all__ = [
     "BuildConfig",
     "BuildJournal",
     "BuildResult",
+    "DecoyOutcome",
     "EmbedOutcome",
     "FastaSummary",
     "Prepared",
@@ -73,6 +90,7 @@ __all__ = [
     "build_version",
     "count_changes",
     "embed_chunks",
+    "embed_decoys",
     "open_work",
     "partial_build_dir",
     "plan_reuse",
@@ -113,6 +131,10 @@ class BuildConfig:
         chunk_residues: residues embedded per chunk (bounds memory; one shard each).
         resume: continue an interrupted build from its last completed chunk.
         progress: show a progress bar on stderr.
+        decoys: decoys to embed for E-values (:data:`~esmsearch.significance.DEFAULT_DECOYS`
+            = 10,000; a smaller database gets one per sequence); 0 = no decoys, so
+            the index serves hits without E-values.
+        decoy_seed: seed of the decoy sample and shuffles, >= 0.
     """
 
     model: str
@@ -124,10 +146,16 @@ class BuildConfig:
     chunk_residues: int = 200_000
     resume: bool = False
     progress: bool = False
+    decoys: int = DEFAULT_DECOYS
+    decoy_seed: int = DEFAULT_DECOY_SEED
 
     def __post_init__(self) -> None:
         if self.chunk_residues < 1:
             raise ConfigError(f"chunk_residues must be >= 1, got {self.chunk_residues}")
+        if self.decoys < 0:
+            raise ConfigError(f"decoys must be >= 0 (0 = no E-values), got {self.decoys}")
+        if self.decoy_seed < 0:
+            raise ConfigError(f"decoy seed must be >= 0, got {self.decoy_seed}")
         if not self.index_factory.strip():
             raise ConfigError("index factory must not be empty")
 
@@ -208,12 +236,15 @@ class Prepared:
         embedder: the loaded model (its resolved ``precision`` is what the index records).
         spec: the FAISS index type, checked against the model's dimension and the
             database size.
+        decoys: the decoy set to make (count from the database size), or ``None``
+            for no E-values.
     """
 
     fasta: Path
     summary: FastaSummary
     embedder: Embedder
     spec: IndexSpec
+    decoys: DecoySettings | None = None
 
 
 class PreviousVectors:
@@ -226,12 +257,19 @@ class PreviousVectors:
         row_by_sha: sequence sha256 -> first row holding it.
         sha_by_id: record id -> sequence sha256.
         residues_per_s: embedding speed the previous build recorded (or None).
+        decoy_settings: its decoy set (None without decoys).
+        decoys: its decoy vectors, float32 ``[decoys.count, dim]``, memory-mapped
+            read-only (None without decoys).
     """
 
     def __init__(self, index: Index) -> None:
         self.version = index.version
         self.count = index.count
         self.embeddings = index.embeddings()
+        self.decoy_settings = index.manifest.decoys
+        self.decoys: np.ndarray | None = None
+        if self.decoy_settings is not None:
+            self.decoys = np.load(index.path / DECOYS_FILE, mmap_mode="r")
         self.row_by_sha: dict[str, int] = {}
         self.sha_by_id: dict[str, str] = {}
         for row, record_id, _desc, _length, sha in index.iter_metadata():
@@ -268,6 +306,25 @@ class EmbedOutcome:
 
 
 @dataclass(frozen=True)
+class DecoyOutcome:
+    """Output of :func:`embed_decoys`.
+
+    Attributes:
+        settings: the decoy set written to ``decoys.npy``, with its estimated shape
+            (None: no decoys).
+        reused_from: version whose decoys (and shape) were copied, or None if
+            embedded here.
+        embed_seconds: seconds spent in the model on decoys (this run only).
+        embedded_residues: decoy residues embedded (this run only).
+    """
+
+    settings: DecoySettings | None
+    reused_from: str | None
+    embed_seconds: float
+    embedded_residues: int
+
+
+@dataclass(frozen=True)
 class Verified:
     """Output of :func:`verify`: the sealed manifest and the self-search report."""
 
@@ -296,8 +353,9 @@ def validate(fasta: Path, cfg: BuildConfig, embedder: Embedder | None = None) ->
     """Stage 1: everything that can fail cheaply, before any embedding.
 
     Validates the whole FASTA (ids, residues, duplicates), loads the model (unless
-    ``embedder`` is given) and checks the FAISS factory string against the model's
-    dimension and the database size.
+    ``embedder`` is given), checks the FAISS factory string against the model's
+    dimension and the database size, and sizes the decoy set
+    (:meth:`DecoySettings.for_database`).
 
     Raises:
         ConfigError: ``fasta`` is ``-`` (a build reads its input twice).
@@ -327,7 +385,8 @@ def validate(fasta: Path, cfg: BuildConfig, embedder: Embedder | None = None) ->
             f"index factory {spec.factory!r} needs at least {need} training vectors, "
             f"but {fasta} has {summary.sequences} sequences; use a smaller nlist or 'Flat'"
         )
-    return Prepared(fasta, summary, emb, spec)
+    decoys = DecoySettings.for_database(summary.sequences, cfg.decoys, cfg.decoy_seed)
+    return Prepared(fasta, summary, emb, spec, decoys)
 
 
 # -- stage 2: plan reuse --------------------------------------------------------------------
@@ -394,6 +453,7 @@ def _journal_settings(prep: Prepared, cfg: BuildConfig, previous: PreviousVector
         "chunk_residues": cfg.chunk_residues,
         "index_factory": prep.spec.factory,
         "reuse_version": previous.version if previous else None,
+        "decoys": prep.decoys.to_json() if prep.decoys else None,
         **prep.embedder.settings,  # includes the resolved precision
     }
 
@@ -576,9 +636,174 @@ def embed_chunks(
     )
 
 
-# -- stage 4: assemble ----------------------------------------------------------------------
+# -- stage 4: decoys -------------------------------------------------------------------------
+#: Work subdirectory holding the decoy shards of a build in progress.
+DECOY_SHARDS = "decoy-shards"
+
+
+def _residue_chunks(sequences: Sequence[str], chunk_residues: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of ``sequences`` of about ``chunk_residues`` residues each."""
+    ranges: list[tuple[int, int]] = []
+    start = size = 0
+    for i, seq in enumerate(sequences):
+        size += len(seq)
+        if size >= chunk_residues:
+            ranges.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(sequences):
+        ranges.append((start, len(sequences)))
+    return ranges
+
+
+def _gather_rows(shards: Sequence[Path], rows: np.ndarray) -> np.ndarray:
+    """float32 ``[len(rows), dim]`` vectors of database ``rows`` (sorted) from chunk shards."""
+    parts = []
+    start = 0
+    for shard in shards:
+        part: np.ndarray = np.load(shard, mmap_mode="r")
+        stop = start + part.shape[0]
+        inside = rows[(rows >= start) & (rows < stop)]
+        if inside.size:
+            parts.append(np.asarray(part[inside - start], dtype=np.float32))
+        start = stop
+    return np.concatenate(parts)
+
+
+def embed_decoys(
+    writer: IndexWriter,
+    journal: BuildJournal,
+    prep: Prepared,
+    cfg: BuildConfig,
+    previous: PreviousVectors | None,
+    database: Sequence[Path] = (),
+) -> DecoyOutcome:
+    """Stage 4: the decoys behind E-values, in ``decoys.npy``, and the index's shape.
+
+    With ``prep.decoys`` set, either
+
+    * copies the previous version's decoys and shape, when ``previous`` (which
+      :func:`plan_reuse` only returns for an equal model contract: checkpoint
+      sha256, layer, pooling, normalisation, precision, dim) holds decoys of equal
+      count, seed, method and block size -- the database may have changed since,
+      and the decoys then stay those of its earlier sample; or
+    * makes them (:func:`esmsearch.significance.decoy_sequences`: residues of a seeded
+      sample of the database's sequences shuffled) and embeds them with this build's
+      model, in chunks of about ``cfg.chunk_residues`` residues, each written to
+      ``<work>/decoy-shards/decoy-NNNNNN.npy`` and journaled like :func:`embed_chunks`, so a resumed
+      build continues after the last finished chunk; then concatenates them and
+      estimates the shape (:meth:`esmsearch.significance.DecoyNull.estimate_shape`)
+      from the database vectors of :func:`esmsearch.significance.pseudo_query_rows`,
+      each without the decoy made from its own sequence.
+
+    ``decoys.npy`` is fsynced before the journal records the stage (and the shape)
+    as done.
+
+    Args:
+        writer: the work directory's writer.
+        journal: the build's journal (:func:`open_work`, already saved by
+            :func:`embed_chunks`).
+        prep: from :func:`validate` (``prep.decoys`` says how many, which seed).
+        cfg: chunk size and progress bar.
+        previous: from :func:`plan_reuse`.
+        database: the database's vector shards in row order (:attr:`EmbedOutcome.shards`),
+            for the pseudo-queries.
+
+    Returns:
+        What was written (the settings with the shape) and how long embedding took.
+
+    Raises:
+        ConfigError: the FASTA changed since validation.
+        OSError: a shard, the journal or ``decoys.npy`` cannot be written.
+    """
+    settings = prep.decoys
+    if settings is None:
+        return DecoyOutcome(None, None, 0.0, 0)
+    out = writer.decoys_path()
+    if journal.data.get("decoys_done") and out.is_file():
+        journaled = dataclasses.replace(settings, shape=float(journal.data["decoy_shape"]))
+        return DecoyOutcome(journaled, journal.data.get("decoys_reused_from"), 0.0, 0)
+    if previous is not None and previous.decoys is not None and settings.same_decoys(previous.decoy_settings):
+        assert previous.decoy_settings is not None
+        reused = dataclasses.replace(settings, shape=previous.decoy_settings.shape)
+        writer.write_decoys(np.asarray(previous.decoys))
+        journal.data.update(decoys_done=True, decoys_reused_from=previous.version, decoy_shape=reused.shape)
+        journal.save()
+        log.info(
+            "reused the %d decoys of version %s (same model contract, count and seed)", settings.count, previous.version
+        )
+        return DecoyOutcome(reused, previous.version, 0.0, 0)
+    emb = prep.embedder
+    sequences = decoy_sequences((r.sequence for r in read_fasta(prep.fasta)), prep.summary.sequences, settings)
+    ranges = _residue_chunks(sequences, cfg.chunk_residues)
+    shard_dir = writer.directory / DECOY_SHARDS
+    shard_dir.mkdir(exist_ok=True)
+    done = int(journal.data.get("decoy_shards", 0))
+    for stale in shard_dir.glob("*"):
+        finished = stale.name.startswith("decoy-") and ".tmp" not in stale.name and int(stale.name[6:12]) < done
+        if not finished:
+            stale.unlink()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=sum(len(s) for s in sequences),
+            unit="res",
+            unit_scale=True,
+            desc=f"embedding {settings.count} decoys",
+            file=sys.stderr,
+        )
+    shards: list[Path] = []
+    embed_seconds = 0.0
+    embedded_residues = 0
+    try:
+        for n, (start, stop) in enumerate(ranges):
+            shard = shard_dir / f"decoy-{n:06d}.npy"
+            shards.append(shard)
+            part = sequences[start:stop]
+            if n < done:
+                if bar is not None:
+                    bar.update(sum(len(s) for s in part))
+                continue
+            t0 = time.perf_counter()
+            vectors = emb.embed(part, on_batch=bar.update if bar else None)
+            embed_seconds += time.perf_counter() - t0
+            embedded_residues += sum(len(s) for s in part)
+            _write_shard(shard, vectors)  # durable before the journal names it
+            journal.data.update(decoy_shards=n + 1)
+            journal.save()
+    finally:
+        if bar is not None:
+            bar.close()
+    assemble(shards, out, emb.dim)
+    fsutil.fsync_file(out)
+    fsutil.fsync_dir(out.parent)
+    estimated = dataclasses.replace(settings, shape=_estimate_shape(out, settings, prep.summary.sequences, database))
+    journal.data.update(decoys_done=True, decoys_reused_from=None, decoy_shape=estimated.shape)
+    journal.save()
+    shutil.rmtree(shard_dir)
+    log.info(
+        "embedded %d decoys (%d residues) in %.1f s; extreme-value shape %.4f",
+        settings.count,
+        sum(len(s) for s in sequences),
+        embed_seconds,
+        estimated.shape,
+    )
+    return DecoyOutcome(estimated, None, embed_seconds, embedded_residues)
+
+
+def _estimate_shape(decoys_path: Path, settings: DecoySettings, n_sequences: int, database: Sequence[Path]) -> float:
+    """The regional shape from pseudo-queries (database rows), each without its own decoy."""
+    rows = pseudo_query_rows(n_sequences, settings.seed)
+    column_of = {int(row): j for j, row in enumerate(sample_decoy_rows(n_sequences, settings))}
+    own = np.array([column_of.get(int(r), -1) for r in rows], dtype=np.int64)
+    null = DecoyNull(np.load(decoys_path, mmap_mode="r"), settings)
+    return null.estimate_shape(_gather_rows(database, rows), own)
+
+
+# -- stage 5: assemble ----------------------------------------------------------------------
 def assemble(shards: Sequence[Path], out: Path, dim: int) -> int:
-    """Stage 4: concatenate chunk shards, in order, into one ``.npy`` file.
+    """Stage 5: concatenate chunk shards, in order, into one ``.npy`` file.
 
     Streams shard by shard into a memory-mapped ``out`` (memory bounded by one shard).
 
@@ -611,9 +836,9 @@ def assemble(shards: Sequence[Path], out: Path, dim: int) -> int:
     return rows
 
 
-# -- stage 5: build FAISS -------------------------------------------------------------------
+# -- stage 6: build FAISS -------------------------------------------------------------------
 def build_faiss(embeddings: Path, spec: IndexSpec, out: Path) -> int:
-    """Stage 5: build the FAISS index of ``spec`` over stored vectors and write it.
+    """Stage 6: build the FAISS index of ``spec`` over stored vectors and write it.
 
     Args:
         embeddings: ``.npy`` float32 ``[n, dim]``, L2-normalised (row i = sequence i).
@@ -659,9 +884,9 @@ def count_changes(
     )
 
 
-# -- stage 6: verify ------------------------------------------------------------------------
+# -- stage 7: verify ------------------------------------------------------------------------
 def verify(writer: IndexWriter, fields: dict[str, Any]) -> Verified:
-    """Stage 6: seal the work directory and check it before anything is published.
+    """Stage 7: seal the work directory and check it before anything is published.
 
     Writes the manifest last (:meth:`IndexWriter.finish`: checksums, fsync, re-open
     with row counts) and runs :func:`esmsearch.versions.verify_index` (checksums,
@@ -685,9 +910,9 @@ def verify(writer: IndexWriter, fields: dict[str, Any]) -> Verified:
     return Verified(manifest, report)
 
 
-# -- stage 7: publish -----------------------------------------------------------------------
+# -- stage 8: publish -----------------------------------------------------------------------
 def publish_standalone(work: Path, out: Path, *, overwrite: bool) -> Path:
-    """Stage 7 (standalone): move the verified work directory to ``out``.
+    """Stage 8 (standalone): move the verified work directory to ``out``.
 
     See :func:`esmsearch.store.publish_directory`: an existing index at ``out`` is
     swapped out atomically with ``overwrite``. On failure the work directory is
@@ -709,7 +934,7 @@ def publish_standalone(work: Path, out: Path, *, overwrite: bool) -> Path:
 
 
 def publish_version(index_root: IndexRoot, work: Path, version: str, *, keep_versions: int | None = None) -> Path:
-    """Stage 7 (versioned root): add ``versions/<version>``, swap ``current``, prune.
+    """Stage 8 (versioned root): add ``versions/<version>``, swap ``current``, prune.
 
     Each step is atomic and durable (rename + fsync of the directory): ``current``
     names a whole version at every instant, the old one until the swap.
@@ -753,12 +978,13 @@ class _Built:
 
 
 def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVectors | None, t_start: float) -> _Built:
-    """Stages 3-6 into the work directory ``work`` (published by the caller)."""
+    """Stages 3-7 into the work directory ``work`` (published by the caller)."""
     emb, summary = prep.embedder, prep.summary
     journal = open_work(work, prep, cfg, previous)
     with IndexWriter(work, resume=bool(journal.data)) as writer:
         writer.keep_on_error = True  # while embedding, a failure leaves a resumable state
         outcome = embed_chunks(writer, journal, prep, cfg, previous)
+        decoys = embed_decoys(writer, journal, prep, cfg, previous, outcome.shards)
         writer.keep_on_error = False  # past embedding, a failure discards the work directory
         if outcome.rows != summary.sequences:
             raise ConfigError(
@@ -788,6 +1014,9 @@ def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVe
             ),
             "device": str(emb.device),
             "toks_per_batch": emb.toks_per_batch,
+            "decoys_reused_from": decoys.reused_from,
+            "decoy_embed_seconds": round(decoys.embed_seconds, 3),
+            "decoy_embedded_residues": decoys.embedded_residues,
         }
         verified = verify(
             writer,
@@ -807,6 +1036,7 @@ def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVe
                 "source_fasta_sha256": summary.sha256,
                 "tool_version": __version__,
                 "build": info,
+                "decoys": decoys.settings,
             },
         )
     return _Built(verified.manifest, info, reuse, outcome.embed_seconds, outcome.embedded_residues)
@@ -827,6 +1057,8 @@ def build_index(
     resume: bool = False,
     progress: bool = False,
     embedder: Embedder | None = None,
+    decoys: int = DEFAULT_DECOYS,
+    decoy_seed: int = DEFAULT_DECOY_SEED,
 ) -> BuildResult:
     """Embed a FASTA database and write a standalone index directory at ``out_dir``.
 
@@ -850,6 +1082,12 @@ def build_index(
         progress: show a progress bar in residues/s on stderr.
         embedder: reuse an already loaded :class:`Embedder` (its settings win over
             ``model``/``layer``/``device``/``precision``/``toks_per_batch``).
+        decoys: shuffled database sequences to embed for E-values, >= 0 (default
+            :data:`~esmsearch.significance.DEFAULT_DECOYS` = 10,000; a database of fewer
+            sequences gets one decoy per sequence); 0 builds an index without
+            E-values. They add about ``min(decoys, n) / n`` of the database's
+            embedding time to a first build.
+        decoy_seed: seed of the decoy sample and shuffles (recorded in the manifest).
 
     Returns:
         :class:`BuildResult` with the manifest and timings.
@@ -882,6 +1120,8 @@ def build_index(
         chunk_residues=chunk_residues,
         resume=resume,
         progress=progress,
+        decoys=decoys,
+        decoy_seed=decoy_seed,
     )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -907,6 +1147,8 @@ def build_version(
     reuse: bool = True,
     keep_versions: int | None = None,
     embedder: Embedder | None = None,
+    decoys: int = DEFAULT_DECOYS,
+    decoy_seed: int = DEFAULT_DECOY_SEED,
 ) -> BuildResult:
     """Build a new version of a versioned index root and make it live.
 
@@ -922,7 +1164,10 @@ def build_version(
 
     Args:
         fasta_path, model, layer, toks_per_batch, device, precision, index_factory,
-        chunk_residues, resume, progress, embedder: as for :func:`build_index`.
+        chunk_residues, resume, progress, embedder, decoys, decoy_seed: as for
+        :func:`build_index`; the live version's decoys are reused (copied) when
+        ``reuse`` is on, its model contract equals this build's and its decoy count
+        and seed are the same.
         root: the versioned root (created if missing).
         reuse: reuse vectors from the live version (incremental rebuild).
         keep_versions: after publishing, delete all but the newest N versions
@@ -946,6 +1191,8 @@ def build_version(
         chunk_residues=chunk_residues,
         resume=resume,
         progress=progress,
+        decoys=decoys,
+        decoy_seed=decoy_seed,
     )
     if keep_versions is not None and keep_versions < 1:
         raise ConfigError(f"keep_versions must be >= 1, got {keep_versions}")

@@ -13,7 +13,9 @@ pass, the deadline and cancellation of every request of the batch are checked ag
 and dead ones are dropped (:class:`~esmsearch.errors.RequestExpiredError`), so no
 model time goes to callers that have left. One :meth:`SearchEngine.embed` call
 embeds the batch, one FAISS search serves all of its searching requests (with the
-largest ``k`` among them), and each request's future gets its own rows.
+largest ``k`` among them), the E-values of all their hits come from one matrix
+product of the batch's query vectors with the index's decoys
+(:meth:`esmsearch.store.Index.evalues`), and each request's future gets its own rows.
 
 So there is one bounded admission path whether batching is on or off; "off" only
 means "never merge".
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from esmsearch.errors import ConfigError, RequestExpiredError, ServerClosingError
+from esmsearch.errors import ConfigError, EvaluesUnavailableError, RequestExpiredError, ServerClosingError
 from esmsearch.server.admission import Admission, Ticket
 from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine, hits_from_scores
 
@@ -104,6 +106,7 @@ class _Request:
     ticket: Ticket
     future: Future[Any]
     enqueued_at: float = field(default_factory=time.perf_counter)
+    max_evalue: float | None = None
 
     @property
     def toks(self) -> int:
@@ -187,6 +190,7 @@ class DynamicBatcher:
         min_score: float | None,
         is_active: Callable[[], bool] | None,
         timeout_s: float | None,
+        max_evalue: float | None = None,
     ) -> Future[Any]:
         seqs = list(sequences)
         if self._closed.is_set():
@@ -194,7 +198,9 @@ class DynamicBatcher:
         ticket = self.admission.admit(len(seqs), sum(len(s) for s in seqs))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         future: Future[Any] = Future()
-        request = _Request(seqs, k, min_score, is_active or _always_active, deadline, ticket, future)
+        request = _Request(
+            seqs, k, min_score, is_active or _always_active, deadline, ticket, future, max_evalue=max_evalue
+        )
         with self._submit_lock:
             if self._closed.is_set():
                 self._release(ticket)
@@ -224,6 +230,7 @@ class DynamicBatcher:
         k: int,
         min_score: float | None = None,
         *,
+        max_evalue: float | None = None,
         is_active: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
     ) -> EngineResult:
@@ -233,6 +240,7 @@ class DynamicBatcher:
             sequences: validated residue strings (one request's queries).
             k: hits per query, >= 1.
             min_score: drop hits with cosine score below this; ``None`` keeps all.
+            max_evalue: drop hits with E-value above this, >= 0; ``None`` keeps all.
             is_active: returns ``False`` once the caller has gone away (gRPC
                 ``context.is_active``); such a request is dropped before embedding.
             timeout_s: the caller's remaining deadline in seconds (``None`` = none):
@@ -248,8 +256,12 @@ class DynamicBatcher:
             RequestTooLargeError: the request alone exceeds an admission bound.
             RequestExpiredError: the caller went away or ``timeout_s`` passed first.
             ServerClosingError: the scheduler was closed before the request ran.
+            EvaluesUnavailableError: ``max_evalue`` given but the index version the
+                batch ran on has no decoys.
         """
-        future = self.submit_search(sequences, k, min_score, is_active=is_active, timeout_s=timeout_s)
+        future = self.submit_search(
+            sequences, k, min_score, max_evalue=max_evalue, is_active=is_active, timeout_s=timeout_s
+        )
         result = self._wait(future, timeout_s)
         assert isinstance(result, EngineResult)
         return result
@@ -260,6 +272,7 @@ class DynamicBatcher:
         k: int,
         min_score: float | None = None,
         *,
+        max_evalue: float | None = None,
         is_active: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
     ) -> Future[Any]:
@@ -270,7 +283,7 @@ class DynamicBatcher:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return self._submit(sequences, k, min_score, is_active, timeout_s)
+        return self._submit(sequences, k, min_score, is_active, timeout_s, max_evalue)
 
     def submit_embed(
         self,
@@ -421,19 +434,32 @@ class DynamicBatcher:
         offsets = np.cumsum([0] + [len(r.sequences) for r in batch])
         search_s = 0.0
         hits_of: dict[int, list[list[EngineHit]]] = {}
+        failed: dict[int, Exception] = {}
         if searching:
             t0 = time.perf_counter()
             k_max = max(int(batch[i].k or 1) for i in searching)
             k_eff = max(1, min(k_max, index.count))
             sel = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in searching])
-            scores, rows = index.search(np.ascontiguousarray(vectors[sel]), k_eff)
+            queries = np.ascontiguousarray(vectors[sel])
+            scores, rows = index.search(queries, k_eff)
+            # One matrix product with the decoys for the whole batch (and its extreme-value fits).
+            evalues = index.evalues(queries, scores) if index.has_evalues else None
             at = 0
             for i in searching:
                 n = len(batch[i].sequences)
                 req = batch[i]
-                hits_of[i] = hits_from_scores(
-                    index, scores[at : at + n], rows[at : at + n], int(req.k or 1), req.min_score
-                )
+                try:
+                    hits_of[i] = hits_from_scores(
+                        index,
+                        scores[at : at + n],
+                        rows[at : at + n],
+                        int(req.k or 1),
+                        req.min_score,
+                        evalues=None if evalues is None else evalues[at : at + n],
+                        max_evalue=req.max_evalue,
+                    )
+                except EvaluesUnavailableError as exc:  # this request alone: the version has no decoys
+                    failed[i] = exc
                 at += n
             search_s = time.perf_counter() - t0
         n_toks = sum(r.toks for r in batch)
@@ -445,7 +471,9 @@ class DynamicBatcher:
             queue_s = started - req.enqueued_at + lock_s
             if req.future.done():
                 continue
-            if req.k is None:
+            if i in failed:
+                req.future.set_exception(failed[i])
+            elif req.k is None:
                 req.future.set_result((vectors[offsets[i] : offsets[i + 1]], index.version, queue_s, embed_s))
             else:
                 req.future.set_result(EngineResult(hits_of[i], index.version, queue_s, embed_s, search_s))

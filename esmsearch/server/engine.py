@@ -7,8 +7,9 @@ without either knowing about gRPC.
 Threading: the model forward pass runs under one lock (one torch forward at a
 time; torch itself uses all cores for it). FAISS search and metadata lookup run
 outside the lock (``esmsearch.store.Index`` is thread-safe). Each request reads
-the current index once and uses that one object for search and metadata, so all
-its results come from one index version.
+the current index once and uses that one object for search, E-values and metadata,
+so all its results come from one index version -- E-values included: they are
+computed against the decoys of that version and scaled to its size.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from esmsearch.errors import EvaluesUnavailableError
 from esmsearch.server.slot import IndexSlot
 
 if TYPE_CHECKING:
     from esmsearch.embedding import Embedder
     from esmsearch.store import Index
 
-__all__ = ["EngineHit", "EngineResult", "SearchEngine"]
+__all__ = ["EngineHit", "EngineResult", "SearchEngine", "evalues_unavailable"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,11 @@ class EngineHit:
         target_id: database record id.
         target_description: rest of the database FASTA header.
         cosine_score: cosine similarity in [-1, 1], higher = closer.
-        rank: 1-based rank among the query's hits (after ``min_score`` filtering).
+        rank: 1-based rank among the query's hits (after ``min_score`` and
+            ``max_evalue`` filtering).
         target_length: database sequence length in residues.
+        evalue: E-value, >= 0, lower = more significant (float32 precision; see
+            :mod:`esmsearch.significance`); ``None`` when the index has no decoys.
     """
 
     target_id: str
@@ -49,6 +54,7 @@ class EngineHit:
     cosine_score: float
     rank: int
     target_length: int
+    evalue: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,31 +184,45 @@ class SearchEngine:
         k: int,
         min_score: float | None = None,
         *,
+        max_evalue: float | None = None,
         index: Index | None = None,
     ) -> list[list[EngineHit]]:
-        """k nearest database sequences of each query vector.
+        """k nearest database sequences of each query vector, with E-values.
 
         Args:
             vectors: float32 ``[q, dim]``, L2-normalised.
             k: hits per query, >= 1 (fewer come back if the index is smaller).
             min_score: drop hits with cosine score below this; ``None`` keeps all.
+            max_evalue: drop hits with E-value above this; ``None`` keeps all.
             index: the index to search (default: the current one).
 
         Returns:
-            One list per query, by descending cosine score, ranks 1.. after filtering.
+            One list per query, by descending cosine score, ranks 1.. after filtering;
+            each hit has an E-value if the index has decoys.
 
         Raises:
             IndexFormatError: a hit's row has no metadata (a corrupt index).
+            EvaluesUnavailableError: ``max_evalue`` given for an index without decoys.
         """
         if index is None:
             with self.lease_index() as leased:
-                return self.search_vectors(vectors, k, min_score, index=leased)
+                return self.search_vectors(vectors, k, min_score, max_evalue=max_evalue, index=leased)
         idx = index
+        if max_evalue is not None and not idx.has_evalues:
+            raise evalues_unavailable(idx)
         k_eff = max(1, min(k, idx.count))
         scores, rows = idx.search(vectors, k_eff)
-        return hits_from_scores(idx, scores, rows, k_eff, min_score)
+        evalues = idx.evalues(vectors, scores) if idx.has_evalues else None
+        return hits_from_scores(idx, scores, rows, k_eff, min_score, evalues=evalues, max_evalue=max_evalue)
 
-    def search(self, sequences: Sequence[str], k: int, min_score: float | None = None) -> EngineResult:
+    def search(
+        self,
+        sequences: Sequence[str],
+        k: int,
+        min_score: float | None = None,
+        *,
+        max_evalue: float | None = None,
+    ) -> EngineResult:
         """Embed ``sequences`` and return their ``k`` nearest database sequences.
 
         Args:
@@ -210,14 +230,20 @@ class SearchEngine:
                 :func:`esmsearch.sequences.validate_sequence`).
             k: hits per query, >= 1.
             min_score: drop hits with cosine score below this, in [-1, 1]; ``None`` keeps all.
+            max_evalue: drop hits with E-value above this, >= 0; ``None`` keeps all.
 
         Returns:
             An :class:`EngineResult` naming the one index version that answered.
+
+        Raises:
+            EvaluesUnavailableError: ``max_evalue`` given for an index without decoys.
         """
         with self.lease_index() as index:  # one version for the whole request
+            if max_evalue is not None and not index.has_evalues:
+                raise evalues_unavailable(index)
             vectors, queue_s, embed_s = self.embed(sequences)
             t0 = time.perf_counter()
-            hits = self.search_vectors(vectors, k, min_score, index=index)
+            hits = self.search_vectors(vectors, k, min_score, max_evalue=max_evalue, index=index)
             search_s = time.perf_counter() - t0
         return EngineResult(hits, index.version, queue_s, embed_s, search_s)
 
@@ -226,8 +252,23 @@ class SearchEngine:
         self._slot.close()
 
 
+def evalues_unavailable(index: Index) -> EvaluesUnavailableError:
+    """The error for ``max_evalue`` asked of ``index``, which has no decoys (-> FAILED_PRECONDITION)."""
+    return EvaluesUnavailableError(
+        f"max_evalue needs E-values, but index version {index.version} has no decoys (built before "
+        "E-values existed, or with --decoys 0); drop max_evalue or rebuild the index with decoys"
+    )
+
+
 def hits_from_scores(
-    index: Index, scores: np.ndarray, rows: np.ndarray, k: int, min_score: float | None
+    index: Index,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    min_score: float | None,
+    *,
+    evalues: np.ndarray | None = None,
+    max_evalue: float | None = None,
 ) -> list[list[EngineHit]]:
     """Turn FAISS output into hits, keeping the first ``k`` columns of each row.
 
@@ -237,14 +278,28 @@ def hits_from_scores(
         rows: int64 ``[q, k_searched]`` database rows (-1 = none).
         k: hits per query to keep, >= 1 (<= ``k_searched`` columns are used).
         min_score: drop hits with cosine score below this; ``None`` keeps all.
+        evalues: float32 ``[q, k_searched]`` E-values of ``scores``
+            (:meth:`esmsearch.store.Index.evalues`), or ``None`` for an index without decoys.
+        max_evalue: drop hits whose float32 E-value, as sent to clients, is above
+            this; ``None`` keeps all.
 
     Returns:
         One list per query, by descending cosine score, ranks 1.. after filtering.
+
+    Raises:
+        EvaluesUnavailableError: ``max_evalue`` without ``evalues``.
     """
+    if max_evalue is not None and evalues is None:
+        raise evalues_unavailable(index)
     scores, rows = scores[:, :k], rows[:, :k]
     keep = rows >= 0
     if min_score is not None:
         keep &= scores >= np.float32(min_score)
+    ev = None
+    if evalues is not None:
+        ev = np.asarray(evalues[:, :k], dtype=np.float32)
+        if max_evalue is not None:
+            keep &= ev.astype(np.float64) <= max_evalue
     targets = index.targets([int(r) for r in rows[keep]])
     out: list[list[EngineHit]] = []
     t = 0
@@ -260,6 +315,7 @@ def hits_from_scores(
                     cosine_score=float(scores[qi, j]),
                     rank=len(hits) + 1,
                     target_length=target.length,
+                    evalue=float(ev[qi, j]) if ev is not None else None,
                 )
             )
         out.append(hits)

@@ -81,7 +81,7 @@ from esmsearch.server.engine import EngineResult
 from esmsearch.server.rpc import Reject, RpcRecord, Status
 from esmsearch.server.security import bearer_token_ok
 from esmsearch.server.servicer import fill_results
-from esmsearch.server.validation import check_k, check_queries
+from esmsearch.server.validation import check_k, check_max_evalue, check_queries
 from esmsearch.v1 import search_pb2
 
 if TYPE_CHECKING:
@@ -223,6 +223,10 @@ class HitOut(BaseModel):
 
     target_id: str = Field(description="record id of the database sequence")
     cosine_score: float = Field(description="cosine similarity in [-1, 1], higher = closer (6 decimals)")
+    evalue: float | None = Field(
+        description="expected number of unrelated database sequences scoring at least as high for this query, "
+        ">= 0, lower = more significant (3 significant digits); null when the index has no decoys"
+    )
     rank: int = Field(description="1-based rank by descending cosine score")
     target_length: int = Field(description="length of the database sequence in residues")
     target_description: str = Field(description="rest of the database sequence's FASTA header")
@@ -437,16 +441,6 @@ def _check_timeout(timeout_s: float | None) -> float | None:
     return timeout_s
 
 
-def _check_max_evalue(max_evalue: float | None) -> None:
-    # The scheduler computes no E-values yet: refuse a filter it cannot apply rather
-    # than ignore it. Once hits carry E-values, this becomes a check like check_k's.
-    if max_evalue is not None:
-        raise Reject(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "max_evalue: this server reports no E-values; leave max_evalue unset (filter on min_score instead)",
-        )
-
-
 async def _watch_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -525,12 +519,18 @@ async def search(
     rec.queries, rec.k = len(queries), body.k
     sequences = check_queries(queries, servicer.limits)
     min_score = check_k(body.k, body.min_score, servicer.limits)
-    _check_max_evalue(body.max_evalue)
+    # Checked against the index served now; the batch re-checks the version it runs on.
+    max_evalue = check_max_evalue(body.max_evalue, servicer.engine.index)
     timeout_s = _check_timeout(body.timeout_s)
     rec.residues = sum(len(s) for s in sequences)
     gone = threading.Event()
     future = servicer.batcher.submit_search(
-        sequences, body.k, min_score, is_active=lambda: not gone.is_set(), timeout_s=timeout_s
+        sequences,
+        body.k,
+        min_score,
+        max_evalue=max_evalue,
+        is_active=lambda: not gone.is_set(),
+        timeout_s=timeout_s,
     )
     result = await _model_result(future, request.receive, gone, timeout_s)
     assert isinstance(result, EngineResult)

@@ -29,6 +29,7 @@ from esmsearch.server.validation import (
     RequestLimits,
     check_embeddings,
     check_k,
+    check_max_evalue,
     check_queries,
 )
 from esmsearch.v1 import search_pb2, search_pb2_grpc
@@ -66,13 +67,15 @@ def fill_results(
     for qid, length, query_hits in zip(ids, lengths, hits, strict=True):
         qr = response.results.add(query_id=qid, query_length=length)
         for h in query_hits:
-            qr.hits.add(
+            hit = qr.hits.add(
                 target_id=h.target_id,
                 target_description=h.target_description,
                 cosine_score=h.cosine_score,
                 rank=h.rank,
                 target_length=h.target_length,
             )
+            if h.evalue is not None:
+                hit.evalue = h.evalue
 
 
 _Req = TypeVar("_Req")
@@ -103,6 +106,10 @@ def _unary_rpc(name: str) -> Callable[[_Impl[_Req, _Resp]], _Rpc[_Req, _Resp]]:
 
 def _min_score(request: search_pb2.SearchRequest | search_pb2.SearchByEmbeddingRequest) -> float | None:
     return request.min_score if request.HasField("min_score") else None
+
+
+def _max_evalue(request: search_pb2.SearchRequest | search_pb2.SearchByEmbeddingRequest) -> float | None:
+    return request.max_evalue if request.HasField("max_evalue") else None
 
 
 def _remaining_s(context: grpc.ServicerContext) -> float | None:
@@ -150,9 +157,16 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         rec.queries, rec.k = len(request.queries), request.k
         sequences = check_queries(request.queries, self.limits)
         min_score = check_k(request.k, _min_score(request), self.limits)
+        # Checked against the index served now; the batch re-checks the version it runs on.
+        max_evalue = check_max_evalue(_max_evalue(request), self.engine.index)
         rec.residues = sum(len(s) for s in sequences)
         result = self.batcher.search(
-            sequences, request.k, min_score, is_active=context.is_active, timeout_s=_remaining_s(context)
+            sequences,
+            request.k,
+            min_score,
+            max_evalue=max_evalue,
+            is_active=context.is_active,
+            timeout_s=_remaining_s(context),
         )
         rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
         response = search_pb2.SearchResponse(index_version=result.index_version)
@@ -188,8 +202,9 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         with self.engine.lease_index() as index:  # one version for the whole request
             vectors = check_embeddings(request.embeddings, index.manifest.dim, self.limits)
             min_score = check_k(request.k, _min_score(request), self.limits)
+            max_evalue = check_max_evalue(_max_evalue(request), index)
             t0 = time.perf_counter()
-            hits = self.engine.search_vectors(vectors, request.k, min_score, index=index)
+            hits = self.engine.search_vectors(vectors, request.k, min_score, max_evalue=max_evalue, index=index)
             rec.search_s = time.perf_counter() - t0
         response = search_pb2.SearchResponse(index_version=index.version)
         ids = [e.query_id for e in request.embeddings]
@@ -228,6 +243,15 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         """The served index, its model and the request limits (``GetIndexInfo`` and ``GET /v1/index``)."""
         index = self.engine.index
         m = index.manifest
+        decoys = None
+        if m.decoys is not None:
+            decoys = search_pb2.DecoySettings(
+                count=m.decoys.count,
+                seed=m.decoys.seed,
+                method=m.decoys.method,
+                block_size=m.decoys.block_size,
+                shape=m.decoys.shape,
+            )
         return search_pb2.IndexInfo(
             model_name=m.model_name,
             checkpoint_sha256=m.checkpoint_sha256,
@@ -245,6 +269,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             server_version=esmsearch.__version__,
             limits=self.limits.to_proto(),
             reload_error=self.reloader.last_error if self.reloader is not None else "",
+            decoys=decoys,
         )
 
     @_unary_rpc("ReloadIndex")

@@ -27,6 +27,7 @@ from esmsearch.v1 import search_pb2
 
 if TYPE_CHECKING:
     from esmsearch.server.admission import AdmissionConfig
+    from esmsearch.store import Index
 
 __all__ = [
     "MAX_K",
@@ -40,6 +41,7 @@ __all__ = [
     "check_embeddings",
     "check_ids",
     "check_k",
+    "check_max_evalue",
     "check_queries",
 ]
 
@@ -268,3 +270,26 @@ def check_embeddings(embeddings: Sequence[search_pb2.Embedding], dim: int, limit
         raise Reject(invalid, f"query {qid!r}: embedding has {what}", record_id=qid)
     normalised: np.ndarray = (vectors / norms[:, None]).astype(np.float32)
     return normalised
+
+
+def check_max_evalue(max_evalue: float | None, index: Index) -> float | None:
+    """Validate an E-value bound against the index about to answer; ``None`` when unset.
+
+    Args:
+        max_evalue: the request's bound (keep hits with E-value <= it), or ``None``.
+        index: the index version the request will search.
+
+    Raises:
+        Reject: INVALID_ARGUMENT for a negative or NaN bound.
+        EvaluesUnavailableError: the index has no decoys, hence no E-values to filter
+            on (FAILED_PRECONDITION); checked before any model time is spent.
+    """
+    if max_evalue is None:
+        return None
+    if math.isnan(max_evalue) or max_evalue < 0:
+        raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"max_evalue must be an E-value >= 0, got {max_evalue}")
+    if not index.has_evalues:
+        from esmsearch.server.engine import evalues_unavailable
+
+        raise evalues_unavailable(index)
+    return max_evalue

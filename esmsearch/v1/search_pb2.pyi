@@ -9,18 +9,27 @@ Regenerate the committed Python code with `python scripts/gen_proto.py`.
 
 Scores: every score in this API is the cosine similarity between two
 L2-normalised, mean-pooled ESM-2 embeddings, in [-1, 1], higher = closer.
+Significance: every hit of an index built with decoys also carries an
+E-value (Hit.evalue): the expected number of database sequences unrelated to
+the query that score at least its cosine score against it, from a per-query
+extreme-value fit to the query's scores against shuffled decoy
+sequences stored with the index (see esmsearch/significance.py); >= 0, lower
+= more significant. Results stay sorted by cosine score.
 
 Errors (gRPC status codes; `details` always names the offending query id and
 the reason where one query is at fault):
   INVALID_ARGUMENT    empty request, empty/duplicate query id, empty sequence or
                       a residue outside the accepted alphabet (details give the
                       query id and the 1-based residue position), k out of
-                      [1, max_k], min_score outside [-1, 1] or NaN.
+                      [1, max_k], min_score outside [-1, 1] or NaN,
+                      max_evalue negative or NaN.
   RESOURCE_EXHAUSTED  the request exceeds a limit in RequestLimits, or the
                       server's embedding queue is full (retry later).
   FAILED_PRECONDITION the server's model does not match the index (the server
                       refuses to start in that case, so clients rarely see it),
-                      or ReloadIndex refused a new version (details say why).
+                      ReloadIndex refused a new version (details say why), or
+                      max_evalue was set but the served index has no decoys
+                      (IndexInfo.decoys unset: no E-values).
   UNAUTHENTICATED     the server requires a bearer token ("authorization:
                       Bearer <token>" metadata) and none or a wrong one was
                       sent. The health service never requires a token.
@@ -92,6 +101,7 @@ class SearchRequest(_message.Message):
     QUERIES_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
+    MAX_EVALUE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of nearest database sequences to return per query, 1 .. max_k
     (RequestLimits.max_k, 1000 by default). 0 (unset) is rejected. Fewer hits
@@ -102,6 +112,14 @@ class SearchRequest(_message.Message):
     """Optional lower bound on the cosine score, in [-1, 1]: hits scoring below
     it are dropped (so a query may get fewer than k hits, or none). Unset =
     no bound.
+    """
+    max_evalue: _builtins.float
+    """Optional upper bound on the E-value, >= 0 (+inf allowed): of the k nearest
+    hits, those with Hit.evalue above it are dropped (the value compared is the
+    float32 evalue sent), after min_score; ranks are then 1.. over the hits
+    kept. Like BLAST's -evalue and MMseqs2's -e, but applied to the k nearest
+    hits, so raise k to see more. Unset = no bound. Set on an index without
+    decoys (IndexInfo.decoys unset) -> FAILED_PRECONDITION.
     """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Query]:
@@ -115,13 +133,19 @@ class SearchRequest(_message.Message):
         queries: _abc.Iterable[Global___Query] | None = ...,
         k: _builtins.int = ...,
         min_score: _builtins.float | None = ...,
+        max_evalue: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "k", b"k", "min_score", b"min_score", "queries", b"queries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "k", b"k", "max_evalue", b"max_evalue", "min_score", b"min_score", "queries", b"queries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_evalue: _TypeAlias = _typing.Literal["max_evalue"]  # noqa: Y015
+    _WhichOneofArgType__max_evalue: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue"]  # noqa: Y015
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_evalue) -> _WhichOneofReturnType__max_evalue | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
 
 Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
@@ -137,6 +161,7 @@ class Hit(_message.Message):
     COSINE_SCORE_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     TARGET_LENGTH_FIELD_NUMBER: _builtins.int
+    EVALUE_FIELD_NUMBER: _builtins.int
     target_id: _builtins.str
     """Record id of the database sequence (first word of its FASTA header)."""
     target_description: _builtins.str
@@ -152,6 +177,18 @@ class Hit(_message.Message):
     """
     target_length: _builtins.int
     """Length of the database sequence in residues, >= 1."""
+    evalue: _builtins.float
+    """E-value of the hit: the expected number of database sequences unrelated
+    to the query that score at least cosine_score against it, in [0,
+    IndexInfo.count]; lower = more significant (E <= 0.01 is a common
+    cut-off). From the query's own null: an extreme-value (GEV) fit to the
+    maxima of blocks of its scores against the index's decoys (shuffled
+    database sequences), scaled to the index's count by max-stability, so it
+    doubles when the database doubles. Dimensionless, float32 (values below
+    about 1.4e-45 are 0; 0 also beyond the fitted end point of the null, e.g.
+    a self-hit). For one query it never rises as cosine_score rises. Unset
+    when the served index has no decoys (IndexInfo.decoys unset).
+    """
     def __init__(
         self,
         *,
@@ -160,12 +197,15 @@ class Hit(_message.Message):
         cosine_score: _builtins.float = ...,
         rank: _builtins.int = ...,
         target_length: _builtins.int = ...,
+        evalue: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evalue", b"_evalue", "evalue", b"evalue"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosine_score", b"cosine_score", "rank", b"rank", "target_description", b"target_description", "target_id", b"target_id", "target_length", b"target_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evalue", b"_evalue", "cosine_score", b"cosine_score", "evalue", b"evalue", "rank", b"rank", "target_description", b"target_description", "target_id", b"target_id", "target_length", b"target_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__evalue: _TypeAlias = _typing.Literal["evalue"]  # noqa: Y015
+    _WhichOneofArgType__evalue: _TypeAlias = _typing.Literal["_evalue", b"_evalue"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evalue) -> _WhichOneofReturnType__evalue | None: ...
 
 Global___Hit: _TypeAlias = Hit  # noqa: Y015
 
@@ -276,11 +316,16 @@ class SearchByEmbeddingRequest(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     K_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
+    MAX_EVALUE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Hits per query, 1 .. RequestLimits.max_k, as in SearchRequest.k."""
     min_score: _builtins.float
     """Optional lower bound on the cosine score, in [-1, 1], as in
     SearchRequest.min_score.
+    """
+    max_evalue: _builtins.float
+    """Optional upper bound on the E-value, >= 0, as in SearchRequest.max_evalue
+    (the query's null is fitted to its vector's scores against the decoys).
     """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
@@ -292,13 +337,19 @@ class SearchByEmbeddingRequest(_message.Message):
         embeddings: _abc.Iterable[Global___Embedding] | None = ...,
         k: _builtins.int = ...,
         min_score: _builtins.float | None = ...,
+        max_evalue: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "min_score", b"min_score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_score", b"_min_score", "embeddings", b"embeddings", "k", b"k", "min_score", b"min_score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "embeddings", b"embeddings", "k", b"k", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_evalue: _TypeAlias = _typing.Literal["max_evalue"]  # noqa: Y015
+    _WhichOneofArgType__max_evalue: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue"]  # noqa: Y015
     _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
     _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_evalue) -> _WhichOneofReturnType__max_evalue | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
 
 Global___SearchByEmbeddingRequest: _TypeAlias = SearchByEmbeddingRequest  # noqa: Y015
@@ -448,6 +499,7 @@ class IndexInfo(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     RELOAD_ERROR_FIELD_NUMBER: _builtins.int
+    DECOYS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """ESM-2 model name as recorded in the manifest, e.g. "esm2_t33_650M_UR50D"."""
     checkpoint_sha256: _builtins.str
@@ -494,6 +546,14 @@ class IndexInfo(_message.Message):
     def limits(self) -> Global___RequestLimits:
         """The request limits this server enforces."""
 
+    @_builtins.property
+    def decoys(self) -> Global___DecoySettings:
+        """The decoy set behind the served index's E-values. Unset when the index has
+        no decoys (built before E-values existed, or with `--decoys 0`): its hits
+        then carry no Hit.evalue and requests with max_evalue get
+        FAILED_PRECONDITION.
+        """
+
     def __init__(
         self,
         *,
@@ -513,14 +573,70 @@ class IndexInfo(_message.Message):
         server_version: _builtins.str = ...,
         limits: Global___RequestLimits | None = ...,
         reload_error: _builtins.str = ...,
+        decoys: Global___DecoySettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decoys", b"decoys", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "checkpoint_sha256", b"checkpoint_sha256", "count", b"count", "dim", b"dim", "index_factory", b"index_factory", "index_version", b"index_version", "layer", b"layer", "limits", b"limits", "metric", b"metric", "model_name", b"model_name", "normalisation", b"normalisation", "pooling", b"pooling", "reload_error", b"reload_error", "server_version", b"server_version", "source_fasta_sha256", b"source_fasta_sha256", "tool_version", b"tool_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_at", b"built_at", "checkpoint_sha256", b"checkpoint_sha256", "count", b"count", "decoys", b"decoys", "dim", b"dim", "index_factory", b"index_factory", "index_version", b"index_version", "layer", b"layer", "limits", b"limits", "metric", b"metric", "model_name", b"model_name", "normalisation", b"normalisation", "pooling", b"pooling", "reload_error", b"reload_error", "server_version", b"server_version", "source_fasta_sha256", b"source_fasta_sha256", "tool_version", b"tool_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IndexInfo: _TypeAlias = IndexInfo  # noqa: Y015
+
+@_typing.final
+class DecoySettings(_message.Message):
+    """The decoys of an index (manifest.json's `decoys`): shuffled database
+    sequences embedded with the index's model, against which each query's null
+    score distribution is fitted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Number of decoys, >= 2 (10,000 by default, or one per database sequence
+    for a smaller database).
+    """
+    seed: _builtins.int
+    """Seed of the sample of database sequences and of their residue shuffles,
+    >= 0.
+    """
+    method: _builtins.str
+    """How the decoys were made, e.g. "shuffled_database_sample" (the residues
+    of a seeded sample of database sequences, shuffled: same lengths and
+    composition).
+    """
+    block_size: _builtins.int
+    """Decoys per block whose maximum score the per-query extreme-value
+    distribution describes, 1 .. count (100 by default); count / block_size
+    (rounded down) >= 3.
+    """
+    shape: _builtins.float
+    """The index's generalised extreme value (GEV) shape xi of those block
+    maxima, taken of u = -ln(1 - cosine), in [-0.25, 0.25]: estimated at build
+    time from database sequences scored against the decoys (0 = Gumbel; < 0:
+    a bounded tail). Location and scale are fitted per query.
+    """
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        method: _builtins.str = ...,
+        block_size: _builtins.int = ...,
+        shape: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "count", b"count", "method", b"method", "seed", b"seed", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecoySettings: _TypeAlias = DecoySettings  # noqa: Y015
 
 @_typing.final
 class ReloadIndexRequest(_message.Message):

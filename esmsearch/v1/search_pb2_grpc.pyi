@@ -9,18 +9,27 @@ Regenerate the committed Python code with `python scripts/gen_proto.py`.
 
 Scores: every score in this API is the cosine similarity between two
 L2-normalised, mean-pooled ESM-2 embeddings, in [-1, 1], higher = closer.
+Significance: every hit of an index built with decoys also carries an
+E-value (Hit.evalue): the expected number of database sequences unrelated to
+the query that score at least its cosine score against it, from a per-query
+extreme-value fit to the query's scores against shuffled decoy
+sequences stored with the index (see esmsearch/significance.py); >= 0, lower
+= more significant. Results stay sorted by cosine score.
 
 Errors (gRPC status codes; `details` always names the offending query id and
 the reason where one query is at fault):
   INVALID_ARGUMENT    empty request, empty/duplicate query id, empty sequence or
                       a residue outside the accepted alphabet (details give the
                       query id and the 1-based residue position), k out of
-                      [1, max_k], min_score outside [-1, 1] or NaN.
+                      [1, max_k], min_score outside [-1, 1] or NaN,
+                      max_evalue negative or NaN.
   RESOURCE_EXHAUSTED  the request exceeds a limit in RequestLimits, or the
                       server's embedding queue is full (retry later).
   FAILED_PRECONDITION the server's model does not match the index (the server
                       refuses to start in that case, so clients rarely see it),
-                      or ReloadIndex refused a new version (details say why).
+                      ReloadIndex refused a new version (details say why), or
+                      max_evalue was set but the served index has no decoys
+                      (IndexInfo.decoys unset: no E-values).
   UNAUTHENTICATED     the server requires a bearer token ("authorization:
                       Bearer <token>" metadata) and none or a wrong one was
                       sent. The health service never requires a token.
