@@ -29,6 +29,10 @@ Usage::
 
     python benchmarks/embed_throughput.py --arch esm2_t6_8M_UR50D --threads 2
     python benchmarks/embed_throughput.py --arch esm2_t12_35M_UR50D
+    python benchmarks/embed_throughput.py --arch esm1b_t33_650M_UR50S --n-seqs 24
+
+Any architecture of ``esmsearch.models.ARCHITECTURES`` works, ESM-1b/ESM-1v included
+(the reference is then fair-esm's ``ProteinBertModel`` forward).
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def encoder_direct_embed(  # type: ignore[no-untyped-def]
         batches.append(buf)
 
     def run() -> np.ndarray:
-        out = np.empty((len(records), model.embed_dim), dtype=np.float32)
+        out = np.empty((len(records), model.embed_tokens.embedding_dim), dtype=np.float32)
         for batch in batches:
             _, _, toks = converter([records[i] for i in batch])
             reps = encoder(toks)  # (B, T, E) float32
