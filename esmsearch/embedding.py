@@ -506,8 +506,9 @@ class Embedder:
 
         Args:
             manifest: the index's manifest.
-            model: pretrained name or ``.pt`` path overriding the manifest's model
-                source (it must still be the same checkpoint).
+            model: any :func:`load_model` form (pretrained name, ``.pt`` path,
+                Hugging Face directory or Hub id) overriding the manifest's model
+                source; its weights must still be the same file (checkpoint sha256).
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
             toks_per_batch: token budget per forward pass.
             precision: ``None`` (default: the manifest's) or a value for
