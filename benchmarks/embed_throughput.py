@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, alphabet = load_model(ckpt)
         model = model.to(args.device)
         layer = model.num_layers if args.layer is None else args.layer
-        flops = model_flops([len(s) for _, s in records], layer, model.embed_dim)
+        flops = model_flops([len(s) for _, s in records], layer, model.embed_tokens.embedding_dim)
         print(
             f"arch {args.arch} (random weights, seed {args.seed}), layer {layer}, "
             f"{len(records)} sequences, {residues} residues (max {max(len(s) for _, s in records)}), "
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision_of[name] = embedder.precision
         timings = time_interleaved(methods, residues, args.repeats)
         peaks = {
-            p: matmul_rate(model.embed_dim, args.toks_per_batch, _DTYPES[p], args.device)
+            p: matmul_rate(model.embed_tokens.embedding_dim, args.toks_per_batch, _DTYPES[p], args.device)
             for p in sorted(set(precision_of.values()))
         }
     for p, rate in peaks.items():

@@ -2,12 +2,13 @@
 
 ::
 
-    esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH] [--layer N]
+    esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH|DIR|ORG/NAME] [--layer N]
                           [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
                           [--decoys 10000] [--decoy-seed 0]
     esmsearch index info INDEX_DIR [--verify] [--json]
     esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051] [--http-port 8080]
     esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [-e MAX_EVALUE] [--format tsv|json]
+    esmsearch models [--json]
 
 Each subcommand is a plain function of the Python API (``esmsearch.indexer.build_index``,
 ``esmsearch.store.Index``, ``esmsearch.server.serve``, ``esmsearch.client.SearchClient``).
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,72 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- models -------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from esmsearch.models import ARCHITECTURES, CONTEXT_RESIDUES, FAMILIES, MODEL_SOURCES, human_count
+
+    if args.json:
+        data = {
+            "models": [
+                {
+                    "name": a.name,
+                    "family": a.family,
+                    "layers": a.num_layers,
+                    "embed_dim": a.embed_dim,
+                    "attention_heads": a.attention_heads,
+                    "parameters": a.parameters,
+                    "default_layer": a.default_layer,
+                    "positions": a.positions,
+                    "context_residues": CONTEXT_RESIDUES,
+                    "hf_hub_id": a.hf_hub_id,
+                }
+                for a in ARCHITECTURES.values()
+            ],
+            "families": FAMILIES,
+            "sources": [{"form": form, "kind": kind, "description": text} for form, kind, text in MODEL_SOURCES],
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    header = ("name", "family", "layers", "dim", "params", "default layer", "positions", "hub id")
+    rows = [
+        (
+            a.name,
+            {"esm2": "ESM-2", "esm1b": "ESM-1b" if a.name.startswith("esm1b") else "ESM-1v"}[a.family],
+            str(a.num_layers),
+            str(a.embed_dim),
+            human_count(a.parameters),
+            str(a.default_layer),
+            a.positions,
+            a.hf_hub_id,
+        )
+        for a in ARCHITECTURES.values()
+    ]
+    numeric = {2, 3, 4, 5}
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        print(
+            "  ".join(
+                c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+    print()
+    print(
+        textwrap.fill(
+            f"Every model reads {CONTEXT_RESIDUES:,} residues per window (longer sequences: overlapping windows); "
+            "a vector is the mean over residues of one representation layer (--layer, default the last), "
+            "L2-normalised.",
+            width=100,
+        )
+    )
+    print()
+    print("--model accepts, tried in this order (source kind recorded in the index manifest):")
+    width = max(len(form) for form, _, _ in MODEL_SOURCES)
+    for form, kind, text in MODEL_SOURCES:
+        lead = f"  {form:<{width}}  "
+        print(textwrap.fill(f"[{kind}] {text}", width=100, initial_indent=lead, subsequent_indent=" " * len(lead)))
+    return 0
+
+
 # -- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from esmsearch.errors import ConfigError
@@ -296,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Protein remote-homology search with ESM-2 embeddings (index, serve, search).",
     )
     parser.add_argument("--version", action="version", version=f"esmsearch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{index,serve,search}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{index,serve,search,models}")
 
     index = sub.add_parser("index", help="build or inspect an index")
     isub = index.add_subparsers(dest="index_command", required=True, metavar="{build,info,versions,rollback}")
@@ -313,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"fair-esm ESM-2 pretrained name (downloaded on first use) or local .pt path (default {DEFAULT_MODEL})",
+        help="pretrained name, local fair-esm .pt file, local Hugging Face directory or Hub id such as "
+        f"facebook/esm2_t33_650M_UR50D; ESM-2 or ESM-1b/ESM-1v (`esmsearch models`; default {DEFAULT_MODEL})",
     )
     b.add_argument(
         "--layer", type=int, default=None, help="representation layer (default: last; negative counts from the end)"
@@ -506,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-v", "--verbose", action="count", default=0)
     s.set_defaults(func=cmd_serve)
+
+    md = sub.add_parser("models", help="list the ESM models and the --model forms esmsearch loads")
+    md.add_argument("--json", action="store_true", help="machine-readable output")
+    md.set_defaults(func=cmd_models)
 
     q = sub.add_parser("search", help="search query sequences against a server")
     q.add_argument(

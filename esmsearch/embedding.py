@@ -1,11 +1,15 @@
-"""ESM-2 loading, batching, pooling and normalisation: one code path for database and queries.
+"""ESM loading, batching, pooling and normalisation: one code path for database and queries.
 
 A database sequence and a query with the same residues get the same vector, because
 the indexer and the server both call :meth:`Embedder.embed`.
 
+Models: ESM-2 and ESM-1b/ESM-1v (:mod:`esmsearch.models`), from fair-esm names or
+``.pt`` files, Hugging Face directories or Hub ids (:func:`load_model`); all run
+through the one fast encoder (:mod:`esmsearch.esm2_fast`).
+
 Method
 ------
-* Tokens: fair-esm's ESM-2 alphabet, ``<cls>`` (BOS) + residues + ``<eos>``, padded
+* Tokens: fair-esm's ESM-2 alphabet (ESM-1b's is the same), ``<cls>`` (BOS) + residues + ``<eos>``, padded
   with ``<pad>`` (as ``esm.data.BatchConverter`` does).
 * Batches: work items sorted by length (longest first) and *packed*: the tokens of
   all items of a batch are concatenated (no padding) and run through
@@ -18,7 +22,7 @@ Method
   layer norm), then L2 normalisation. Inner product of two vectors is then their
   cosine similarity in [-1, 1], higher = closer.
 * Long sequences: ESM-2 was trained with at most 1024 tokens (1022 residues + BOS +
-  EOS). Longer sequences are never truncated: they are cut into windows of
+  EOS), and ESM-1b has 1024 learned positions. Longer sequences are never truncated: they are cut into windows of
   :data:`WINDOW_RESIDUES` residues overlapping by at least :data:`WINDOW_OVERLAP`;
   every residue takes its representation from the window in which it lies
   furthest from an edge (the overlap is split at its midpoint), and the mean runs
@@ -32,6 +36,7 @@ import argparse
 import contextlib
 import logging
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -59,8 +64,10 @@ __all__ = [
     "EmbedStats",
     "Embedder",
     "LoadedModel",
+    "SOURCE_KINDS",
     "load_model",
     "resolve_device",
+    "resolve_model_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,15 +85,34 @@ POOLING = "mean_residues"
 NORMALISATION = "l2"
 
 
+#: Source kinds :func:`load_model` records (``Manifest.model_source_kind``), in the order it tries them.
+SOURCE_KINDS: tuple[str, ...] = ("hf-directory", "fair-esm-checkpoint", "fair-esm-pretrained", "hf-hub")
+#: A Hugging Face Hub id: ``org/name`` (letters, digits, ``-``, ``_``, ``.``), as the Hub allows.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 @dataclass
 class LoadedModel:
-    """A fair-esm ESM-2 model with what the index manifest records about it."""
+    """A fair-esm ESM-2 or ESM-1b model with what the index manifest records about it.
 
-    model: Any  # esm.model.esm2.ESM2
-    alphabet: Any  # esm.data.Alphabet
+    Attributes:
+        model: ``esm.model.esm2.ESM2`` or (ESM-1b/ESM-1v) ``esm.model.esm1.ProteinBertModel``.
+        alphabet: fair-esm's ``Alphabet``.
+        model_name: pretrained name, hub id, or the file / directory name.
+        model_source: what loads it again: pretrained name, hub id, or absolute path.
+        checkpoint_sha256: sha256 of the weights file (``.pt``, ``model.safetensors``
+            or ``pytorch_model.bin``; shards: :func:`esmsearch.hf_convert.weights_sha256`).
+        model_source_kind: one of :data:`SOURCE_KINDS`.
+        family: ``"esm2"`` or ``"esm1b"`` (:data:`esmsearch.models.FAMILIES`).
+    """
+
+    model: Any
+    alphabet: Any
     model_name: str
     model_source: str
     checkpoint_sha256: str
+    model_source_kind: str = "fair-esm-checkpoint"
+    family: str = "esm2"
 
 
 @contextlib.contextmanager
@@ -100,84 +126,187 @@ def _allow_namespace_unpickling() -> Iterator[None]:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.endswith(".pt") or "/" in spec or "\\" in spec or Path(spec).exists()
+    return (
+        spec.endswith(".pt")
+        or spec.startswith(("/", ".", "~"))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or ("/" in spec and not _HUB_ID.match(spec))
+    )
+
+
+def resolve_model_spec(spec: str) -> tuple[str, str]:
+    """Decide what ``--model`` names, without loading anything.
+
+    Order: an existing directory (a Hugging Face directory when it holds
+    ``config.json``); an existing file (a fair-esm ``.pt`` checkpoint); a known
+    fair-esm pretrained name (:data:`esmsearch.models.ARCHITECTURES`); an
+    ``org/name`` that is no local path (a Hugging Face Hub id); else an error.
+
+    Returns:
+        ``(source kind, location)``: one of :data:`SOURCE_KINDS` and the absolute
+        path, name or hub id.
+
+    Raises:
+        ModelLoadError: a directory without ``config.json``; a file of the Hugging
+            Face layout given instead of its directory; a path that does not exist;
+            an unknown name (the message lists the known ones and the other forms).
+    """
+    from esmsearch.hf_convert import HF_CONFIG, WEIGHT_FILES
+    from esmsearch.models import ARCHITECTURES
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / HF_CONFIG).is_file():
+            raise ModelLoadError(
+                f"{path.resolve()} is a directory without {HF_CONFIG}: not a Hugging Face model directory "
+                "(save_pretrained writes config.json and model.safetensors)"
+            )
+        return "hf-directory", str(path.resolve())
+    if path.is_file():
+        if path.name == HF_CONFIG or path.name in WEIGHT_FILES or path.suffix == ".safetensors":
+            raise ModelLoadError(
+                f"{path.resolve()} is one file of a Hugging Face model: pass its directory ({path.resolve().parent})"
+            )
+        return "fair-esm-checkpoint", str(path.resolve())
+    if spec in ARCHITECTURES:
+        return "fair-esm-pretrained", spec
+    if _HUB_ID.match(spec) and not spec.endswith(".pt"):
+        return "hf-hub", spec
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model checkpoint not found: {path.resolve()}")
+    raise ModelLoadError(
+        f"unknown model {spec!r}: give a pretrained name ({', '.join(ARCHITECTURES)}), a path to a local "
+        "fair-esm .pt checkpoint, a local Hugging Face model directory, or a Hugging Face Hub id such as "
+        "facebook/esm2_t33_650M_UR50D (`esmsearch models` lists them)"
+    )
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load an ESM-2 model through fair-esm from a pretrained name or a local checkpoint.
+    """Load an ESM-2 or ESM-1b/ESM-1v model as a fair-esm module.
 
     Args:
-        spec: a fair-esm ESM-2 pretrained name (``esm2_t6_8M_UR50D`` ...
-            ``esm2_t36_3B_UR50D``; downloaded by fair-esm into torch's hub cache on
-            first use), or a path to a local fair-esm ``.pt`` checkpoint whose
-            ``<stem>-contact-regression.pt`` may lie beside it (optional: pooling
-            does not use the contact head).
+        spec: resolved by :func:`resolve_model_spec`, in this order:
+
+            * a local Hugging Face directory (``config.json`` + ``model.safetensors``
+              or ``pytorch_model.bin``, as ``save_pretrained`` writes them), read by
+              :func:`esmsearch.hf_convert.load_hf_directory`;
+            * a local fair-esm ``.pt`` checkpoint (ESM-2, or ESM-1b/ESM-1v: fairseq's
+              ``args`` with arch ``roberta_large``); its ``<stem>-contact-regression.pt``
+              may lie beside it (optional: pooling does not use the contact head);
+            * a fair-esm pretrained name (``esm2_t6_8M_UR50D`` ... ``esm2_t48_15B_UR50D``,
+              ``esm1b_t33_650M_UR50S``, ``esm1v_t33_650M_UR90S_1..5``), downloaded by
+              fair-esm into torch's hub cache on first use;
+            * a Hugging Face Hub id (``facebook/esm2_t33_650M_UR50D``), fetched with
+              huggingface_hub into its cache on first use (:func:`esmsearch.hf_convert.fetch_hf_hub`).
 
     Returns:
-        The model in eval mode on the CPU, its alphabet, name (file stem for
-        paths), source (pretrained name or absolute path) and checkpoint sha256.
+        The model in eval mode on the CPU, its alphabet, name, source, weights sha256,
+        source kind and family.
 
     Raises:
-        ModelLoadError: unknown name, missing or corrupt file, a non-ESM-2
-            checkpoint, or a download that fails (the message says how to pass a
-            local checkpoint instead).
+        ModelLoadError: unknown name, missing or corrupt file, a checkpoint of another
+            architecture (ESM-1, MSA Transformer, ESMFold), or a download that fails
+            (the message says how to pass a local copy instead).
     """
+    kind, location = resolve_model_spec(spec)
+    if kind == "hf-directory":
+        return _load_hf(Path(location), kind, name=Path(location).name, source=location)
+    if kind == "hf-hub":
+        from esmsearch.hf_convert import fetch_hf_hub
+
+        return _load_hf(fetch_hf_hub(location), kind, name=location, source=location)
+    if kind == "fair-esm-checkpoint":
+        return _load_fair_esm_file(Path(location))
+    return _load_fair_esm_pretrained(location)
+
+
+def _load_hf(directory: Path, kind: str, *, name: str, source: str) -> LoadedModel:
+    from esmsearch.hf_convert import load_hf_directory
+
+    hf = load_hf_directory(directory)
+    return LoadedModel(hf.model, hf.alphabet, name, source, hf.weights_sha256, kind, hf.config.family)
+
+
+def _fair_esm_family(model_data: object, path: Path) -> str:
+    """``"esm2"`` (fair-esm's ``cfg`` layout) or ``"esm1b"`` (``args`` with arch ``roberta_large``)."""
+    if not isinstance(model_data, dict) or "model" not in model_data:
+        raise ModelLoadError(
+            f"{path} is not a fair-esm ESM-2 or ESM-1b checkpoint (expected keys 'cfg' or 'args', and 'model')"
+        )
+    if "cfg" in model_data:
+        return "esm2"
+    arch = getattr(model_data.get("args"), "arch", None)
+    if arch == "roberta_large":
+        return "esm1b"
+    if arch is None:
+        raise ModelLoadError(
+            f"{path} is not a fair-esm ESM-2 or ESM-1b checkpoint (expected keys 'cfg' or 'args', and 'model')"
+        )
+    raise ModelLoadError(
+        f"{path} holds a fair-esm {arch!r} model (ESM-1 or MSA Transformer), which esmsearch does not embed "
+        "with: use ESM-2 or ESM-1b/ESM-1v"
+    )
+
+
+def _load_fair_esm_file(path: Path) -> LoadedModel:
     import esm
     import torch
 
-    if _looks_like_path(spec):
-        path = Path(spec).expanduser().resolve()
-        if not path.is_file():
-            raise ModelLoadError(f"model checkpoint not found: {path}")
+    try:
+        with _allow_namespace_unpickling():
+            model_data = torch.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read model checkpoint {path}: not a fair-esm .pt file or corrupt ({exc})"
+        ) from exc
+    family = _fair_esm_family(model_data, path)
+    regression_path = path.with_name(path.stem + "-contact-regression.pt")
+    regression_data = None
+    if regression_path.is_file():
         try:
             with _allow_namespace_unpickling():
-                model_data = torch.load(str(path), map_location="cpu")
+                regression_data = torch.load(str(regression_path), map_location="cpu")
         except Exception as exc:
-            raise ModelLoadError(
-                f"cannot read model checkpoint {path}: not a fair-esm .pt file or corrupt ({exc})"
-            ) from exc
-        if not isinstance(model_data, dict) or "cfg" not in model_data or "model" not in model_data:
-            raise ModelLoadError(f"{path} is not a fair-esm ESM-2 checkpoint (expected keys 'cfg' and 'model')")
-        regression_path = path.with_name(path.stem + "-contact-regression.pt")
-        regression_data = None
-        if regression_path.is_file():
-            try:
-                with _allow_namespace_unpickling():
-                    regression_data = torch.load(str(regression_path), map_location="cpu")
-            except Exception as exc:
-                raise ModelLoadError(f"cannot read {regression_path}: corrupt ({exc})") from exc
-        name = path.stem
-        # fair-esm chooses its ESM-2 loader by the name prefix.
+            raise ModelLoadError(f"cannot read {regression_path}: corrupt ({exc})") from exc
+    name = path.stem
+    # fair-esm chooses its loader by the name prefix: "esm2..." -> ESM-2, anything else -> v1 (ESM-1b).
+    if family == "esm2":
         core_name = name if name.startswith("esm2") else f"esm2_{name}"
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Regression weights not found")
-                model, alphabet = esm.pretrained.load_model_and_alphabet_core(core_name, model_data, regression_data)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot build an ESM-2 model from {path}: {exc}") from exc
-        source, sha = str(path), file_sha256(path)
     else:
-        if not spec.startswith("esm2_") or not hasattr(esm.pretrained, spec):
-            known = sorted(n for n in dir(esm.pretrained) if n.startswith("esm2_"))
-            raise ModelLoadError(
-                f"unknown model {spec!r}: give an ESM-2 pretrained name ({', '.join(known)}) "
-                "or a path to a local fair-esm .pt checkpoint"
-            )
-        try:
-            with _allow_namespace_unpickling(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Regression weights not found")
-                model, alphabet = esm.pretrained.load_model_and_alphabet_hub(spec)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"cannot download pretrained model {spec!r} ({type(exc).__name__}: {exc}). "
-                f"Without internet access, fetch https://dl.fbaipublicfiles.com/fair-esm/models/{spec}.pt "
-                f"elsewhere and pass its local path: --model /path/to/{spec}.pt"
-            ) from exc
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{spec}.pt"
-        source, name = spec, spec
-        sha = file_sha256(cached) if cached.is_file() else "unknown"
+        core_name = name if not name.startswith("esm2") else f"esm1b_{name}"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Regression weights not found")
+            model, alphabet = esm.pretrained.load_model_and_alphabet_core(core_name, model_data, regression_data)
+    except Exception as exc:
+        label = "an ESM-2" if family == "esm2" else "an ESM-1b"
+        raise ModelLoadError(f"cannot build {label} model from {path}: {exc}") from exc
     model.eval()
-    return LoadedModel(model, alphabet, name, source, sha)
+    return LoadedModel(model, alphabet, name, str(path), file_sha256(path), "fair-esm-checkpoint", family)
+
+
+def _load_fair_esm_pretrained(spec: str) -> LoadedModel:
+    import esm
+    import torch
+
+    from esmsearch.models import ARCHITECTURES
+
+    try:
+        with _allow_namespace_unpickling(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Regression weights not found")
+            model, alphabet = esm.pretrained.load_model_and_alphabet_hub(spec)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot download pretrained model {spec!r} ({type(exc).__name__}: {exc}). "
+            f"Without internet access, fetch https://dl.fbaipublicfiles.com/fair-esm/models/{spec}.pt "
+            f"elsewhere and pass its local path: --model /path/to/{spec}.pt "
+            f"(or a local Hugging Face directory of {ARCHITECTURES[spec].hf_hub_id})"
+        ) from exc
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{spec}.pt"
+    sha = file_sha256(cached) if cached.is_file() else "unknown"
+    model.eval()
+    return LoadedModel(model, alphabet, spec, spec, sha, "fair-esm-pretrained", ARCHITECTURES[spec].family)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -252,11 +381,11 @@ def plan_windows(
 
 
 class Embedder:
-    """Embed protein sequences with an ESM-2 model into L2-normalised vectors.
+    """Embed protein sequences with an ESM-2 or ESM-1b model into L2-normalised vectors.
 
     Args:
-        model: fair-esm ESM-2 pretrained name or path to a local ``.pt`` checkpoint
-            (see :func:`load_model`).
+        model: pretrained name, local ``.pt`` checkpoint, local Hugging Face
+            directory or Hub id (see :func:`load_model`).
         layer: representation layer, 0 (token embeddings) .. num_layers; ``None`` or
             ``-1`` means the last layer. Negative values count from the end.
         toks_per_batch: token budget per forward pass (fair-esm's ``scripts/extract.py``
@@ -313,9 +442,11 @@ class Embedder:
         self.model_name = loaded.model_name
         self.model_source = loaded.model_source
         self.checkpoint_sha256 = loaded.checkpoint_sha256
+        self.model_source_kind = loaded.model_source_kind
+        self.family = loaded.family
         self.layer = layer
         self.num_layers = num_layers
-        self.dim = int(esm_model.embed_dim)
+        self.dim = int(esm_model.embed_tokens.embedding_dim)
         self.toks_per_batch = toks_per_batch
         self.precision = precision
         self.stats = EmbedStats()
@@ -384,8 +515,9 @@ class Embedder:
 
         Args:
             manifest: the index's manifest.
-            model: pretrained name or ``.pt`` path overriding the manifest's model
-                source (it must still be the same checkpoint).
+            model: any :func:`load_model` form (pretrained name, ``.pt`` path,
+                Hugging Face directory or Hub id) overriding the manifest's model
+                source; its weights must still be the same file (checkpoint sha256).
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
             toks_per_batch: token budget per forward pass.
             precision: ``None`` (default: the manifest's) or a value for

@@ -31,6 +31,10 @@ The math is fair-esm's, term by term (``esm/model/esm2.py``, ``esm/modules.py``,
   masked out.
 * the last layer's representation has ``emb_layer_norm_after`` applied
   (fair-esm applies it only there).
+* ESM-1b/ESM-1v (``esm/model/esm1.py``, ``ProteinBertModel`` with arch
+  ``roberta_large``) run through the same code: no rotary map; instead the learned
+  position embedding (row ``position + padding_idx + 1``) is added after the token
+  dropout scaling, then ``emb_layer_norm_before`` where the checkpoint has it.
 
 Precision and measured agreement (cosine of the residue-mean-pooled vectors vs
 fair-esm fp32 ``scripts/extract.py``; random-weight checkpoints from
@@ -72,6 +76,7 @@ import torch.nn.functional as F
 from esmsearch.errors import ConfigError
 
 if TYPE_CHECKING:
+    from esm.model.esm1 import ProteinBertModel
     from esm.model.esm2 import ESM2
 
 __all__ = [
@@ -173,7 +178,8 @@ class Esm2Encoder(torch.nn.Module):
     """ESM-2 trunk up to one representation layer, with fused attention.
 
     Args:
-        model: a loaded fair-esm ESM-2 (``esm.pretrained.load_model_and_alphabet*``);
+        model: a loaded fair-esm ESM-2 (``esm.pretrained.load_model_and_alphabet*``),
+            or an ESM-1b/ESM-1v ``ProteinBertModel`` (learned positions, no rotary);
             its weights are shared, not copied. Put it on the target device and in
             eval mode before wrapping (the encoder never uses dropout).
         layer: representation layer, ``0..model.num_layers`` (0 = embeddings).
@@ -184,7 +190,7 @@ class Esm2Encoder(torch.nn.Module):
         ConfigError: ``layer`` out of range, unknown precision, or fp16 off CUDA.
     """
 
-    def __init__(self, model: ESM2, layer: int, *, precision: str = "fp32") -> None:
+    def __init__(self, model: ESM2 | ProteinBertModel, layer: int, *, precision: str = "fp32") -> None:
         super().__init__()
         if not 0 <= layer <= model.num_layers:
             raise ConfigError(f"representation layer must be in 0..{model.num_layers}; got {layer}")
@@ -194,17 +200,24 @@ class Esm2Encoder(torch.nn.Module):
         self.precision = resolve_precision(precision, device)
         self.padding_idx = model.padding_idx
         self.mask_idx = model.mask_idx
-        self.token_dropout = bool(model.token_dropout)
+        self.token_dropout = _token_dropout(model)
         self.embed_scale = model.embed_scale
         self.embed_tokens = model.embed_tokens
+        # ESM-1b/ESM-1v (fair-esm ProteinBertModel, arch "roberta_large") differ from
+        # ESM-2 only in their positions: learned absolute embeddings added to the token
+        # embeddings (then a LayerNorm where the checkpoint has one) instead of rotary.
+        self.embed_positions: Any = getattr(model, "embed_positions", None)
+        self.emb_layer_norm_before: Any = getattr(model, "emb_layer_norm_before", None) or None
         # Shared modules: a plain slice of the model's ModuleList, no weight copies.
         self.layers = torch.nn.ModuleList(list(model.layers[:layer]))
         self.final_layer_norm = model.emb_layer_norm_after if layer == model.num_layers else None
-        self.num_heads = model.attention_heads
-        self.head_dim = model.embed_dim // model.attention_heads
+        first_attn: Any = model.layers[0].self_attn
+        self.num_heads = int(first_attn.num_heads)
+        self.head_dim = int(model.embed_tokens.embedding_dim) // self.num_heads
         self.scaling = self.head_dim**-0.5
+        self.rotary = first_attn.rot_emb is not None
         layers: list[Any] = list(self.layers)  # fair-esm modules are untyped
-        self._inv_freqs: list[torch.Tensor] = [lay.self_attn.rot_emb.inv_freq for lay in layers]
+        self._inv_freqs: list[torch.Tensor] = [lay.self_attn.rot_emb.inv_freq for lay in layers] if self.rotary else []
         # Every released model has the same inv_freq in every layer; share one table then.
         self._shared_rotary = all(torch.equal(f, self._inv_freqs[0]) for f in self._inv_freqs[1:])
         self._rotary_len = 0
@@ -321,11 +334,16 @@ class Esm2Encoder(torch.nn.Module):
         return weight, bias
 
     # ----------------------------------------------------------------- forward
-    def _embed_packed(self, tokens: torch.Tensor, seq_id: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _embed_packed(
+        self, tokens: torch.Tensor, seq_id: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """Token embeddings ``[N, E]`` of a packed batch, with fair-esm's token-dropout rescaling.
 
         fair-esm: ``x * (1 - 0.15 * 0.8) / (1 - n_mask / n_tokens)`` per sequence, where
         ``n_tokens`` counts the sequence's non-padding tokens (BOS and EOS included).
+        ESM-1b then adds its learned positional embedding, row ``position + padding_idx + 1``
+        (fair-esm's ``LearnedPositionalEmbedding`` counts from ``padding_idx + 1``), and
+        applies ``emb_layer_norm_before`` where the checkpoint has it.
         """
         x: torch.Tensor = self.embed_scale * self.embed_tokens(tokens)  # (N, E)
         if self.token_dropout:
@@ -335,6 +353,11 @@ class Esm2Encoder(torch.nn.Module):
             n_mask.index_add_(0, seq_id, is_mask.to(x.dtype))
             scale = (1 - _MASK_RATIO_TRAIN) / (1 - n_mask / lengths.to(x.dtype))  # (B,)
             x = x * scale[seq_id].unsqueeze(-1)
+        if self.embed_positions is not None:
+            x = x + F.embedding(positions + (self.padding_idx + 1), self.embed_positions.weight)
+        if self.emb_layer_norm_before is not None:
+            norm = self.emb_layer_norm_before
+            x = F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
         return x
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: _Packing) -> torch.Tensor:
@@ -369,20 +392,24 @@ class Esm2Encoder(torch.nn.Module):
     ) -> torch.Tensor:
         n_tokens, embed_dim = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        tables = self._rotary_tables(packing.max_len)
+        tables = self._rotary_tables(packing.max_len) if self.rotary else []
         layers: list[Any] = list(self.layers)  # fair-esm modules are untyped
         int8 = self._int8_linears() if self.precision == "int8" else None
-        for i, (lay, (cos_t, sin_t), (qkv_weight, qkv_bias)) in enumerate(zip(layers, tables, qkv_params, strict=True)):
+        for i, (lay, (qkv_weight, qkv_bias)) in enumerate(zip(layers, qkv_params, strict=True)):
             ln1, ln2 = lay.self_attn_layer_norm, lay.final_layer_norm
             out_proj = lay.self_attn.out_proj
             h = F.layer_norm(x, (embed_dim,), ln1.weight, ln1.bias, ln1.eps)
             if int8 is not None:
-                x = self._int8_layer(x, h, int8[i], lay, cos_t, sin_t, packing)
+                x = self._int8_layer(x, h, int8[i], lay, tables[i] if self.rotary else None, packing)
                 continue
             qkv = F.linear(h, qkv_weight, qkv_bias).view(n_tokens, 3, heads, head_dim)
-            # Rotary positions restart at every sequence: gather the table by position.
-            cos, sin = cos_t[packing.positions], sin_t[packing.positions]  # (N, D)
-            qk = self._apply_rotary(qkv[:, :2], cos, sin)  # (N, 2, H, D)
+            if self.rotary:
+                # Rotary positions restart at every sequence: gather the table by position.
+                cos_t, sin_t = tables[i]
+                cos, sin = cos_t[packing.positions], sin_t[packing.positions]  # (N, D)
+                qk = self._apply_rotary(qkv[:, :2], cos, sin)  # (N, 2, H, D)
+            else:  # ESM-1b: positions were added to the embeddings
+                qk = qkv[:, :2]
             # fair-esm scales q by head_dim**-0.5 before the (linear) rotary map; the
             # attention's `scale` applies the same factor.
             o = self._attention(qk[:, 0], qk[:, 1], qkv[:, 2], packing)
@@ -403,16 +430,22 @@ class Esm2Encoder(torch.nn.Module):
         h: torch.Tensor,
         packed: tuple[Any, Any, Any, Any],
         lay: Any,
-        cos_t: torch.Tensor,
-        sin_t: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
         packing: _Packing,
     ) -> torch.Tensor:
-        """One layer with dynamic int8 GEMMs (``h`` = LN1(x) already computed)."""
+        """One layer with dynamic int8 GEMMs (``h`` = LN1(x) already computed).
+
+        ``rotary`` is the layer's (cos, sin) table, or None for ESM-1b (learned
+        positions already added to the embeddings).
+        """
         n_tokens, embed_dim = x.shape
         linear = torch.ops.quantized.linear_dynamic
         qkv = linear(h, packed[0], True).view(n_tokens, 3, self.num_heads, self.head_dim)
-        cos, sin = cos_t[packing.positions], sin_t[packing.positions]
-        qk = self._apply_rotary(qkv[:, :2], cos, sin)
+        if rotary is not None:
+            cos_t, sin_t = rotary
+            qk = self._apply_rotary(qkv[:, :2], cos_t[packing.positions], sin_t[packing.positions])
+        else:
+            qk = qkv[:, :2]
         o = self._attention(qk[:, 0], qk[:, 1], qkv[:, 2], packing)
         x = x + linear(o.reshape(n_tokens, embed_dim), packed[1], True)
         ln2 = lay.final_layer_norm
@@ -444,12 +477,19 @@ class Esm2Encoder(torch.nn.Module):
             rounding), including ``emb_layer_norm_after`` when ``layer == num_layers``.
 
         Raises:
-            ValueError: ``tokens`` is not 1-D or ``lengths`` does not add up to it.
+            ValueError: ``tokens`` is not 1-D or ``lengths`` does not add up to it, or
+                (ESM-1b) a sequence is longer than the learned positional table (1,024
+                tokens in the released models).
         """
         if tokens.ndim != 1:
             raise ValueError(f"packed tokens must be 1-D [N]; got shape {tuple(tokens.shape)}")
         if sum(lengths) != tokens.shape[0] or any(n < 1 for n in lengths):
             raise ValueError(f"lengths {list(lengths)[:8]}... must be >= 1 and add up to {tokens.shape[0]} tokens")
+        if self.embed_positions is not None and max(lengths) > self.embed_positions.max_positions:
+            raise ValueError(
+                f"a sequence of {max(lengths)} tokens exceeds the model's "
+                f"{self.embed_positions.max_positions} learned positions"
+            )
         device = self.embed_tokens.weight.device
         # Outside inference mode: the fused tensors become the model's own parameters'
         # storage and must stay usable by ordinary (autograd-aware) code.
@@ -458,7 +498,7 @@ class Esm2Encoder(torch.nn.Module):
         with torch.inference_mode():
             tokens = tokens.to(device)
             packing = _Packing.of(lengths, device, use_varlen=self._use_varlen(device))
-            x = self._embed_packed(tokens, packing.seq_id, packing.lengths)
+            x = self._embed_packed(tokens, packing.seq_id, packing.lengths, packing.positions)
             if self.precision in ("fp32", "int8"):
                 return self._layers_packed(x, packing, qkv_params)
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -499,6 +539,14 @@ class Esm2Encoder(torch.nn.Module):
             out = torch.zeros((*tokens.shape, packed.shape[-1]), dtype=packed.dtype, device=packed.device)
             out[keep.to(packed.device)] = packed
             return out
+
+
+def _token_dropout(model: Any) -> bool:
+    """Whether ``model`` rescales embeddings for ``<mask>`` tokens (ESM-2: an attribute; ESM-1b: its args)."""
+    flag = getattr(model, "token_dropout", None)
+    if flag is None:
+        flag = getattr(getattr(model, "args", None), "token_dropout", False)
+    return bool(flag)
 
 
 class _Packing:

@@ -94,9 +94,13 @@ class Manifest:
     Attributes:
         format_version: on-disk layout version (:data:`FORMAT_VERSION`).
         version: id of this index version (UTC build time + random suffix).
-        model_name: ESM-2 model name (pretrained name or checkpoint file stem).
-        model_source: what loads the model: pretrained name or absolute ``.pt`` path.
-        checkpoint_sha256: sha256 of the model checkpoint file.
+        model_name: model name (pretrained name, Hugging Face Hub id, or the checkpoint
+            file stem / model directory name).
+        model_source: what loads the model: pretrained name, Hub id, or absolute path
+            of a ``.pt`` file or Hugging Face directory.
+        checkpoint_sha256: sha256 of the model's weights file (fair-esm ``.pt``,
+            ``model.safetensors`` or ``pytorch_model.bin``; sharded weights:
+            :func:`esmsearch.hf_convert.weights_sha256`).
         layer: representation layer pooled (0 = token embeddings .. num_layers).
         pooling: ``mean_residues`` (mean over residue positions, no BOS/EOS/padding).
         normalisation: ``l2``.
@@ -121,6 +125,12 @@ class Manifest:
             size; see :class:`~esmsearch.significance.DecoySettings`), stored in
             ``decoys.npy``; ``None`` (JSON ``null``, or no key in manifests written
             before E-values existed) = no decoys, so hits carry no E-values.
+        model_source_kind: how ``model_source`` is loaded: ``fair-esm-pretrained``,
+            ``fair-esm-checkpoint``, ``hf-directory`` or ``hf-hub``
+            (:data:`esmsearch.embedding.SOURCE_KINDS`). Manifests written before the
+            field existed are read with ``fair-esm-checkpoint`` for an absolute
+            ``model_source`` and ``fair-esm-pretrained`` otherwise (the only two
+            kinds then).
     """
 
     format_version: int
@@ -144,9 +154,13 @@ class Manifest:
     tool_version: str
     build: dict[str, Any] = field(default_factory=dict)
     decoys: DecoySettings | None = None
+    model_source_kind: str = ""
 
     def __post_init__(self) -> None:
         _check_precision(self.precision, "manifest")
+        if not self.model_source_kind:
+            legacy = "fair-esm-checkpoint" if os.path.isabs(self.model_source) else "fair-esm-pretrained"
+            object.__setattr__(self, "model_source_kind", legacy)
 
     @property
     def data_files(self) -> tuple[str, ...]:

@@ -80,13 +80,16 @@ def test_t6_architecture_shapes_via_cli(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_architecture_table_matches_published_models() -> None:
-    shapes = {n: (a.num_layers, a.embed_dim, a.attention_heads) for n, a in ARCHITECTURES.items()}
+    shapes = {n: (a.num_layers, a.embed_dim, a.attention_heads, a.family) for n, a in ARCHITECTURES.items()}
     assert shapes == {
-        "esm2_t6_8M_UR50D": (6, 320, 20),
-        "esm2_t12_35M_UR50D": (12, 480, 20),
-        "esm2_t30_150M_UR50D": (30, 640, 20),
-        "esm2_t33_650M_UR50D": (33, 1280, 20),
-        "esm2_t36_3B_UR50D": (36, 2560, 40),
+        "esm2_t6_8M_UR50D": (6, 320, 20, "esm2"),
+        "esm2_t12_35M_UR50D": (12, 480, 20, "esm2"),
+        "esm2_t30_150M_UR50D": (30, 640, 20, "esm2"),
+        "esm2_t33_650M_UR50D": (33, 1280, 20, "esm2"),
+        "esm2_t36_3B_UR50D": (36, 2560, 40, "esm2"),
+        "esm2_t48_15B_UR50D": (48, 5120, 40, "esm2"),
+        "esm1b_t33_650M_UR50S": (33, 1280, 20, "esm1b"),
+        **{f"esm1v_t33_650M_UR90S_{i}": (33, 1280, 20, "esm1b") for i in range(1, 6)},
     }
 
 
@@ -99,8 +102,10 @@ def test_custom_architecture_object(tmp_path: Path) -> None:
 
 
 def test_unknown_architecture_and_bad_name_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown ESM-2 architecture"):
-        write_random_checkpoint("esm1b_t33_650M_UR50S", tmp_path)
+    with pytest.raises(ValueError, match="unknown ESM architecture"):
+        write_random_checkpoint("esm1_t34_670M_UR50S", tmp_path)
     with pytest.raises(ValueError, match="must start with 'esm2'"):
         write_random_checkpoint("esm2_t6_8M_UR50D", tmp_path, name="tiny", **TINY)
+    with pytest.raises(ValueError, match="must not start with 'esm2'"):
+        write_random_checkpoint("esm1b_t33_650M_UR50S", tmp_path, name="esm2_like", **TINY)
     assert list(tmp_path.iterdir()) == []

@@ -128,11 +128,11 @@ def test_corrupt_contact_regression_file(tiny_checkpoint: Path, tmp_path: Path) 
 def test_non_esm_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "esm2_other.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
-    with pytest.raises(ModelLoadError, match="not a fair-esm ESM-2 checkpoint"):
+    with pytest.raises(ModelLoadError, match="not a fair-esm ESM-2 or ESM-1b checkpoint"):
         load_model(str(path))
 
 
-@pytest.mark.parametrize("name", ["esm2_t99_1T_UR50D", "esm1b_t33_650M_UR50S", "prot_bert"])
+@pytest.mark.parametrize("name", ["esm2_t99_1T_UR50D", "esm1_t34_670M_UR50S", "prot_bert", "esm_msa1b_t12_100M_UR50S"])
 def test_unknown_pretrained_name_says_how_to_pass_a_local_checkpoint(name: str) -> None:
     with pytest.raises(ModelLoadError) as ei:
         load_model(name)

@@ -1023,6 +1023,7 @@ def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVe
             {
                 "model_name": emb.model_name,
                 "model_source": emb.model_source,
+                "model_source_kind": emb.model_source_kind,
                 "checkpoint_sha256": emb.checkpoint_sha256,
                 "layer": emb.layer,
                 "pooling": POOLING,
