@@ -2,8 +2,11 @@
 
 ::
 
-    esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH] [--layer N]
+    esmsearch index build DB.fasta[.gz] (-o INDEX_DIR | --root ROOT) [--model NAME|PATH] [--layer N]
                           [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
+                          [--store-dtype float32|float16]
+                          [--distributed ray [--ray-address ADDR] [--workers N]
+                           [--cpus-per-worker C] [--gpus-per-worker G]]
     esmsearch index info INDEX_DIR [--verify] [--json]
     esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051]
     esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [--format tsv|json]
@@ -55,9 +58,29 @@ def _human_bytes(n: float) -> str:
 
 # -- index build --------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from esmsearch.errors import ConfigError
     from esmsearch.indexer import build_index, build_version
 
     _configure_logging(max(args.verbose, 1))
+    distributed = None
+    if args.distributed == "ray":
+        from esmsearch.indexer.distributed import DistributedConfig
+
+        distributed = DistributedConfig(
+            address=args.ray_address,
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            precision=args.precision,
+        )
+    else:
+        given = [f for f, v in (("--ray-address", args.ray_address), ("--workers", args.workers)) if v is not None]
+        if args.cpus_per_worker != 1:
+            given.append("--cpus-per-worker")
+        if args.gpus_per_worker:
+            given.append("--gpus-per-worker")
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --distributed ray")
     common: dict[str, Any] = dict(
         model=args.model,
         layer=args.layer,
@@ -67,6 +90,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index_factory=args.index_factory,
         resume=args.resume,
         progress=not args.no_progress,
+        store_dtype=args.store_dtype,
+        distributed=distributed,
     )
     if args.root is not None:
         result = build_version(args.fasta, args.root, reuse=not args.no_reuse, keep_versions=args.keep, **common)
@@ -82,6 +107,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"total {result.seconds:.1f} s; {result.windowed_sequences} sequences longer than "
         f"{m.build.get('window_residues')} residues embedded in windows"
     )
+    dist = m.build.get("distributed")
+    if dist:
+        print(
+            f"distributed on Ray {dist['ray_address']}: {dist['workers']} workers x {dist['cpus_per_worker']} CPUs "
+            f"x {dist['gpus_per_worker']:g} GPUs on {len(dist['hosts'])} host(s), {dist['waves']} wave(s)"
+        )
     if args.root is not None:
         r = result.reuse
         print(
@@ -286,6 +317,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto"
+    )
+    b.add_argument(
+        "--store-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the stored embeddings file (float16: half the disk; the FAISS index is built from "
+        "float32 either way; default float32)",
+    )
+    b.add_argument(
+        "--distributed",
+        choices=["ray"],
+        default=None,
+        help="embed on a Ray cluster (pip install 'esmsearch[ray]'): a local Ray instance unless "
+        "--ray-address or RAY_ADDRESS names one; needs an explicit --precision other than auto",
+    )
+    b.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="Ray cluster to join (ray://HOST:10001, HOST:6379, auto)"
+    )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray actors, one model each (default: as many as the cluster's GPUs or CPUs fit)",
+    )
+    b.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=1,
+        metavar="C",
+        help="CPUs per Ray actor, also its torch thread count (default 1)",
+    )
+    b.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per Ray actor (default 0: embed on CPUs; 1: one GPU each)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path (-o)")
     b.add_argument(

@@ -10,6 +10,7 @@
     │   ├── IndexFormatError            manifest, checksums or files are inconsistent
     │   └── IndexMismatchError          model settings differ from the index's manifest
     ├── BuildLockedError                another build holds a versioned root's lock
+    ├── DistributedError                a distributed (Ray) build cannot reach its cluster or a block failed for good
     ├── InvalidIndexFactoryError        a FAISS factory string is rejected (ValueError)
     ├── ConfigError                     a setting is out of its valid range (ValueError)
     ├── ServerRefusal                   the server will not run a (valid) request now
@@ -42,6 +43,7 @@ from __future__ import annotations
 __all__ = [
     "BuildLockedError",
     "ConfigError",
+    "DistributedError",
     "DuplicateRecordError",
     "EsmsearchError",
     "FastaFormatError",
@@ -121,6 +123,12 @@ class IndexMismatchError(IndexDirectoryError):
 
 class BuildLockedError(EsmsearchError):
     """Another build holds a versioned index root's lock file (two builds never overlap)."""
+
+
+class DistributedError(EsmsearchError):
+    """A distributed build (:mod:`esmsearch.indexer.distributed`) failed: the Ray cluster
+    cannot be reached, a worker cannot load the model, or a block failed after Ray's
+    retries. The journaled chunks are kept: ``--resume`` continues from them."""
 
 
 class InvalidIndexFactoryError(EsmsearchError, ValueError):

@@ -4,7 +4,10 @@ One index version is a directory::
 
     manifest.json     the contract between indexer and server (see :class:`Manifest`)
     index.faiss       FAISS index over the vectors, row i = database sequence i
-    embeddings.npy    float32 [count, dim], L2-normalised (kept for rebuilds)
+    index.ivfdata     (only for IVF indexes built with on-disk inverted lists) the lists
+                      that ``index.faiss`` maps; FAISS ``OnDiskInvertedLists``
+    embeddings.npy    [count, dim] in the manifest's ``store_dtype`` (float32, or float16
+                      at half the size), L2-normalised (kept for rebuilds)
     metadata.sqlite   table ``sequences(row, record_id, description, length, sha256)``
 
 :class:`IndexWriter` writes into a temporary sibling directory and renames it into
@@ -47,12 +50,14 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "PRECISIONS",
+    "STORE_DTYPES",
     "Index",
     "IndexWriter",
     "Manifest",
     "Target",
     "new_version_id",
     "publish_directory",
+    "unit_float32",
 ]
 
 #: Version of the on-disk layout written by this esmsearch; bumped on incompatible
@@ -67,6 +72,14 @@ FAISS_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
 METADATA_FILE = "metadata.sqlite"
 DATA_FILES = (FAISS_FILE, EMBEDDINGS_FILE, METADATA_FILE)
+#: On-disk inverted lists of an IVF index (beside ``index.faiss``, which maps them);
+#: present, checksummed and listed in the manifest only when the build wrote them
+#: (:func:`esmsearch.vector_index.build_out_of_core` names it after the index file).
+IVFDATA_FILE = "index.ivfdata"
+#: dtypes ``embeddings.npy`` may be stored in (``Manifest.store_dtype``). float16 halves
+#: the file (10 significant bits: a stored vector's cosine to its float32 original is
+#: >= 0.99999 at ESM-2 dims); readers cast to float32 and re-normalise (:func:`unit_float32`).
+STORE_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Resolved compute precisions a manifest may record (never ``auto``).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 
@@ -111,6 +124,11 @@ class Manifest:
         built_at: ISO-8601 UTC build time.
         tool_version: esmsearch version that built it.
         build: informative build statistics (seconds, residues/s, windowed sequences, ...).
+        store_dtype: dtype of ``embeddings.npy``, one of :data:`STORE_DTYPES` (``float32``
+            or ``float16``); manifests written before the field existed are float32. It does
+            not change the FAISS index (built from the vectors cast to float32 and
+            re-normalised) nor query vectors, but a rebuild reuses float16 vectors only for
+            a float16 store (see :func:`esmsearch.indexer.build.plan_reuse`).
     """
 
     format_version: int
@@ -133,9 +151,14 @@ class Manifest:
     built_at: str
     tool_version: str
     build: dict[str, Any] = field(default_factory=dict)
+    store_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_precision(self.precision, "manifest")
+        if self.store_dtype not in STORE_DTYPES:
+            raise IndexFormatError(
+                f"manifest: store_dtype {self.store_dtype!r} is not one of {', '.join(STORE_DTYPES)}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -309,9 +332,11 @@ class IndexWriter:
     def embeddings_path(self) -> Path:
         return self.directory / EMBEDDINGS_FILE
 
-    def write_embeddings(self, vectors: np.ndarray) -> None:
-        """Write float32 ``[rows, dim]`` vectors to ``embeddings.npy``."""
-        np.save(self.embeddings_path(), np.ascontiguousarray(vectors, dtype=np.float32))
+    def write_embeddings(self, vectors: np.ndarray, *, store_dtype: str = "float32") -> None:
+        """Write ``[rows, dim]`` vectors to ``embeddings.npy`` as ``store_dtype`` (:data:`STORE_DTYPES`)."""
+        if store_dtype not in STORE_DTYPES:
+            raise IndexFormatError(f"store_dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+        np.save(self.embeddings_path(), np.ascontiguousarray(vectors, dtype=np.dtype(store_dtype)))
 
     def write_faiss(self, index: Any) -> None:
         from esmsearch import vector_index
@@ -333,7 +358,8 @@ class IndexWriter:
         self._db.execute("VACUUM")
         self._db.close()
         files = {}
-        for name in DATA_FILES:
+        names = DATA_FILES + ((IVFDATA_FILE,) if (self.directory / IVFDATA_FILE).is_file() else ())
+        for name in names:
             path = self.directory / name
             if not path.is_file():
                 raise IndexFormatError(f"build produced no {name}")
@@ -426,6 +452,29 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def unit_float32(vectors: np.ndarray) -> np.ndarray:
+    """Stored vectors as float32 unit vectors, ready for FAISS or cosine scores.
+
+    float32 input is returned as float32 unchanged (it was normalised when embedded);
+    float16 input is cast and L2-normalised again, so that a vector's cosine with
+    itself is 1 to float32 precision (rounding to float16 moves the norm by up to
+    ~1e-3).
+
+    Args:
+        vectors: ``[n, dim]`` float32 or float16.
+
+    Returns:
+        float32 ``[n, dim]``, a new array unless the input was float32 already.
+    """
+    if vectors.dtype == np.float32:
+        return np.asarray(vectors)
+    out = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.maximum(norms, np.float32(1e-12), out=norms)
+    out /= norms
+    return out
+
+
 class Index:
     """An opened, read-only index version: FAISS search plus metadata lookup.
 
@@ -466,14 +515,15 @@ class Index:
 
         directory = Path(path)
         manifest = Manifest.read(directory)
-        for name in DATA_FILES:
+        expected_files = DATA_FILES + ((IVFDATA_FILE,) if IVFDATA_FILE in manifest.files else ())
+        for name in expected_files:
             if not (directory / name).is_file():
                 raise IndexFormatError(f"index {directory} is incomplete: {name} missing")
         if verify:
-            if set(manifest.files) != set(DATA_FILES):
+            if set(manifest.files) != set(expected_files):
                 raise IndexFormatError(
                     f"index {directory}: manifest lists checksums for {sorted(manifest.files)}, "
-                    f"expected {sorted(DATA_FILES)}"
+                    f"expected {sorted(expected_files)}"
                 )
             for name, expected in manifest.files.items():
                 actual = fsutil.file_sha256(directory / name)
@@ -510,8 +560,11 @@ class Index:
             problems.append(f"FAISS dimension {index.d} != manifest dim {manifest.dim}")
         if verify:
             emb = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")
-            if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.float32:
-                problems.append(f"embeddings.npy is {emb.dtype} {emb.shape}")
+            if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.dtype(manifest.store_dtype):
+                problems.append(
+                    f"embeddings.npy is {emb.dtype} {emb.shape}, manifest says {manifest.store_dtype} "
+                    f"{(manifest.count, manifest.dim)}"
+                )
         if problems:
             db.close()
             raise IndexFormatError(
@@ -539,7 +592,9 @@ class Index:
         return vector_index.search(self._faiss, queries, k)
 
     def embeddings(self) -> np.ndarray:
-        """The stored vectors, memory-mapped read-only: float32 ``[count, dim]``."""
+        """The stored vectors, memory-mapped read-only (nothing is read until rows are
+        indexed): ``[count, dim]`` in ``manifest.store_dtype`` (float32 or float16); pass
+        rows through :func:`unit_float32` before computing cosine scores with them."""
         vectors: np.ndarray = np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
         return vectors
 
