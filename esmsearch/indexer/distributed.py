@@ -437,7 +437,11 @@ class RayBlockEmbedder:
                 except StopIteration:
                     raise DistributedError(f"the Ray pipeline returned no vectors for block {block.number}") from None
                 except RayError as exc:
-                    raise DistributedError(f"embedding block {block.number} on Ray failed: {exc}") from exc
+                    raise DistributedError(
+                        f"embedding on Ray failed (a worker died or raised after up to {self.config.max_retries} "
+                        f"retries); blocks {block.number}..{wave[-1].number} of this wave are not journaled, "
+                        f"--resume continues from the first of them: {exc}"
+                    ) from exc
                 if int(row["number"]) != block.number:
                     raise DistributedError(
                         f"the Ray pipeline returned block {int(row['number'])} where block {block.number} was due"
