@@ -514,7 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="query FASTA file (plain or .gz), - for stdin, FASTA text, or one bare sequence "
         "(an existing file wins over a sequence of the same letters)",
     )
-    q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    q.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        help="HOST:PORT, or replicas as dns:///HOST:PORT or ipv4:A:PORT,B:PORT (round_robin over the healthy ones; "
+        "default 127.0.0.1:50051)",
+    )
     q.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     q.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
     q.add_argument("--format", choices=["tsv", "json"], default="tsv")
