@@ -547,7 +547,13 @@ class Index:
         except sqlite3.Error as exc:
             raise IndexFormatError(f"index {directory}: cannot open {METADATA_FILE} ({exc})") from exc
         try:
-            (n_meta,) = db.execute("SELECT COUNT(*) FROM sequences").fetchone()
+            # Opening to serve reads metadata lazily: MAX(row) is one B-tree descent on the
+            # INTEGER PRIMARY KEY, while COUNT(*) reads every row (seconds and hundreds of MB
+            # of page cache at tens of millions of sequences); rows are written 0..n-1, so
+            # with verify the full count must agree too.
+            (max_row,) = db.execute("SELECT MAX(row) FROM sequences").fetchone()
+            n_meta = 0 if max_row is None else int(max_row) + 1
+            n_counted = int(db.execute("SELECT COUNT(*) FROM sequences").fetchone()[0]) if verify else n_meta
         except sqlite3.Error as exc:
             db.close()
             raise IndexFormatError(f"index {directory}: unreadable metadata ({exc})") from exc
@@ -556,6 +562,8 @@ class Index:
             problems.append(f"FAISS has {index.ntotal} vectors")
         if n_meta != manifest.count:
             problems.append(f"metadata has {n_meta} rows")
+        elif n_counted != n_meta:
+            problems.append(f"metadata has {n_counted} rows numbered up to {n_meta - 1}")
         if index.d != manifest.dim:
             problems.append(f"FAISS dimension {index.d} != manifest dim {manifest.dim}")
         if verify:

@@ -198,3 +198,23 @@ def test_cli_store_dtype_and_ray_flags_without_distributed(
     assert main([*args, "--workers", "2", "--overwrite"]) == 1
     assert "--workers need --distributed ray" in capsys.readouterr().err
     assert main([*args, "--store-dtype", "bfloat16"]) == 2
+
+
+def test_open_reads_metadata_lazily_and_verification_counts_every_row(tmp_path: Path, float32_index: Path) -> None:
+    import shutil
+    import sqlite3
+
+    from esmsearch.fsutil import file_sha256
+
+    copy = tmp_path / "copy"
+    shutil.copytree(float32_index, copy)
+    with sqlite3.connect(copy / "metadata.sqlite") as db:
+        db.execute("DELETE FROM sequences WHERE row = 7")
+    db.close()
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["metadata.sqlite"] = file_sha256(copy / "metadata.sqlite")
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with Index.open(copy) as index:  # serving: the row count comes from MAX(row), not a scan
+        assert index.count == 40
+    with pytest.raises(IndexFormatError, match="metadata has 39 rows numbered up to 39"):
+        Index.open(copy, verify=True)
