@@ -229,8 +229,9 @@ def test_a_killed_driver_resumes_from_its_journaled_shards(
     log_file = tmp_path / "blocks.log"
     config = DistributedConfig(workers=2, actor_cls=recording_actor(log_file))
     with pytest.raises(ConfigError, match="cannot resume"):  # other settings than the killed build
-        build_index(ecoli_fasta, out, model=str(tiny_checkpoint), chunk_residues=CHUNK + 1, distributed=config,
-                    resume=True)  # fmt: skip
+        build_index(
+            ecoli_fasta, out, model=str(tiny_checkpoint), chunk_residues=CHUNK + 1, distributed=config, resume=True
+        )
     build_index(ecoli_fasta, out, model=str(tiny_checkpoint), chunk_residues=CHUNK, distributed=config, resume=True)
     sent = sorted(int(line.split()[0]) for line in log_file.read_text().splitlines())
     assert sent == [1, 2, 3, 4]  # block 0 was journaled before the kill: not embedded again
@@ -255,3 +256,20 @@ def test_more_workers_than_the_cluster_fits_is_refused(
         build_index(ecoli_fasta, out, model=str(tiny_checkpoint), distributed=DistributedConfig(workers=3))
     with pytest.raises(DistributedError, match="fits 0 workers"):
         build_index(ecoli_fasta, out, model=str(tiny_checkpoint), distributed=DistributedConfig(gpus_per_worker=1))
+
+
+def test_cli_distributed_build(
+    tmp_path: Path, ecoli_fasta: Path, tiny_checkpoint: Path, single_process: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from esmsearch.cli import main
+
+    out = tmp_path / "cli"
+    args = ["index", "build", str(ecoli_fasta), "-o", str(out), "--model", str(tiny_checkpoint), "--no-progress"]
+    assert main([*args, "--distributed", "ray", "--precision", "auto"]) == 1
+    assert "needs an explicit precision" in capsys.readouterr().err
+    assert main([*args, "--distributed", "ray", "--workers", "2", "--cpus-per-worker", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "distributed on Ray" in printed and "2 workers x 1 CPUs x 0 GPUs on 1 host(s), 1 wave(s)" in printed
+    with Index.open(out) as index:
+        assert index.manifest.build["distributed"]["workers"] == 2
+    assert_same_index(out, single_process)  # one 200,000-residue block here, five there: same vectors
