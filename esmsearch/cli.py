@@ -177,6 +177,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
             ("pooling", f"{m.pooling}, {m.normalisation}-normalised; metric {m.metric} (cosine)"),
             ("precision", f"{m.precision} (queries are embedded at this precision)"),
             ("faiss index", m.index_factory + (f" {m.search_params}" if m.search_params else "")),
+            ("stored embeddings", m.store_dtype),
             ("source fasta", f"{m.source_fasta} (sha256 {m.source_fasta_sha256[:16]}...)"),
             ("built", f"{m.built_at} by esmsearch {m.tool_version}"),
         ]
@@ -190,6 +191,15 @@ def cmd_index_info(args: argparse.Namespace) -> int:
                     f"{b.get('device')}",
                 )
             )
+            dist = b.get("distributed")
+            if dist:
+                rows.append(
+                    (
+                        "distributed",
+                        f"Ray {dist.get('ray_address')}: {dist.get('workers')} workers x {dist.get('cpus_per_worker')} "
+                        f"CPUs x {dist.get('gpus_per_worker', 0):g} GPUs on {', '.join(dist.get('hosts', []))}",
+                    )
+                )
         for name, size in sizes.items():
             rows.append((f"file {name}", _human_bytes(size)))
         rows.append(("total size", _human_bytes(sum(sizes.values()))))
