@@ -4,7 +4,7 @@
 
     esmsearch index build DB.fasta[.gz] (-o INDEX_DIR | --root ROOT) [--model NAME|PATH] [--layer N]
                           [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
-                          [--store-dtype float32|float16]
+                          [--chunk-residues 200000] [--store-dtype float32|float16]
                           [--distributed ray [--ray-address ADDR] [--workers N]
                            [--cpus-per-worker C] [--gpus-per-worker G]]
     esmsearch index info INDEX_DIR [--verify] [--json]
@@ -88,6 +88,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         index_factory=args.index_factory,
+        chunk_residues=args.chunk_residues,
         resume=args.resume,
         progress=not args.no_progress,
         store_dtype=args.store_dtype,
@@ -327,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string (Flat, IVF1024,Flat, HNSW32, ...) or auto"
+    )
+    b.add_argument(
+        "--chunk-residues",
+        type=int,
+        default=200_000,
+        metavar="N",
+        help="residues per streamed chunk: bounds memory, one shard and, with --distributed, one Ray block "
+        "each (default 200,000)",
     )
     b.add_argument(
         "--store-dtype",
