@@ -246,6 +246,8 @@ def test_distributed_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="workers"):
         DistributedConfig(workers=0)
     assert DistributedConfig(gpus_per_worker=1).device == "cuda"
+    with pytest.raises(ConfigError, match="differs from the distributed workers' precision 'fp32'"):
+        build_index("unused.fasta", "unused", model="unused", precision="bf16", distributed=DistributedConfig())
 
 
 def test_more_workers_than_the_cluster_fits_is_refused(

@@ -166,6 +166,11 @@ class BuildConfig:
             raise ConfigError("index factory must not be empty")
         if self.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {self.store_dtype!r}")
+        if self.distributed is not None and self.distributed.precision != self.precision:
+            raise ConfigError(
+                f"precision {self.precision!r} differs from the distributed workers' precision "
+                f"{self.distributed.precision!r}; give the same value to both"
+            )
 
 
 @dataclass(frozen=True)
