@@ -214,7 +214,7 @@ def test_fp16_on_cpu_and_bad_settings_raise_config_error(tiny) -> None:  # type:
     with pytest.raises(ConfigError, match="fp16"):
         Esm2Encoder(model, 1, precision="fp16")
     with pytest.raises(ConfigError, match="precision"):
-        Esm2Encoder(model, 1, precision="int8")
+        Esm2Encoder(model, 1, precision="fp64")
     with pytest.raises(ConfigError, match="layer"):
         Esm2Encoder(model, model.num_layers + 1)
     with pytest.raises(ConfigError, match="layer"):

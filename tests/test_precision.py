@@ -85,7 +85,7 @@ def test_auto_is_resolved_before_it_reaches_the_manifest(
     assert json.loads((tmp_path / "no_amx" / MANIFEST).read_text())["precision"] == "fp32"
 
 
-@pytest.mark.parametrize("bad", ["auto", "int8", "FP32", None, 16])
+@pytest.mark.parametrize("bad", ["auto", "fp8", "FP32", None, 16])
 def test_unknown_precision_in_manifest_is_index_format_error(small_index: Path, tmp_path: Path, bad: object) -> None:
     copy = tmp_path / "idx"
     shutil.copytree(small_index, copy)
