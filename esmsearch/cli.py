@@ -2,9 +2,11 @@
 
 ::
 
-    esmsearch index build DB.fasta[.gz] -o INDEX_DIR [--model NAME|PATH|DIR|ORG/NAME] [--layer N]
-                          [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
-                          [--decoys 10000] [--decoy-seed 0]
+    esmsearch index build DB.fasta[.gz] (-o INDEX_DIR | --root ROOT) [--model NAME|PATH|DIR|ORG/NAME]
+                          [--layer N] [--toks-per-batch 4096] [--device auto|cpu|cuda] [--index-factory Flat]
+                          [--chunk-residues 200000] [--store-dtype float32|float16] [--decoys 10000] [--decoy-seed 0]
+                          [--distributed ray [--ray-address ADDR] [--workers N]
+                           [--cpus-per-worker C] [--gpus-per-worker G]]
     esmsearch index info INDEX_DIR [--verify] [--json]
     esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051] [--http-port 8080]
     esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [-e MAX_EVALUE] [--format tsv|json]
@@ -62,9 +64,29 @@ def _human_bytes(n: float) -> str:
 
 # -- index build --------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from esmsearch.errors import ConfigError
     from esmsearch.indexer import build_index, build_version
 
     _configure_logging(max(args.verbose, 1))
+    distributed = None
+    if args.distributed == "ray":
+        from esmsearch.indexer.distributed import DistributedConfig
+
+        distributed = DistributedConfig(
+            address=args.ray_address,
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            precision=args.precision,
+        )
+    else:
+        given = [f for f, v in (("--ray-address", args.ray_address), ("--workers", args.workers)) if v is not None]
+        if args.cpus_per_worker != 1:
+            given.append("--cpus-per-worker")
+        if args.gpus_per_worker:
+            given.append("--gpus-per-worker")
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --distributed ray")
     common: dict[str, Any] = dict(
         model=args.model,
         layer=args.layer,
@@ -72,10 +94,13 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         index_factory=args.index_factory,
+        chunk_residues=args.chunk_residues,
         resume=args.resume,
         progress=not args.no_progress,
         decoys=args.decoys,
         decoy_seed=args.decoy_seed,
+        store_dtype=args.store_dtype,
+        distributed=distributed,
     )
     if args.root is not None:
         result = build_version(args.fasta, args.root, reuse=not args.no_reuse, keep_versions=args.keep, **common)
@@ -99,6 +124,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         print(
             f"decoys: {m.decoys.count} shuffled database sequences embedded in "
             f"{m.build.get('decoy_embed_seconds', 0.0):.1f} s (E-values on)"
+        )
+    dist = m.build.get("distributed")
+    if dist:
+        print(
+            f"distributed on Ray {dist['ray_address']}: {dist['workers']} workers x {dist['cpus_per_worker']} CPUs "
+            f"x {dist['gpus_per_worker']:g} GPUs on {len(dist['hosts'])} host(s), {dist['waves']} wave(s)"
         )
     if args.root is not None:
         r = result.reuse
@@ -164,6 +195,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
             ("pooling", f"{m.pooling}, {m.normalisation}-normalised; metric {m.metric} (cosine)"),
             ("precision", f"{m.precision} (queries are embedded at this precision)"),
             ("faiss index", m.index_factory + (f" {m.search_params}" if m.search_params else "")),
+            ("stored embeddings", m.store_dtype),
             ("source fasta", f"{m.source_fasta} (sha256 {m.source_fasta_sha256[:16]}...)"),
             ("built", f"{m.built_at} by esmsearch {m.tool_version}"),
             (
@@ -184,6 +216,15 @@ def cmd_index_info(args: argparse.Namespace) -> int:
                     f"{b.get('device')}",
                 )
             )
+            dist = b.get("distributed")
+            if dist:
+                rows.append(
+                    (
+                        "distributed",
+                        f"Ray {dist.get('ray_address')}: {dist.get('workers')} workers x {dist.get('cpus_per_worker')} "
+                        f"CPUs x {dist.get('gpus_per_worker', 0):g} GPUs on {', '.join(dist.get('hosts', []))}",
+                    )
+                )
         for name, size in sizes.items():
             rows.append((f"file {name}", _human_bytes(size)))
         rows.append(("total size", _human_bytes(sum(sizes.values()))))
@@ -416,6 +457,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seed of the decoy sample and shuffles (default 0; recorded in the manifest)",
     )
+    b.add_argument(
+        "--chunk-residues",
+        type=int,
+        default=200_000,
+        metavar="N",
+        help="residues per streamed chunk: bounds memory, one shard and, with --distributed, one Ray block "
+        "each (default 200,000)",
+    )
+    b.add_argument(
+        "--store-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the stored embeddings file (float16: half the disk; the FAISS index is built from "
+        "float32 either way; default float32)",
+    )
+    b.add_argument(
+        "--distributed",
+        choices=["ray"],
+        default=None,
+        help="embed on a Ray cluster (pip install 'esmsearch[ray]'): a local Ray instance unless "
+        "--ray-address or RAY_ADDRESS names one; needs an explicit --precision other than auto",
+    )
+    b.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="Ray cluster to join (ray://HOST:10001, HOST:6379, auto)"
+    )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray actors, one model each (default: as many as the cluster's GPUs or CPUs fit)",
+    )
+    b.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=1,
+        metavar="C",
+        help="CPUs per Ray actor, also its torch thread count (default 1)",
+    )
+    b.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per Ray actor (default 0: embed on CPUs; 1: one GPU each)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at the output path (-o)")
     b.add_argument(
         "--keep",
@@ -586,7 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="query FASTA file (plain or .gz), - for stdin, FASTA text, or one bare sequence "
         "(an existing file wins over a sequence of the same letters)",
     )
-    q.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    q.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        help="HOST:PORT, or replicas as dns:///HOST:PORT or ipv4:A:PORT,B:PORT (round_robin over the healthy ones; "
+        "default 127.0.0.1:50051)",
+    )
     q.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     q.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
     q.add_argument(

@@ -11,6 +11,7 @@
     │   ├── IndexMismatchError          model settings differ from the index's manifest
     │   └── EvaluesUnavailableError     E-values asked of an index built without decoys
     ├── BuildLockedError                another build holds a versioned root's lock
+    ├── DistributedError                a distributed (Ray) build cannot reach its cluster or a block failed for good
     ├── InvalidIndexFactoryError        a FAISS factory string is rejected (ValueError)
     ├── ConfigError                     a setting is out of its valid range (ValueError)
     ├── ServerRefusal                   the server will not run a (valid) request now
@@ -43,6 +44,7 @@ from __future__ import annotations
 __all__ = [
     "BuildLockedError",
     "ConfigError",
+    "DistributedError",
     "DuplicateRecordError",
     "EsmsearchError",
     "EvaluesUnavailableError",
@@ -131,6 +133,12 @@ class EvaluesUnavailableError(IndexDirectoryError):
 
 class BuildLockedError(EsmsearchError):
     """Another build holds a versioned index root's lock file (two builds never overlap)."""
+
+
+class DistributedError(EsmsearchError):
+    """A distributed build (:mod:`esmsearch.indexer.distributed`) failed: the Ray cluster
+    cannot be reached, a worker cannot load the model, or a block failed after Ray's
+    retries. The journaled chunks are kept: ``--resume`` continues from them."""
 
 
 class InvalidIndexFactoryError(EsmsearchError, ValueError):

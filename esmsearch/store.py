@@ -4,7 +4,10 @@ One index version is a directory::
 
     manifest.json     the contract between indexer and server (see :class:`Manifest`)
     index.faiss       FAISS index over the vectors, row i = database sequence i
-    embeddings.npy    float32 [count, dim], L2-normalised (kept for rebuilds)
+    index.ivfdata     (only for IVF indexes built with on-disk inverted lists) the lists
+                      that ``index.faiss`` maps; FAISS ``OnDiskInvertedLists``
+    embeddings.npy    [count, dim] in the manifest's ``store_dtype`` (float32, or float16
+                      at half the size), L2-normalised (kept for rebuilds)
     metadata.sqlite   table ``sequences(row, record_id, description, length, sha256)``
     decoys.npy        float32 [decoys.count, dim], L2-normalised embeddings of shuffled
                       database sequences, for E-values (:mod:`esmsearch.significance`);
@@ -53,12 +56,14 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "PRECISIONS",
+    "STORE_DTYPES",
     "Index",
     "IndexWriter",
     "Manifest",
     "Target",
     "new_version_id",
     "publish_directory",
+    "unit_float32",
 ]
 
 #: Version of the on-disk layout written by this esmsearch; bumped on incompatible
@@ -73,6 +78,14 @@ FAISS_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
 METADATA_FILE = "metadata.sqlite"
 DATA_FILES = (FAISS_FILE, EMBEDDINGS_FILE, METADATA_FILE)
+#: On-disk inverted lists of an IVF index (beside ``index.faiss``, which maps them);
+#: present, checksummed and listed in the manifest only when the build wrote them
+#: (:func:`esmsearch.vector_index.build_out_of_core` names it after the index file).
+IVFDATA_FILE = "index.ivfdata"
+#: dtypes ``embeddings.npy`` may be stored in (``Manifest.store_dtype``). float16 halves
+#: the file (10 significant bits: a stored vector's cosine to its float32 original is
+#: >= 0.99999 at ESM-2 dims); readers cast to float32 and re-normalise (:func:`unit_float32`).
+STORE_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Resolved compute precisions a manifest may record (never ``auto``).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 
@@ -131,6 +144,11 @@ class Manifest:
             field existed are read with ``fair-esm-checkpoint`` for an absolute
             ``model_source`` and ``fair-esm-pretrained`` otherwise (the only two
             kinds then).
+        store_dtype: dtype of ``embeddings.npy``, one of :data:`STORE_DTYPES` (``float32``
+            or ``float16``); manifests written before the field existed are float32. It does
+            not change the FAISS index (built from the vectors cast to float32 and
+            re-normalised) nor query vectors, but a rebuild reuses float16 vectors only for
+            a float16 store (see :func:`esmsearch.indexer.build.plan_reuse`).
     """
 
     format_version: int
@@ -155,17 +173,27 @@ class Manifest:
     build: dict[str, Any] = field(default_factory=dict)
     decoys: DecoySettings | None = None
     model_source_kind: str = ""
+    store_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_precision(self.precision, "manifest")
+        if self.store_dtype not in STORE_DTYPES:
+            raise IndexFormatError(
+                f"manifest: store_dtype {self.store_dtype!r} is not one of {', '.join(STORE_DTYPES)}"
+            )
         if not self.model_source_kind:
             legacy = "fair-esm-checkpoint" if os.path.isabs(self.model_source) else "fair-esm-pretrained"
             object.__setattr__(self, "model_source_kind", legacy)
 
     @property
     def data_files(self) -> tuple[str, ...]:
-        """The data files this version holds: :data:`DATA_FILES`, plus ``decoys.npy`` with decoys."""
-        return DATA_FILES + ((DECOYS_FILE,) if self.decoys is not None else ())
+        """The data files this version holds: :data:`DATA_FILES`, plus ``decoys.npy`` with
+        decoys and ``index.ivfdata`` for an IVF built with on-disk inverted lists."""
+        return (
+            DATA_FILES
+            + ((DECOYS_FILE,) if self.decoys is not None else ())
+            + ((IVFDATA_FILE,) if IVFDATA_FILE in self.files else ())
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -344,9 +372,11 @@ class IndexWriter:
     def embeddings_path(self) -> Path:
         return self.directory / EMBEDDINGS_FILE
 
-    def write_embeddings(self, vectors: np.ndarray) -> None:
-        """Write float32 ``[rows, dim]`` vectors to ``embeddings.npy``."""
-        np.save(self.embeddings_path(), np.ascontiguousarray(vectors, dtype=np.float32))
+    def write_embeddings(self, vectors: np.ndarray, *, store_dtype: str = "float32") -> None:
+        """Write ``[rows, dim]`` vectors to ``embeddings.npy`` as ``store_dtype`` (:data:`STORE_DTYPES`)."""
+        if store_dtype not in STORE_DTYPES:
+            raise IndexFormatError(f"store_dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+        np.save(self.embeddings_path(), np.ascontiguousarray(vectors, dtype=np.dtype(store_dtype)))
 
     def decoys_path(self) -> Path:
         return self.directory / DECOYS_FILE
@@ -388,7 +418,12 @@ class IndexWriter:
         if decoys is not None and not self.decoys_path().is_file():
             raise IndexFormatError(f"manifest has decoys settings {decoys} but the build wrote no {DECOYS_FILE}")
         files = {}
-        for name in DATA_FILES + ((DECOYS_FILE,) if decoys is not None else ()):
+        names = (
+            DATA_FILES
+            + ((DECOYS_FILE,) if decoys is not None else ())
+            + ((IVFDATA_FILE,) if (self.directory / IVFDATA_FILE).is_file() else ())
+        )
+        for name in names:
             path = self.directory / name
             if not path.is_file():
                 raise IndexFormatError(f"build produced no {name}")
@@ -479,6 +514,29 @@ def _remove_tree(path: Path) -> None:
         path.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def unit_float32(vectors: np.ndarray) -> np.ndarray:
+    """Stored vectors as float32 unit vectors, ready for FAISS or cosine scores.
+
+    float32 input is returned as float32 unchanged (it was normalised when embedded);
+    float16 input is cast and L2-normalised again, so that a vector's cosine with
+    itself is 1 to float32 precision (rounding to float16 moves the norm by up to
+    ~1e-3).
+
+    Args:
+        vectors: ``[n, dim]`` float32 or float16.
+
+    Returns:
+        float32 ``[n, dim]``, a new array unless the input was float32 already.
+    """
+    if vectors.dtype == np.float32:
+        return np.asarray(vectors)
+    out = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.maximum(norms, np.float32(1e-12), out=norms)
+    out /= norms
+    return out
 
 
 class Index:
@@ -574,7 +632,13 @@ class Index:
         except sqlite3.Error as exc:
             raise IndexFormatError(f"index {directory}: cannot open {METADATA_FILE} ({exc})") from exc
         try:
-            (n_meta,) = db.execute("SELECT COUNT(*) FROM sequences").fetchone()
+            # Opening to serve reads metadata lazily: MAX(row) is one B-tree descent on the
+            # INTEGER PRIMARY KEY, while COUNT(*) reads every row (seconds and hundreds of MB
+            # of page cache at tens of millions of sequences); rows are written 0..n-1, so
+            # with verify the full count must agree too.
+            (max_row,) = db.execute("SELECT MAX(row) FROM sequences").fetchone()
+            n_meta = 0 if max_row is None else int(max_row) + 1
+            n_counted = int(db.execute("SELECT COUNT(*) FROM sequences").fetchone()[0]) if verify else n_meta
         except sqlite3.Error as exc:
             db.close()
             raise IndexFormatError(f"index {directory}: unreadable metadata ({exc})") from exc
@@ -583,12 +647,17 @@ class Index:
             problems.append(f"FAISS has {index.ntotal} vectors")
         if n_meta != manifest.count:
             problems.append(f"metadata has {n_meta} rows")
+        elif n_counted != n_meta:
+            problems.append(f"metadata has {n_counted} rows numbered up to {n_meta - 1}")
         if index.d != manifest.dim:
             problems.append(f"FAISS dimension {index.d} != manifest dim {manifest.dim}")
         if verify:
             emb = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")
-            if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.float32:
-                problems.append(f"embeddings.npy is {emb.dtype} {emb.shape}")
+            if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.dtype(manifest.store_dtype):
+                problems.append(
+                    f"embeddings.npy is {emb.dtype} {emb.shape}, manifest says {manifest.store_dtype} "
+                    f"{(manifest.count, manifest.dim)}"
+                )
         null = None
         if manifest.decoys is not None:
             try:
@@ -649,7 +718,9 @@ class Index:
         return self.null.evalues(np.ascontiguousarray(vectors, dtype=np.float32), scores, self.count)
 
     def embeddings(self) -> np.ndarray:
-        """The stored vectors, memory-mapped read-only: float32 ``[count, dim]``."""
+        """The stored vectors, memory-mapped read-only (nothing is read until rows are
+        indexed): ``[count, dim]`` in ``manifest.store_dtype`` (float32 or float16); pass
+        rows through :func:`unit_float32` before computing cosine scores with them."""
         vectors: np.ndarray = np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
         return vectors
 

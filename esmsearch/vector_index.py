@@ -78,6 +78,7 @@ __all__ = [
     "ondisk_ivfdata_path",
     "read",
     "recommended_training_vectors",
+    "rerank",
     "search",
     "training_sample",
     "validate_factory",
@@ -693,7 +694,12 @@ def build_from_chunks(
 #: :func:`default_training_sample_size`. FAISS warns below 39
 #: (:data:`FAISS_POINTS_PER_CENTROID`) and subsamples above 256; the FAISS wiki
 #: ("Guidelines to choose an index") advises 30..256 x nlist. Training time grows
-#: linearly with the sample. MEASURED_POLICY_PLACEHOLDER
+#: linearly with the sample, recall hardly at all: on 1,000,000 x 320 clustered
+#: vectors (``benchmarks/out_of_core.py --n 1000000 --nlist 1024 --specs IVF1024,SQ8
+#: --points-per-centroid P``, results/out_of_core_sample_sweep_1M.txt) IVF1024,SQ8 at
+#: nprobe 64 had recall@10 0.976 / 0.975 / 0.975 / 0.979 for P = 39 / 64 / 128 /
+#: 256, while sample + training took 13 / 6 / 36 / 78 s (shared machine, +-2x). 64
+#: keeps a margin over FAISS's warning threshold at 1/4 of the largest useful cost.
 TRAIN_POINTS_PER_CENTROID = 64
 
 #: Floor of the default training sample: 65,536 rows (= FAISS's PQ training cap of
@@ -1206,6 +1212,68 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     rows = np.asarray(rows, dtype=np.int64)
     scores[rows < 0] = -np.inf
     return scores, rows
+
+
+#: Queries re-ranked per block by :func:`rerank` (bounds the gathered candidate
+#: vectors to 256 x candidates x dim floats).
+_RERANK_QUERY_BLOCK = 256
+
+
+def rerank(queries: np.ndarray, rows: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-scores candidate rows exactly against the stored vectors and keeps the best ``k``.
+
+    The usual second stage of compressed (PQ) indexes: search for ``c > k``
+    candidates, then rank them by exact inner product with the uncompressed
+    vectors (FAISS ``IndexRefine`` does the same with vectors held in RAM; here they
+    can be a read-only memory map of the index's stored embeddings, of which only
+    the candidate rows are read). Jegou et al. 2011 ("Searching in one billion
+    vectors: re-rank with source coding") describe the scheme.
+
+    Args:
+        queries: float32 ``[q, dim]``, L2-normalised.
+        rows: int64 ``[q, c]`` candidate rows, e.g. ``search(index, queries, c)[1]``;
+            ``-1`` entries are ignored.
+        vectors: float ``[n, dim]`` database vectors, L2-normalised (a
+            ``numpy.load(..., mmap_mode="r")`` array is fine).
+        k: hits per query, >= 1.
+
+    Returns:
+        ``(scores, rows)``: float32 ``[q, k]`` exact cosine scores, descending
+        (higher is closer), ``-inf`` where there is no hit; int64 ``[q, k]`` rows,
+        ``-1`` where there is no hit (fewer than ``k`` valid candidates).
+
+    Raises:
+        ConfigError: ``k`` < 1, shapes that do not match, or a candidate row
+            outside ``[0, n)``.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if vectors.ndim != 2:
+        raise ConfigError(f"stored vectors must be a 2-D array [n, dim], got shape {vectors.shape}")
+    q = _as_vectors(queries, int(vectors.shape[1]), "queries")
+    cand = np.asarray(rows)
+    if cand.ndim != 2 or cand.shape[0] != q.shape[0] or not np.issubdtype(cand.dtype, np.integer):
+        raise ConfigError(f"candidate rows must be an integer array [{q.shape[0]}, c], got {cand.dtype} {cand.shape}")
+    if cand.size and int(cand.max()) >= vectors.shape[0]:
+        raise ConfigError(f"candidate row {int(cand.max())} is outside the {vectors.shape[0]} stored vectors")
+    k = int(k)
+    out_scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+    out_rows = np.full((q.shape[0], k), -1, dtype=np.int64)
+    for lo in range(0, q.shape[0], _RERANK_QUERY_BLOCK):
+        block = cand[lo : lo + _RERANK_QUERY_BLOCK].astype(np.int64)
+        valid = block >= 0
+        unique, inverse = np.unique(block[valid], return_inverse=True)  # sorted: sequential reads
+        gathered = np.ascontiguousarray(vectors[unique], dtype=np.float32)  # (u, dim)
+        scores = np.full(block.shape, -np.inf, dtype=np.float32)
+        query_of = np.nonzero(valid)[0]
+        scores[valid] = np.einsum("cd,cd->c", q[lo + query_of], gathered[inverse])
+        order = np.argsort(-scores, axis=1, kind="stable")
+        top = min(k, block.shape[1])
+        best = order[:, :top]
+        out_scores[lo : lo + block.shape[0], :top] = np.take_along_axis(scores, best, axis=1)
+        out_rows[lo : lo + block.shape[0], :top] = np.take_along_axis(block, best, axis=1)
+    out_rows[np.isneginf(out_scores)] = -1
+    return out_scores, out_rows
 
 
 def write(index: faiss.Index, path: str | os.PathLike[str]) -> None:

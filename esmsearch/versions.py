@@ -34,7 +34,7 @@ import numpy as np
 
 from esmsearch import fsutil
 from esmsearch.errors import ConfigError, EsmsearchError, IndexFormatError, IndexNotFoundError
-from esmsearch.store import MANIFEST, Index, Manifest
+from esmsearch.store import MANIFEST, Index, Manifest, unit_float32
 
 __all__ = [
     "BuildLockedError",
@@ -110,14 +110,18 @@ def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 
                 )
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
-        stored = index.embeddings()  # memory-mapped once
-        vectors = np.asarray(stored[rows], dtype=np.float32)
+        stored = index.embeddings()  # memory-mapped once (float32 or float16)
+        vectors = unit_float32(stored[rows])
         scores, hits = index.search(vectors, 1)
         ok = 0
         for row, vec, hit, score in zip(rows, vectors, hits[:, 0], scores[:, 0], strict=True):
             if hit == row:
                 ok += 1
-            elif hit >= 0 and float(np.dot(vec, stored[hit])) >= 1.0 - 1e-5 and score >= 1.0 - 1e-3:
+            elif (
+                hit >= 0
+                and float(np.dot(vec, unit_float32(stored[hit : hit + 1])[0])) >= 1.0 - 1e-5
+                and score >= 1.0 - 1e-3
+            ):
                 ok += 1
         exact = index.manifest.index_factory.replace(" ", "") in ("Flat", "IDMap,Flat")
         needed = len(rows) if exact else int(np.ceil(0.9 * len(rows)))

@@ -183,7 +183,7 @@ def test_build_faiss_indexes_stored_vectors(tmp_path: Path, factory: str) -> Non
     np.save(embeddings, vectors)
     out = tmp_path / "index.faiss"
     spec = vector_index.validate_factory(factory, DIM)
-    assert build_faiss(embeddings, spec, out) == 50
+    assert build_faiss(embeddings, spec, out).ntotal == 50
     index = vector_index.read(out)
     assert (index.ntotal, index.d) == (50, DIM)
     scores, rows = vector_index.search(index, vectors, 2)

@@ -144,13 +144,14 @@ def test_failed_verification_leaves_current_untouched_and_no_new_version(
     from esmsearch import vector_index
 
     root, records, v1 = root_v1
-    real_build = vector_index.build
 
-    def build_over_shuffled_rows(vectors, spec):  # type: ignore[no-untyped-def]
+    def build_over_shuffled_rows(chunks, n_total, dim, spec, path, **kwargs):  # type: ignore[no-untyped-def]
+        vectors = np.concatenate(list(chunks()))
         perm = np.random.default_rng(0).permutation(len(vectors))
-        return real_build(np.ascontiguousarray(np.asarray(vectors)[perm]), spec)
+        vector_index.write(vector_index.build(np.ascontiguousarray(vectors[perm]), spec), path)
+        return vector_index.OutOfCoreBuild(Path(path), None, n_total, 0, 0)
 
-    monkeypatch.setattr(vector_index, "build", build_over_shuffled_rows)
+    monkeypatch.setattr(vector_index, "build_out_of_core", build_over_shuffled_rows)
     fasta2 = write_fasta(tmp_path / "db_v2.fasta", mutate(records, changed=2, removed=1, added=1, seed=5))
     index_root = IndexRoot(root)
     versions_before = sorted(p.name for p in index_root.versions_dir.iterdir())

@@ -264,6 +264,36 @@ def test_search_pads_missing_hits_and_accepts_one_vector(db: np.ndarray) -> None
         vi.search(index, db[:2, :16], 1)
 
 
+def test_rerank_restores_exact_order_from_pq_candidates(db: np.ndarray, held_out: np.ndarray, built: dict) -> None:
+    true_scores, truth = _exact_top_k(db, held_out, 10)
+    _, candidates = vi.search(built["IVF64,PQ8"], held_out, 100)
+    assert _recall_at_k(candidates[:, :10], truth) < 0.9, "PQ8 alone is approximate"
+    scores, rows = vi.rerank(held_out, candidates, db, 10)
+    assert rows.dtype == np.int64 and scores.dtype == np.float32 and rows.shape == (N_QUERIES, 10)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", held_out, db[rows]), atol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    assert _recall_at_k(rows, truth) > 0.97
+    # A query whose true neighbours are all candidates gets the exact answer, rank
+    # for rank (up to near-ties, whose order float rounding may swap).
+    complete = [i for i in range(N_QUERIES) if set(truth[i]) <= set(candidates[i])]
+    assert len(complete) > N_QUERIES // 2
+    np.testing.assert_allclose(scores[complete], true_scores[complete], atol=1e-6)
+    assert np.mean(rows[complete] == truth[complete]) > 0.995
+
+
+def test_rerank_pads_missing_candidates_and_checks_rows(db: np.ndarray) -> None:
+    cand = np.array([[5, -1, 7], [-1, -1, -1]])
+    scores, rows = vi.rerank(db[[5, 9]], cand, db, 4)
+    assert rows[0, 0] == 5 and set(rows[0, :2]) == {5, 7} and np.all(rows[0, 2:] == -1)
+    assert np.all(rows[1] == -1) and np.all(np.isneginf(scores[1])) and np.all(np.isneginf(scores[0, 2:]))
+    with pytest.raises(ConfigError, match="outside"):
+        vi.rerank(db[:1], np.array([[N_DB]]), db, 1)
+    with pytest.raises(ConfigError, match="candidate rows"):
+        vi.rerank(db[:2], np.array([[1]]), db, 1)
+    with pytest.raises(ConfigError, match="k must be"):
+        vi.rerank(db[:1], np.array([[1]]), db, 0)
+
+
 # --------------------------------------------------------------------------- IO
 
 

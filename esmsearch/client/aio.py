@@ -65,7 +65,11 @@ class AsyncSearchClient:
     and close it with ``await client.close()`` or ``async with``.
 
     Args:
-        address: ``host:port`` of the server.
+        address: gRPC target: ``host:port`` of one server, or several replicas as
+            ``dns:///host:port`` (every address the name resolves to) or
+            ``ipv4:a:port,b:port``; calls are spread over the healthy ones with
+            ``round_robin`` and client-side health checks (``credentials.lb_policy``;
+            see :mod:`esmsearch.client.channel`).
         timeout_s: default deadline of each call in seconds; ``None`` = none.
         credentials: TLS / mutual TLS / bearer token (default: plaintext, no token).
         retry: retry policy for UNAVAILABLE (read-only calls only; default

@@ -51,7 +51,11 @@ class SearchClient:
                 print(result.query_id, result.hits[0].target_id, result.hits[0].cosine_score)
 
     Args:
-        address: ``host:port`` of the server.
+        address: gRPC target: ``host:port`` of one server, or several replicas as
+            ``dns:///host:port`` (every address the name resolves to) or
+            ``ipv4:a:port,b:port``; calls are spread over the healthy ones with
+            ``round_robin`` and client-side health checks (``credentials.lb_policy``;
+            see :mod:`esmsearch.client.channel`).
         timeout_s: default deadline of each call in seconds; ``None`` = no deadline.
             Each method can override it.
         channel: an existing channel to use instead of opening one (the client then

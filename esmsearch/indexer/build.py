@@ -9,19 +9,29 @@ that a test can run (or swap) one alone:
 2. :func:`plan_reuse` -- whether the live version's vectors can be reused (same
    checkpoint, layer, pooling, normalisation, precision, dim) -> :class:`PreviousVectors`;
 3. :func:`embed_chunks` -- stream records in chunks of about ``chunk_residues``
-   residues; per chunk, copy reused vectors, embed the rest (length-sorted
-   token-budget batches), write the chunk's vectors to a shard (fsynced) and its
-   metadata to SQLite, then journal the chunk -- memory is bounded by one chunk,
-   and a crash resumes from the last journaled chunk (``resume``; :func:`open_work`)
-   -> :class:`EmbedOutcome`;
+   residues; per chunk, copy reused vectors, hand the rest to a :class:`BlockEmbedder`
+   (in this process: :class:`LocalBlockEmbedder`, length-sorted token-budget
+   batches; on a Ray cluster: :class:`esmsearch.indexer.distributed.RayBlockEmbedder`,
+   which gets only the sequences that need the model and returns their vectors in
+   input order), write the chunk's vectors to a shard (fsynced) and its metadata
+   to SQLite, then journal the chunk -- memory is bounded by one chunk (a wave of
+   chunks when distributed), and a crash resumes from the last journaled chunk
+   (``resume``; :func:`open_work`) -> :class:`EmbedOutcome`;
 4. :func:`embed_decoys` -- the decoys behind E-values (:mod:`esmsearch.significance`):
    shuffles of a seeded sample of the database's sequences, embedded with the same
-   model, layer and precision into ``decoys.npy`` (journaled in chunks like stage 3),
-   and the index's extreme-value shape estimated from a sample of database
-   sequences scored against them; or both copied from the previous version when its
-   model contract and decoy count and seed are this build's -> :class:`DecoyOutcome`;
-5. :func:`assemble` -- concatenate the shards into ``embeddings.npy``;
-6. :func:`build_faiss` -- build and write ``index.faiss``;
+   model, layer and precision (through the same :class:`BlockEmbedder`) into
+   ``decoys.npy`` (journaled in chunks like stage 3), and the index's extreme-value
+   shape estimated from a sample of database sequences scored against them; or both
+   copied from the previous version when its model contract and decoy count and seed
+   are this build's -> :class:`DecoyOutcome`;
+5. :func:`assemble` -- concatenate the shards into ``embeddings.npy``, as float32 or
+   float16 (``store_dtype``);
+6. :func:`build_faiss` -- build ``index.faiss`` out of core
+   (:func:`esmsearch.vector_index.build_out_of_core`): stream ``embeddings.npy`` in
+   blocks of rows, train IVF/PQ/SQ indexes on a seeded sample, add block by block,
+   and put an IVF's inverted lists on disk (``index.ivfdata``) when they exceed
+   half of RAM -- memory is bounded by the trained index, one block and the codes,
+   never by a float32 copy of the database;
 7. :func:`verify` -- write the manifest last (checksums, fsync), then check
    checksums, row counts and a self-search -> :class:`Verified`;
 8. :func:`publish_standalone` (rename, or atomic exchange with ``overwrite``, to
@@ -40,10 +50,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -67,18 +77,31 @@ from esmsearch.significance import (
     pseudo_query_rows,
     sample_decoy_rows,
 )
-from esmsearch.store import DECOYS_FILE, FAISS_FILE, Index, IndexWriter, Manifest, publish_directory
+from esmsearch.store import (
+    DECOYS_FILE,
+    FAISS_FILE,
+    STORE_DTYPES,
+    Index,
+    IndexWriter,
+    Manifest,
+    publish_directory,
+    unit_float32,
+)
 from esmsearch.versions import IndexRoot, VerifyReport, verify_index
 
 if TYPE_CHECKING:
-    from esmsearch.vector_index import IndexSpec
+    from esmsearch.indexer.distributed import DistributedConfig
+    from esmsearch.vector_index import IndexSpec, OutOfCoreBuild
 
 __all__ = [
+    "BlockEmbedder",
     "BuildConfig",
     "BuildJournal",
     "BuildResult",
     "DecoyOutcome",
+    "EmbedBlock",
     "EmbedOutcome",
+    "LocalBlockEmbedder",
     "FastaSummary",
     "Prepared",
     "PreviousVectors",
@@ -91,6 +114,7 @@ __all__ = [
     "count_changes",
     "embed_chunks",
     "embed_decoys",
+    "iter_stored_vectors",
     "open_work",
     "partial_build_dir",
     "plan_reuse",
@@ -105,6 +129,11 @@ log = logging.getLogger(__name__)
 
 #: Journal of a build in progress, inside the partial build directory.
 STATE_FILE = "build-state.json"
+#: Rows per block read from ``embeddings.npy`` while the FAISS index is built: a
+#: multiple of :data:`esmsearch.vector_index.ADD_CHUNK_ROWS` (65,536), so the
+#: ``index.add`` calls are those of an in-memory build; 262,144 x 1,280 float32 is
+#: 1.3 GB at ESM-2 650M's dim (336 MB at 320).
+FAISS_BLOCK_ROWS = 262_144
 
 
 def partial_build_dir(out_dir: Path) -> Path:
@@ -135,6 +164,11 @@ class BuildConfig:
             = 10,000; a smaller database gets one per sequence); 0 = no decoys, so
             the index serves hits without E-values.
         decoy_seed: seed of the decoy sample and shuffles, >= 0.
+        store_dtype: dtype of ``embeddings.npy``: ``float32`` or ``float16`` (half the
+            disk; recorded as ``Manifest.store_dtype``).
+        distributed: embed on a Ray cluster
+            (:class:`esmsearch.indexer.distributed.DistributedConfig`); None = in this
+            process.
     """
 
     model: str
@@ -148,6 +182,8 @@ class BuildConfig:
     progress: bool = False
     decoys: int = DEFAULT_DECOYS
     decoy_seed: int = DEFAULT_DECOY_SEED
+    store_dtype: str = "float32"
+    distributed: DistributedConfig | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_residues < 1:
@@ -158,6 +194,13 @@ class BuildConfig:
             raise ConfigError(f"decoy seed must be >= 0, got {self.decoy_seed}")
         if not self.index_factory.strip():
             raise ConfigError("index factory must not be empty")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {self.store_dtype!r}")
+        if self.distributed is not None and self.distributed.precision != self.precision:
+            raise ConfigError(
+                f"precision {self.precision!r} differs from the distributed workers' precision "
+                f"{self.distributed.precision!r}; give the same value to both"
+            )
 
 
 @dataclass(frozen=True)
@@ -253,7 +296,8 @@ class PreviousVectors:
     Attributes:
         version: the previous version's id.
         count: its number of rows.
-        embeddings: float32 ``[count, dim]``, memory-mapped read-only.
+        embeddings: ``[count, dim]`` in ``store_dtype``, memory-mapped read-only.
+        store_dtype: the previous version's ``Manifest.store_dtype``.
         row_by_sha: sequence sha256 -> first row holding it.
         sha_by_id: record id -> sequence sha256.
         residues_per_s: embedding speed the previous build recorded (or None).
@@ -270,6 +314,7 @@ class PreviousVectors:
         self.decoys: np.ndarray | None = None
         if self.decoy_settings is not None:
             self.decoys = np.load(index.path / DECOYS_FILE, mmap_mode="r")
+        self.store_dtype = index.manifest.store_dtype
         self.row_by_sha: dict[str, int] = {}
         self.sha_by_id: dict[str, str] = {}
         for row, record_id, _desc, _length, sha in index.iter_metadata():
@@ -372,9 +417,16 @@ def validate(fasta: Path, cfg: BuildConfig, embedder: Embedder | None = None) ->
         )
     summary = scan_fasta(fasta)
     log.info("validated %s: %d sequences, %d residues", fasta, summary.sequences, summary.residues)
-    emb = embedder or Embedder(
-        cfg.model, layer=cfg.layer, toks_per_batch=cfg.toks_per_batch, device=cfg.device, precision=cfg.precision
-    )
+    if embedder is not None:
+        emb = embedder
+    elif cfg.distributed is not None:
+        from esmsearch.indexer.distributed import driver_embedder
+
+        emb = driver_embedder(cfg.model, layer=cfg.layer, toks_per_batch=cfg.toks_per_batch, config=cfg.distributed)
+    else:
+        emb = Embedder(
+            cfg.model, layer=cfg.layer, toks_per_batch=cfg.toks_per_batch, device=cfg.device, precision=cfg.precision
+        )
     if cfg.index_factory == "auto":
         spec = vector_index.auto_spec(summary.sequences, emb.dim)
     else:
@@ -390,17 +442,23 @@ def validate(fasta: Path, cfg: BuildConfig, embedder: Embedder | None = None) ->
 
 
 # -- stage 2: plan reuse --------------------------------------------------------------------
-def plan_reuse(embedder: Embedder, live: Index | None) -> PreviousVectors | None:
+def plan_reuse(embedder: Embedder, live: Index | None, store_dtype: str = "float32") -> PreviousVectors | None:
     """Stage 2: decide whether the live version's vectors can be reused.
 
     They can when the live version was built with everything that changes a vector
     equal to this build's (:meth:`Embedder.check_manifest`: checkpoint sha256,
-    layer, pooling, normalisation, precision, dimension); otherwise everything is
-    re-embedded and the reason is logged.
+    layer, pooling, normalisation, precision, dimension) and stores them at least as
+    precisely as this build will (float16 vectors are not reused for a float32
+    store: they would differ from freshly embedded ones by up to ~1e-3); otherwise
+    everything is re-embedded and the reason is logged.
+
+    This stage runs before embedding, in the driver, so a distributed build sends
+    only new or changed sequences to its workers.
 
     Args:
         embedder: this build's model.
         live: the live version, or None (first build, or reuse switched off).
+        store_dtype: this build's ``store_dtype``.
 
     Returns:
         The live version's vectors by sequence sha256, or None.
@@ -411,6 +469,13 @@ def plan_reuse(embedder: Embedder, live: Index | None) -> PreviousVectors | None
         embedder.check_manifest(live.manifest)
     except IndexMismatchError as exc:
         log.warning("not reusing vectors of %s: %s", live.version, exc)
+        return None
+    if live.manifest.store_dtype == "float16" and store_dtype == "float32":
+        log.warning(
+            "not reusing vectors of %s: they are stored as float16 and this build stores float32 "
+            "(pass --store-dtype float16 to reuse them)",
+            live.version,
+        )
         return None
     return PreviousVectors(live)
 
@@ -452,6 +517,7 @@ def _journal_settings(prep: Prepared, cfg: BuildConfig, previous: PreviousVector
         "fasta_sha256": prep.summary.sha256,
         "chunk_residues": cfg.chunk_residues,
         "index_factory": prep.spec.factory,
+        "store_dtype": cfg.store_dtype,
         "reuse_version": previous.version if previous else None,
         "decoys": prep.decoys.to_json() if prep.decoys else None,
         **prep.embedder.settings,  # includes the resolved precision
@@ -511,22 +577,117 @@ def _write_shard(shard: Path, vectors: np.ndarray) -> None:
     fsutil.fsync_dir(shard.parent)
 
 
+@dataclass(frozen=True)
+class EmbedBlock:
+    """The sequences of one chunk that need the model (reused ones are not in it).
+
+    Attributes:
+        number: the chunk's number (= its shard's number), increasing in input order.
+        sequences: residue strings, validated, in input order; may be empty (a chunk
+            whose vectors were all reused).
+    """
+
+    number: int
+    sequences: tuple[str, ...]
+
+    @property
+    def residues(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+class BlockEmbedder(Protocol):
+    """Stage 3's model: embeds blocks and returns them **in the order given**.
+
+    Implementations: :class:`LocalBlockEmbedder` (this process) and
+    :class:`esmsearch.indexer.distributed.RayBlockEmbedder` (an actor pool on Ray
+    Data). A test may pass its own.
+    """
+
+    def embed_blocks(
+        self, blocks: Iterable[EmbedBlock], on_residues: Callable[[int], object] | None
+    ) -> Iterator[tuple[EmbedBlock, np.ndarray]]:
+        """Yield ``(block, vectors)`` for every block, in input order.
+
+        ``vectors`` is float32 ``[len(block.sequences), dim]``, L2-normalised, row i =
+        ``block.sequences[i]``. ``on_residues`` is called with residues as they are
+        embedded (for a progress bar).
+        """
+        ...
+
+    @property
+    def embed_seconds(self) -> float:
+        """Seconds spent embedding so far (wall time of the model work)."""
+        ...
+
+
+def _as_none_callback(fn: Callable[[int], object] | None) -> Callable[[int], None] | None:
+    if fn is None:
+        return None
+
+    def call(n: int) -> None:
+        fn(n)
+
+    return call
+
+
+class LocalBlockEmbedder:
+    """:class:`BlockEmbedder` running one :class:`Embedder` in this process.
+
+    ``embed_seconds`` sums the time inside :meth:`Embedder.embed`.
+    """
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self._seconds = 0.0
+
+    @property
+    def embed_seconds(self) -> float:
+        return self._seconds
+
+    def embed_blocks(
+        self, blocks: Iterable[EmbedBlock], on_residues: Callable[[int], object] | None
+    ) -> Iterator[tuple[EmbedBlock, np.ndarray]]:
+        for block in blocks:
+            if not block.sequences:
+                yield block, np.empty((0, self.embedder.dim), dtype=np.float32)
+                continue
+            t0 = time.perf_counter()
+            vectors = self.embedder.embed(list(block.sequences), on_batch=_as_none_callback(on_residues))
+            self._seconds += time.perf_counter() - t0
+            yield block, vectors
+
+
+@dataclass
+class _ChunkPlan:
+    """A chunk read from the FASTA, with which of its records need the model."""
+
+    number: int
+    records: list[SequenceRecord]
+    shas: list[str]
+    to_embed: list[int]  # positions in `records`
+    reuse_rows: list[tuple[int, int]]  # (position, row of the previous version)
+
+
 def embed_chunks(
     writer: IndexWriter,
     journal: BuildJournal,
     prep: Prepared,
     cfg: BuildConfig,
     previous: PreviousVectors | None,
+    block_embedder: BlockEmbedder | None = None,
 ) -> EmbedOutcome:
     """Stage 3: stream the FASTA in chunks, reuse or embed each, and journal it.
 
     For each chunk of about ``cfg.chunk_residues`` residues: vectors of sequences
-    whose sha256 is in ``previous`` are copied, the rest embedded (length-sorted
-    token-budget batches); the chunk's float32 ``[n, dim]`` vectors go to
+    whose sha256 is in ``previous`` are copied, the rest go to ``block_embedder``
+    as one :class:`EmbedBlock` (which sorts them by length into token-budget
+    batches); the chunk's float32 ``[n, dim]`` vectors go to
     ``<work>/shards/shard-NNNNNN.npy`` (fsynced before its rename, the shard
     directory fsynced after), its metadata rows are committed to SQLite, and only
-    then the journal records the chunk as done. Memory is bounded by one chunk;
-    chunks the journal names are skipped when resuming (``journal.data`` loaded).
+    then the journal records the chunk as done -- strictly in input order, whatever
+    order a distributed embedder finishes blocks in. Memory is bounded by the chunks
+    the embedder holds at once (one in this process); chunks the journal names are
+    skipped when resuming (``journal.data`` loaded).
 
     Args:
         writer: the work directory's writer (resumed when the journal is loaded).
@@ -534,6 +695,8 @@ def embed_chunks(
         prep: from :func:`validate`.
         cfg: chunk size and progress bar.
         previous: from :func:`plan_reuse`.
+        block_embedder: the model stage (default :class:`LocalBlockEmbedder` over
+            ``prep.embedder``).
 
     Returns:
         The shard files in row order and the counts.
@@ -543,11 +706,11 @@ def embed_chunks(
             changed since; the model's errors propagate unchanged.
     """
     emb, summary = prep.embedder, prep.summary
+    embedder = block_embedder if block_embedder is not None else LocalBlockEmbedder(emb)
     resuming = bool(journal.data)
     counts = {"reused": 0, "embedded": 0, "reused_residues": 0}
-    embed_seconds = 0.0
     embedded_residues = 0
-    windowed_before = emb.stats.windowed_sequences
+    windowed = 0
     shard_dir = writer.directory / "shards"
     shard_dir.mkdir(exist_ok=True)
     done_shards = int(journal.data.get("shards", 0)) if resuming else 0
@@ -575,42 +738,58 @@ def embed_chunks(
             file=sys.stderr,
         )
     shards: list[Path] = []
-    try:
-        for n_chunk, chunk in enumerate(_chunks(read_fasta(prep.fasta), cfg.chunk_residues)):
-            shas = [sequence_sha256(r.sequence) for r in chunk]
-            shard = shard_dir / f"shard-{n_chunk:06d}.npy"
-            shards.append(shard)
-            if n_chunk < done_shards:
+    plans: dict[int, _ChunkPlan] = {}
+
+    def blocks() -> Iterator[EmbedBlock]:
+        """Plan each chunk still to do (reuse lookup) and hand its other sequences on."""
+        for number, chunk in enumerate(_chunks(read_fasta(prep.fasta), cfg.chunk_residues)):
+            shards.append(shard_dir / f"shard-{number:06d}.npy")
+            if number < done_shards:
                 if bar is not None:
                     bar.update(sum(len(r.sequence) for r in chunk))
                 continue
-            vectors = np.empty((len(chunk), emb.dim), dtype=np.float32)
-            to_embed = []
-            for i, (rec, sha) in enumerate(zip(chunk, shas, strict=True)):
+            plan = _ChunkPlan(number, chunk, [sequence_sha256(r.sequence) for r in chunk], [], [])
+            for i, sha in enumerate(plan.shas):
                 row = previous.row_by_sha.get(sha) if previous else None
                 if row is None:
-                    to_embed.append(i)
+                    plan.to_embed.append(i)
                 else:
-                    vectors[i] = previous.embeddings[row]  # type: ignore[union-attr]
-                    counts["reused"] += 1
-                    counts["reused_residues"] += len(rec.sequence)
+                    plan.reuse_rows.append((i, row))
             if bar is not None:
-                embedding = set(to_embed)
-                bar.update(sum(len(r.sequence) for i, r in enumerate(chunk) if i not in embedding))
-            if to_embed:
-                t0 = time.perf_counter()
-                vectors[to_embed] = emb.embed(
-                    [chunk[i].sequence for i in to_embed], on_batch=bar.update if bar else None
+                bar.update(sum(len(chunk[i].sequence) for i, _row in plan.reuse_rows))
+            plans[number] = plan
+            yield EmbedBlock(number, tuple(chunk[i].sequence for i in plan.to_embed))
+
+    try:
+        for block, embedded in embedder.embed_blocks(blocks(), bar.update if bar is not None else None):
+            if not plans or block.number != next(iter(plans)):
+                raise ConfigError(
+                    f"the embedder returned block {block.number} out of order (next expected: "
+                    f"{next(iter(plans), None)}); blocks must come back in input order"
                 )
-                embed_seconds += time.perf_counter() - t0
-                embedded_residues += sum(len(chunk[i].sequence) for i in to_embed)
-                counts["embedded"] += len(to_embed)
-            _write_shard(shard, vectors)  # durable before the journal names it
+            plan = plans.pop(block.number)
+            if embedded.shape != (len(plan.to_embed), emb.dim):
+                raise ConfigError(
+                    f"block {block.number}: the embedder returned {list(embedded.shape)} vectors for "
+                    f"{len(plan.to_embed)} sequences of dim {emb.dim}"
+                )
+            vectors = np.empty((len(plan.records), emb.dim), dtype=np.float32)
+            if plan.to_embed:
+                vectors[plan.to_embed] = embedded
+            for i, row in plan.reuse_rows:
+                vectors[i] = previous.embeddings[row]  # type: ignore[union-attr]
+            counts["reused"] += len(plan.reuse_rows)
+            counts["reused_residues"] += sum(len(plan.records[i].sequence) for i, _row in plan.reuse_rows)
+            counts["embedded"] += len(plan.to_embed)
+            embedded_residues += block.residues
+            windowed += sum(1 for seq in block.sequences if len(seq) > WINDOW_RESIDUES)
+            _write_shard(shard_dir / f"shard-{plan.number:06d}.npy", vectors)  # durable before the journal names it
             writer.add_metadata(
-                (r.record_id, r.description, len(r.sequence), sha) for r, sha in zip(chunk, shas, strict=True)
+                (r.record_id, r.description, len(r.sequence), sha)
+                for r, sha in zip(plan.records, plan.shas, strict=True)
             )
             writer.commit()
-            journal.data.update(shards=n_chunk + 1, rows=writer.rows, **counts)
+            journal.data.update(shards=plan.number + 1, rows=writer.rows, **counts)
             journal.save()
     except BaseException:
         log.error(
@@ -624,15 +803,17 @@ def embed_chunks(
     finally:
         if bar is not None:
             bar.close()
+    if plans:
+        raise ConfigError(f"the embedder returned no vectors for chunks {sorted(plans)}")
     return EmbedOutcome(
         shards=tuple(shards),
         rows=writer.rows,
         reused=counts["reused"],
         embedded=counts["embedded"],
         reused_residues=counts["reused_residues"],
-        embed_seconds=embed_seconds,
+        embed_seconds=embedder.embed_seconds,
         embedded_residues=embedded_residues,
-        windowed_sequences=emb.stats.windowed_sequences - windowed_before,
+        windowed_sequences=windowed,
     )
 
 
@@ -676,6 +857,7 @@ def embed_decoys(
     cfg: BuildConfig,
     previous: PreviousVectors | None,
     database: Sequence[Path] = (),
+    block_embedder: BlockEmbedder | None = None,
 ) -> DecoyOutcome:
     """Stage 4: the decoys behind E-values, in ``decoys.npy``, and the index's shape.
 
@@ -707,6 +889,8 @@ def embed_decoys(
         previous: from :func:`plan_reuse`.
         database: the database's vector shards in row order (:attr:`EmbedOutcome.shards`),
             for the pseudo-queries.
+        block_embedder: the model (default: :class:`LocalBlockEmbedder` over
+            ``prep.embedder``); a distributed build passes its Ray embedder.
 
     Returns:
         What was written (the settings with the shape) and how long embedding took.
@@ -753,28 +937,23 @@ def embed_decoys(
             desc=f"embedding {settings.count} decoys",
             file=sys.stderr,
         )
-    shards: list[Path] = []
-    embed_seconds = 0.0
+    shards = [shard_dir / f"decoy-{n:06d}.npy" for n in range(len(ranges))]
+    if bar is not None:
+        bar.update(sum(len(s) for s in sequences[: ranges[done - 1][1]]) if done else 0)
+    todo = [EmbedBlock(n, tuple(sequences[start:stop])) for n, (start, stop) in enumerate(ranges) if n >= done]
+    model = block_embedder if block_embedder is not None else LocalBlockEmbedder(emb)
+    seconds_before = model.embed_seconds
     embedded_residues = 0
     try:
-        for n, (start, stop) in enumerate(ranges):
-            shard = shard_dir / f"decoy-{n:06d}.npy"
-            shards.append(shard)
-            part = sequences[start:stop]
-            if n < done:
-                if bar is not None:
-                    bar.update(sum(len(s) for s in part))
-                continue
-            t0 = time.perf_counter()
-            vectors = emb.embed(part, on_batch=bar.update if bar else None)
-            embed_seconds += time.perf_counter() - t0
-            embedded_residues += sum(len(s) for s in part)
-            _write_shard(shard, vectors)  # durable before the journal names it
-            journal.data.update(decoy_shards=n + 1)
+        for block, vectors in model.embed_blocks(todo, bar.update if bar else None):
+            embedded_residues += block.residues
+            _write_shard(shards[block.number], vectors)  # durable before the journal names it
+            journal.data.update(decoy_shards=block.number + 1)
             journal.save()
     finally:
         if bar is not None:
             bar.close()
+    embed_seconds = model.embed_seconds - seconds_before
     assemble(shards, out, emb.dim)
     fsutil.fsync_file(out)
     fsutil.fsync_dir(out.parent)
@@ -802,23 +981,28 @@ def _estimate_shape(decoys_path: Path, settings: DecoySettings, n_sequences: int
 
 
 # -- stage 5: assemble ----------------------------------------------------------------------
-def assemble(shards: Sequence[Path], out: Path, dim: int) -> int:
+def assemble(shards: Sequence[Path], out: Path, dim: int, *, store_dtype: str = "float32") -> int:
     """Stage 5: concatenate chunk shards, in order, into one ``.npy`` file.
 
     Streams shard by shard into a memory-mapped ``out`` (memory bounded by one shard).
 
     Args:
         shards: ``.npy`` files, each float32 ``[n_i, dim]``, in row order.
-        out: the ``embeddings.npy`` to write: float32 ``[sum(n_i), dim]``.
+        out: the ``embeddings.npy`` to write: ``[sum(n_i), dim]`` in ``store_dtype``.
         dim: embedding dimension.
+        store_dtype: ``float32`` (a plain copy) or ``float16`` (rounded to nearest: half
+            the size; see :data:`esmsearch.store.STORE_DTYPES`).
 
     Returns:
         The number of rows written.
 
     Raises:
         IndexFormatError: a shard is not a float32 ``[n, dim]`` array.
+        ConfigError: ``store_dtype`` is not one of :data:`esmsearch.store.STORE_DTYPES`.
         OSError: a shard cannot be read or ``out`` written.
     """
+    if store_dtype not in STORE_DTYPES:
+        raise ConfigError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
     sizes: list[int] = []
     for shard in shards:
         part: np.ndarray = np.load(shard, mmap_mode="r")
@@ -826,7 +1010,7 @@ def assemble(shards: Sequence[Path], out: Path, dim: int) -> int:
             raise IndexFormatError(f"shard {shard} is {part.dtype} {list(part.shape)}, expected float32 [n, {dim}]")
         sizes.append(int(part.shape[0]))
     rows = sum(sizes)
-    vectors = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(rows, dim))
+    vectors = np.lib.format.open_memmap(out, mode="w+", dtype=np.dtype(store_dtype), shape=(rows, dim))
     start = 0
     for shard, size in zip(shards, sizes, strict=True):
         vectors[start : start + size] = np.load(shard)
@@ -837,27 +1021,113 @@ def assemble(shards: Sequence[Path], out: Path, dim: int) -> int:
 
 
 # -- stage 6: build FAISS -------------------------------------------------------------------
-def build_faiss(embeddings: Path, spec: IndexSpec, out: Path) -> int:
-    """Stage 6: build the FAISS index of ``spec`` over stored vectors and write it.
+def _npy_layout(path: Path) -> tuple[int, int, np.dtype[Any], int]:
+    """``(rows, dim, dtype, header bytes)`` of a 2-D C-ordered ``.npy`` file."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        offset = fh.tell()
+    if len(shape) != 2 or fortran or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise IndexFormatError(
+            f"{path} is {dtype} {list(shape)}{' (Fortran order)' if fortran else ''}, expected float32 or "
+            "float16 [n, dim] in C order"
+        )
+    return int(shape[0]), int(shape[1]), dtype, offset
+
+
+def iter_stored_vectors(path: Path, block_rows: int = FAISS_BLOCK_ROWS) -> Iterator[np.ndarray]:
+    """Stream ``embeddings.npy`` as float32 unit vectors, ``block_rows`` rows at a time.
+
+    Plain file reads into one block at a time (not a memory map, so the build's
+    resident memory is one block, not the page cache of the whole file); float16
+    rows are cast and re-normalised (:func:`esmsearch.store.unit_float32`).
 
     Args:
-        embeddings: ``.npy`` float32 ``[n, dim]``, L2-normalised (row i = sequence i).
-        spec: the index type (from :func:`validate`).
-        out: the ``index.faiss`` file to write.
+        path: a float32 or float16 ``[n, dim]`` ``.npy`` file.
+        block_rows: rows per yielded block, >= 1.
 
-    Returns:
-        The number of vectors in the index (``ntotal``).
+    Yields:
+        float32 ``[<= block_rows, dim]`` blocks, in row order.
 
     Raises:
-        InvalidIndexFactoryError: FAISS rejects the spec for these vectors.
+        IndexFormatError: not a 2-D float32/float16 array, or the file is truncated.
+    """
+    rows, dim, dtype, offset = _npy_layout(path)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for start in range(0, rows, block_rows):
+            n = min(block_rows, rows - start)
+            buf = np.empty((n, dim), dtype=dtype)
+            got = fh.readinto(buf.data.cast("B"))
+            if got != buf.nbytes:
+                raise IndexFormatError(f"{path} is truncated: {got} of {buf.nbytes} bytes at row {start}")
+            yield unit_float32(buf)
+
+
+def build_faiss(
+    embeddings: Path,
+    spec: IndexSpec,
+    out: Path,
+    *,
+    block_rows: int = FAISS_BLOCK_ROWS,
+    ondisk: bool | None = None,
+    memory_budget_bytes: int | None = None,
+    on_rows: Callable[[int], object] | None = None,
+) -> OutOfCoreBuild:
+    """Stage 6: build the FAISS index of ``spec`` over stored vectors, out of core, and write it.
+
+    Streams ``embeddings`` twice in blocks of ``block_rows`` rows
+    (:func:`iter_stored_vectors`) through
+    :func:`esmsearch.vector_index.build_out_of_core`: indexes that need training (IVF,
+    PQ, SQ) train on a seeded uniform sample of
+    :func:`esmsearch.vector_index.default_training_sample_size` rows
+    (``max(64 x nlist, 65,536)``, capped at the database; seed 0), then every block is
+    added in row order. An IVF whose inverted lists, ``n x (code bytes + 8)``, exceed
+    ``memory_budget_bytes`` (default: half of physical RAM) gets them on disk, in
+    ``index.ivfdata`` beside ``out`` (FAISS ``OnDiskInvertedLists``, merged shard by
+    shard with ``merge_ondisk``). Peak memory: the trained index + one block (+ the
+    inverted lists when they stay in RAM), never the whole float32 database. Flat and
+    HNSW indexes hold every vector by nature; for them this saves the copy of the
+    database an in-memory build makes.
+
+    Args:
+        embeddings: ``.npy`` float32 or float16 ``[n, dim]``, L2-normalised (row i = sequence i).
+        spec: the index type (from :func:`validate`).
+        out: the ``index.faiss`` file to write; ``<stem>.ivfdata`` may appear beside it.
+        block_rows: rows read per block.
+        ondisk: force (True) or forbid (False) on-disk inverted lists; None decides by budget.
+        memory_budget_bytes: bytes the inverted lists may take in RAM.
+        on_rows: called with the rows of each block added (progress).
+
+    Returns:
+        What was written (:class:`esmsearch.vector_index.OutOfCoreBuild`: ``ntotal``,
+        ``train_rows``, ``ivfdata_path``).
+
+    Raises:
+        InvalidIndexFactoryError: FAISS rejects the spec for these vectors, or there
+            are fewer vectors than it needs to train.
+        IndexFormatError: ``embeddings`` is not a float32/float16 ``[n, dim]`` array.
         OSError: ``out`` cannot be written.
     """
     from esmsearch import vector_index
 
-    vectors = np.load(embeddings, mmap_mode="r")
-    faiss_index = vector_index.build(np.asarray(vectors), spec)
-    vector_index.write(faiss_index, out)
-    return int(faiss_index.ntotal)
+    rows, dim, _dtype, _offset = _npy_layout(embeddings)
+    if rows == 0:
+        raise IndexFormatError(f"{embeddings} holds no vectors")
+    return vector_index.build_out_of_core(
+        lambda: iter_stored_vectors(embeddings, block_rows),
+        rows,
+        dim,
+        spec,
+        out,
+        work_dir=out.parent,
+        ondisk=ondisk,
+        memory_budget_bytes=memory_budget_bytes,
+        on_rows=on_rows,
+    )
 
 
 def count_changes(
@@ -983,17 +1253,28 @@ def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVe
     journal = open_work(work, prep, cfg, previous)
     with IndexWriter(work, resume=bool(journal.data)) as writer:
         writer.keep_on_error = True  # while embedding, a failure leaves a resumable state
-        outcome = embed_chunks(writer, journal, prep, cfg, previous)
-        decoys = embed_decoys(writer, journal, prep, cfg, previous, outcome.shards)
+        if cfg.distributed is not None:
+            from esmsearch.indexer.distributed import RayBlockEmbedder
+
+            with RayBlockEmbedder(cfg.distributed, emb) as ray_embedder:
+                outcome = embed_chunks(writer, journal, prep, cfg, previous, ray_embedder)
+                decoys = embed_decoys(writer, journal, prep, cfg, previous, outcome.shards, ray_embedder)
+            distributed_info: dict[str, Any] | None = ray_embedder.info()
+        else:
+            outcome = embed_chunks(writer, journal, prep, cfg, previous)
+            decoys = embed_decoys(writer, journal, prep, cfg, previous, outcome.shards)
+            distributed_info = None
         writer.keep_on_error = False  # past embedding, a failure discards the work directory
         if outcome.rows != summary.sequences:
             raise ConfigError(
                 f"partial build at {work} holds {outcome.rows} rows but {prep.fasta} has "
                 f"{summary.sequences} sequences; remove it and build again"
             )
-        assemble(outcome.shards, writer.embeddings_path(), emb.dim)
-        build_faiss(writer.embeddings_path(), prep.spec, writer.directory / FAISS_FILE)
-        shutil.rmtree(writer.directory / "shards")
+        assemble(outcome.shards, writer.embeddings_path(), emb.dim, store_dtype=cfg.store_dtype)
+        shutil.rmtree(writer.directory / "shards")  # before the FAISS build: free the disk it needs
+        t_faiss = time.perf_counter()
+        faiss_build = build_faiss(writer.embeddings_path(), prep.spec, writer.directory / FAISS_FILE)
+        faiss_seconds = time.perf_counter() - t_faiss
         journal.path.unlink()
         reuse = count_changes(outcome, ((rid, sha) for _r, rid, _d, _l, sha in writer.iter_metadata()), previous)
         info: dict[str, Any] = {
@@ -1012,12 +1293,17 @@ def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVe
             "residues_per_s": (
                 round(outcome.embedded_residues / outcome.embed_seconds, 1) if outcome.embed_seconds else None
             ),
-            "device": str(emb.device),
+            "device": str(emb.device) if distributed_info is None else distributed_info["device"],
             "toks_per_batch": emb.toks_per_batch,
             "decoys_reused_from": decoys.reused_from,
             "decoy_embed_seconds": round(decoys.embed_seconds, 3),
             "decoy_embedded_residues": decoys.embedded_residues,
+            "faiss_seconds": round(faiss_seconds, 3),
+            "faiss_train_rows": faiss_build.train_rows,
+            "faiss_ondisk_lists": faiss_build.ondisk,
         }
+        if distributed_info is not None:
+            info["distributed"] = distributed_info
         verified = verify(
             writer,
             {
@@ -1038,6 +1324,7 @@ def _build_in(work: Path, prep: Prepared, cfg: BuildConfig, previous: PreviousVe
                 "tool_version": __version__,
                 "build": info,
                 "decoys": decoys.settings,
+                "store_dtype": cfg.store_dtype,
             },
         )
     return _Built(verified.manifest, info, reuse, outcome.embed_seconds, outcome.embedded_residues)
@@ -1060,6 +1347,8 @@ def build_index(
     embedder: Embedder | None = None,
     decoys: int = DEFAULT_DECOYS,
     decoy_seed: int = DEFAULT_DECOY_SEED,
+    store_dtype: str = "float32",
+    distributed: DistributedConfig | None = None,
 ) -> BuildResult:
     """Embed a FASTA database and write a standalone index directory at ``out_dir``.
 
@@ -1082,13 +1371,21 @@ def build_index(
             :func:`partial_build_dir`); the result equals an uninterrupted build.
         progress: show a progress bar in residues/s on stderr.
         embedder: reuse an already loaded :class:`Embedder` (its settings win over
-            ``model``/``layer``/``device``/``precision``/``toks_per_batch``).
+            ``model``/``layer``/``device``/``precision``/``toks_per_batch``; with
+            ``distributed`` it is the driver's copy, used for its settings only).
         decoys: shuffled database sequences to embed for E-values, >= 0 (default
             :data:`~esmsearch.significance.DEFAULT_DECOYS` = 10,000; a database of fewer
             sequences gets one decoy per sequence); 0 builds an index without
             E-values. They add about ``min(decoys, n) / n`` of the database's
             embedding time to a first build.
         decoy_seed: seed of the decoy sample and shuffles (recorded in the manifest).
+        store_dtype: ``float32`` or ``float16`` for ``embeddings.npy`` (float16: half
+            the disk; recorded in the manifest; the FAISS index is built from the
+            vectors cast back to float32 and re-normalised).
+        distributed: embed on a Ray cluster instead of in this process
+            (:class:`esmsearch.indexer.distributed.DistributedConfig`); the result
+            equals a single-process build's (same rows, vectors within 1e-6). The
+            decoys go through the same cluster.
 
     Returns:
         :class:`BuildResult` with the manifest and timings.
@@ -1101,6 +1398,8 @@ def build_index(
         InvalidIndexFactoryError: bad factory string (found before any embedding).
         IndexFormatError: the built index failed verification.
         ConfigError: a setting out of range, or a partial build that cannot be resumed.
+        DistributedError: the Ray cluster cannot be reached or a block failed for good
+            (with ``distributed``; the work done is kept for ``resume``).
 
     On any error an existing index at ``out_dir`` is untouched (it is replaced by an
     atomic exchange, see :func:`esmsearch.store.publish_directory`; only if the fsync
@@ -1123,6 +1422,8 @@ def build_index(
         progress=progress,
         decoys=decoys,
         decoy_seed=decoy_seed,
+        store_dtype=store_dtype,
+        distributed=distributed,
     )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -1150,6 +1451,8 @@ def build_version(
     embedder: Embedder | None = None,
     decoys: int = DEFAULT_DECOYS,
     decoy_seed: int = DEFAULT_DECOY_SEED,
+    store_dtype: str = "float32",
+    distributed: DistributedConfig | None = None,
 ) -> BuildResult:
     """Build a new version of a versioned index root and make it live.
 
@@ -1165,10 +1468,11 @@ def build_version(
 
     Args:
         fasta_path, model, layer, toks_per_batch, device, precision, index_factory,
-        chunk_residues, resume, progress, embedder, decoys, decoy_seed: as for
-        :func:`build_index`; the live version's decoys are reused (copied) when
-        ``reuse`` is on, its model contract equals this build's and its decoy count
-        and seed are the same.
+        chunk_residues, resume, progress, embedder, decoys, decoy_seed, store_dtype,
+        distributed: as for :func:`build_index`; the live version's decoys are reused
+            (copied) when ``reuse`` is on, its model contract equals this build's and
+            its decoy count and seed are the same. Reuse is planned before embedding,
+            so a distributed build sends only new or changed sequences to its workers.
         root: the versioned root (created if missing).
         reuse: reuse vectors from the live version (incremental rebuild).
         keep_versions: after publishing, delete all but the newest N versions
@@ -1194,6 +1498,8 @@ def build_version(
         progress=progress,
         decoys=decoys,
         decoy_seed=decoy_seed,
+        store_dtype=store_dtype,
+        distributed=distributed,
     )
     if keep_versions is not None and keep_versions < 1:
         raise ConfigError(f"keep_versions must be >= 1, got {keep_versions}")
@@ -1205,7 +1511,7 @@ def build_version(
         live = index_root.current_version()
         if reuse and live is not None:
             with Index.open(index_root.current_path()) as live_index:
-                previous = plan_reuse(prep.embedder, live_index)
+                previous = plan_reuse(prep.embedder, live_index, cfg.store_dtype)
         built = _build_in(index_root.partial_dir, prep, cfg, previous, t_start)
         path = publish_version(index_root, index_root.partial_dir, built.manifest.version, keep_versions=keep_versions)
     return _result(built, path, prep, t_start, live)
