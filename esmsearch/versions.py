@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from esmsearch import fsutil
-from esmsearch.errors import ConfigError, EsmsearchError, IndexFormatError, IndexNotFoundError
+from esmsearch.errors import BuildLockedError, ConfigError, EsmsearchError, IndexFormatError, IndexNotFoundError
 from esmsearch.store import MANIFEST, Index, Manifest, unit_float32
 
 __all__ = [
@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 VERSIONS = "versions"
 CURRENT = "current"
 LOCK = ".build.lock"
-
-
-class BuildLockedError(EsmsearchError):
-    """Another build holds the root's lock file."""
 
 
 @dataclass(frozen=True)

@@ -362,9 +362,25 @@ def test_a_call_without_deadline_is_answered_through_the_batcher(gated_server, d
     assert len(counter.batches) == 1
 
 
-def test_batching_is_automatic_on_cuda_only(small_index: Path) -> None:
-    srv, _ = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))  # default: auto
+def test_batching_is_on_by_default_on_the_cpu_too(small_index: Path) -> None:
+    srv, _ = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))  # defaults
     try:
-        assert srv.batcher is srv.servicer.batcher and not srv.batcher.merges
+        assert srv.batcher is srv.servicer.batcher and srv.batcher.merges
     finally:
         srv.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "merges"),
+    [([], True), (["--batching", "on"], True), (["--batching", "auto"], True), (["--batching", "off"], False)],
+)
+def test_serve_batching_flag_reaches_the_server_config(
+    flags: list[str], merges: bool, small_index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import esmsearch.server
+    from esmsearch.cli import main
+
+    seen: list[ServerConfig] = []
+    monkeypatch.setattr(esmsearch.server, "serve", lambda config: seen.append(config) or 0)
+    assert main(["serve", str(small_index), "--port", "0", *flags]) == 0
+    assert [c.batching.enabled for c in seen] == [merges]
