@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,16 +40,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model
 
 HERE = Path(__file__).resolve().parent
 ECOLI = HERE.parent.parent / "shared" / "data" / "seqdb" / "UP000000625_83333_Ecoli_K12_2020.fasta"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> str:

@@ -47,7 +47,6 @@ import dataclasses
 import gzip
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _machine import cpu_model as cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQDB = ROOT.parent / "shared" / "data" / "seqdb"
@@ -63,17 +63,6 @@ ECOLI = SEQDB / "UP000000625_83333_Ecoli_K12_2020.fasta"
 YEAST = SEQDB / "UP000002311_559292_yeast.fasta.gz"
 THRESHOLDS = (0.01, 0.1, 1.0, 10.0)
 RANDOM_LABEL = "random model"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: str) -> str:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from _machine import cpu_model
 
 from esmsearch import vector_index as vi
 
@@ -306,17 +306,6 @@ def evaluate(index_path: Path, spec: vi.IndexSpec, queries: np.ndarray, truth: n
 
 def dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.iterdir() if p.name.startswith("index.")) / 1e6
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def label_n(n: int) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -34,24 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model as _cpu_model
+from _machine import proc_status_kib as _status_kib
 
 DIM = 320
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def _status_kib(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0])
-    return out
 
 
 def _write_version(root: Path, name: str, checkpoint: Path, n: int, seed: int, factory: str) -> str:

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model as _cpu_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seqdb"
 ECOLI = DATA / "UP000000625_83333_Ecoli_K12_2020.fasta"
@@ -78,13 +79,6 @@ class Level:
         if not self.latencies_s:
             return float("nan")
         return float(np.percentile(self.latencies_s, q) * 1e3)
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def _loadavg() -> str:

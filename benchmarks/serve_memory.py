@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model, proc_status_kib
 
 HERE = Path(__file__).resolve().parent
 ECOLI = HERE.parent.parent / "shared" / "data" / "seqdb" / "UP000000625_83333_Ecoli_K12_2020.fasta"
@@ -46,20 +46,8 @@ BENCH = Path("/tmp/esmsearch-out-of-core-bench")
 DIM = 320
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def status_mib(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[key] = int(value.split()[0]) / 1024
-    return out
+    return {key: kib / 1024 for key, kib in proc_status_kib(pid).items()}
 
 
 def make_index_dir(out: Path, faiss_file: Path, db: Path, rows: int | None, factory: str, checkpoint: Path) -> Path:
