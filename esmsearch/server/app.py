@@ -45,6 +45,7 @@ from esmsearch.server.admission import Admission
 from esmsearch.server.batcher import DynamicBatcher
 from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, ServerConfig
 from esmsearch.server.engine import SearchEngine
+from esmsearch.server.health import HealthServicer
 from esmsearch.server.metrics import ServerMetrics
 from esmsearch.server.reload import IndexReloader
 from esmsearch.server.rpc import RpcObserver
@@ -284,7 +285,7 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
             engine, batcher, limits=config.effective_limits, reloader=reloader, observer=observer
         )
         search_pb2_grpc.add_HomologSearchServicer_to_server(servicer, grpc_server)
-        health_servicer = health.HealthServicer()
+        health_servicer = HealthServicer()  # the library's, without its Watch deadlock
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
