@@ -155,7 +155,8 @@ SERVER_SCRIPT = textwrap.dedent(
     import sys
     from esmsearch.server import AdmissionConfig, BatchingConfig, ServerConfig, create_server
     cfg = BatchingConfig(enabled={enabled}, max_wait_ms={wait}, max_batch_toks={toks})
-    admission = AdmissionConfig() if {in_flight} is None else AdmissionConfig(max_queries_in_flight={in_flight})
+    in_flight = {in_flight}
+    admission = AdmissionConfig() if in_flight is None else AdmissionConfig(max_queries_in_flight=in_flight)
     srv, port = create_server(ServerConfig(index={index!r}, port=0, device={device!r}, max_workers=64,
                                            batching=cfg, admission=admission))
     print(port, flush=True)
