@@ -597,13 +597,14 @@ def markdown(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace) ->
         notes.append(f"steps (wall): {steps}")
         if row.speed_only:
             notes.insert(0, f"**{RANDOM_LABEL}**; sensitivities in brackets are meaningless")
+        search = f"{row.search_s:.1f}" if row.search_s > 0 else "-"
         lines.append(
             f"| {row.tool} | {row.model} | {row.n_queries} x {row.n_targets:,} "
             f"| {fmt_sens(s['family'], row.speed_only)} "
             f"| {fmt_sens(row.sensitivity_progres_family, row.speed_only)} "
             f"| {fmt_sens(s['superfamily'], row.speed_only)} "
             f"| {fmt_sens(s['fold'], row.speed_only)} "
-            f"| {row.search_s:.1f} | {row.wall_s:.1f} | {row.cpu_s:.1f} | {row.max_rss_mib:.0f} | {'; '.join(notes)} |"
+            f"| {search} | {row.wall_s:.1f} | {row.cpu_s:.1f} | {row.max_rss_mib:.0f} | {'; '.join(notes)} |"
         )
     if rows:
         n = rows[0].n_queries_per_level
@@ -683,7 +684,13 @@ def write_report(rows: Sequence[Row], dataset: Dataset, args: argparse.Namespace
         old = json.loads(json_path.read_text(encoding="utf-8"))
         if {k: old.get(k) for k in key} == key:
             mine = {r.tool for r in rows}
-            merged = [Row(**r) for r in old["rows"] if r["tool"] not in mine] + merged
+            kept = [Row(**r) for r in old["rows"] if r["tool"] not in mine]
+            for row in kept:
+                # Rows written before the search phase had its own field: BLASTp's search
+                # phase is its blastp step, the same value run_blast() records today.
+                if row.search_s == 0 and "blast_blastp" in row.steps:
+                    row.search_s = row.steps["blast_blastp"]["wall_s"]
+            merged = kept + merged
     order = {"MMseqs2": 0, "BLASTp": 1, "esmsearch": 2}
     merged.sort(key=lambda r: order.get(r.tool, 3))
     table = markdown(merged, dataset, args)
