@@ -116,6 +116,20 @@ def test_config_validates_itself() -> None:
             AdmissionConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_a_lone_request_does_not_wait_max_wait_ms_for_company(engine, db) -> None:  # type: ignore[no-untyped-def]
+    counter = Counter()
+    # Were the lone request held for max_wait_ms, the result would take two minutes.
+    batcher = _batcher(engine, counter, max_wait_ms=120_000.0, max_batch_toks=100_000)
+    try:
+        result = batcher.submit_search([db[0].sequence], k=2).result(timeout=30)
+        again = batcher.submit_search([db[1].sequence], k=2).result(timeout=30)
+    finally:
+        batcher.close()
+    assert result.hits[0][0].target_id == db[0].record_id
+    assert again.hits[0][0].target_id == db[1].record_id
+    assert [b[:2] for b in counter.batches] == [(1, 1), (1, 1)]
+
+
 def test_requests_queued_behind_a_forward_are_merged_into_one_batch(engine, db) -> None:  # type: ignore[no-untyped-def]
     gate, counter = Gate(engine), Counter()
     batcher = _batcher(engine, counter, max_wait_ms=0.0, max_batch_toks=100_000)

@@ -25,8 +25,9 @@ valid sequences. Should the batched forward still fail, each request of the batc
 retried alone, so only the request at fault gets the error.
 
 Requests arriving while a forward pass runs wait in the queue and form the next
-batch, so a loaded server batches even with ``max_wait_ms=0``; a lone request only
-pays the (small) ``max_wait_ms`` on top of its own forward pass.
+batch, so a loaded server batches even with ``max_wait_ms=0``. The scheduler waits
+``max_wait_ms`` for more only while other queries are admitted; a lone request (the
+only one in flight) starts its forward pass at once.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class BatchingConfig:
             and 32 clients (1.08x, 1.01x, 1.15x the requests/s of off;
             ``benchmarks/serve_load.py``, README "Performance").
         max_wait_ms: longest wait in ms for more requests after the first one of a
-            batch was taken, >= 0.
+            batch was taken, >= 0; only while other queries are admitted (a lone
+            request never waits).
         max_batch_toks: token budget of one batch (sum over its sequences of
             residues + 2), >= 1; a single request larger than this still forms a
             batch of its own. The merged sequences are packed end to end (no
@@ -378,10 +380,14 @@ class DynamicBatcher:
             carry = None
             if first is None:
                 continue
-            batch, toks = [first], first.toks
+            batch, toks, queries = [first], first.toks, len(first.sequences)
             wait_until = time.monotonic() + cfg.max_wait_ms / 1e3
             while self._merge and toks < cfg.max_batch_toks and not self._closed.is_set():
-                nxt = self._take_live(max(0.0, wait_until - time.monotonic()))
+                # Wait for more only while other queries are admitted (queued or about to
+                # be): when the batch holds every query in flight, waiting cannot fill it
+                # and would only add max_wait_ms to a lone caller's latency.
+                alone = self.admission.queries_in_flight <= queries
+                nxt = self._take_live(0.0 if alone else max(0.0, wait_until - time.monotonic()))
                 if nxt is None:
                     break
                 if toks + nxt.toks > cfg.max_batch_toks:
@@ -389,6 +395,7 @@ class DynamicBatcher:
                     break
                 batch.append(nxt)
                 toks += nxt.toks
+                queries += len(nxt.sequences)
             self._publish_load()
             self._run_batch(batch)
         if carry is not None and not carry.future.done():
