@@ -34,6 +34,9 @@ Command line::
 
     python -m esmsearch.checkpoints esm2_t6_8M_UR50D -o checkpoints/ --seed 0
     python -m esmsearch.checkpoints esm1b_t33_650M_UR50S -o checkpoints/ --seed 0
+    # a reduced ESM-2 (2 layers, dim 128) for scale rehearsals where embedding must not dominate
+    python -m esmsearch.checkpoints esm2_t6_8M_UR50D --layers 2 --embed-dim 128 --heads 8 \
+        --name esm2_t2_128d_random -o checkpoints/
 """
 
 from __future__ import annotations
@@ -186,6 +189,13 @@ def _random_model(family: str, layers: int, dim: int, heads: int, seed: int) -> 
     return model, {"args": args}
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m esmsearch.checkpoints",
@@ -195,8 +205,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("architecture", choices=sorted(ARCHITECTURES))
     parser.add_argument("-o", "--out-dir", default="checkpoints")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=_positive_int, default=None, help="override the number of layers")
+    parser.add_argument("--embed-dim", type=_positive_int, default=None, help="override the embedding dimension")
+    parser.add_argument(
+        "--heads", type=_positive_int, default=None, help="override the attention heads (must divide --embed-dim)"
+    )
+    parser.add_argument(
+        "--name", default=None, help="file stem (default: the architecture's name; ESM-2 stems start with 'esm2')"
+    )
     args = parser.parse_args(argv)
-    path = write_random_checkpoint(args.architecture, args.out_dir, seed=args.seed)
+    arch = ARCHITECTURES[args.architecture]
+    dim = args.embed_dim if args.embed_dim is not None else arch.embed_dim
+    heads = args.heads if args.heads is not None else arch.attention_heads
+    if dim % heads:
+        parser.error(f"--embed-dim {dim} is not a multiple of --heads {heads}")
+    reshaped = (args.layers, args.embed_dim, args.heads) != (None, None, None)
+    if reshaped and args.name is None:
+        parser.error("--layers/--embed-dim/--heads need --name: a reshaped model must not carry a pretrained name")
+    try:
+        path = write_random_checkpoint(
+            args.architecture,
+            args.out_dir,
+            seed=args.seed,
+            num_layers=args.layers,
+            embed_dim=args.embed_dim,
+            attention_heads=args.heads,
+            name=args.name,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     print(path)
     return 0
 

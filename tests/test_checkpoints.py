@@ -109,3 +109,32 @@ def test_unknown_architecture_and_bad_name_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must not start with 'esm2'"):
         write_random_checkpoint("esm1b_t33_650M_UR50S", tmp_path, name="esm2_like", **TINY)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_main_writes_a_reduced_architecture(tmp_path: Path) -> None:
+    # The scale rehearsal's model: a reshaped ESM-2 under its own name, loadable by fair-esm's loader.
+    rc = main(
+        ["esm2_t6_8M_UR50D", "-o", str(tmp_path), "--layers", "2", "--embed-dim", "128", "--heads", "8"]
+        + ["--name", "esm2_t2_128d_random", "--seed", "3"]
+    )
+    assert rc == 0
+    ckpt = _load(tmp_path / "esm2_t2_128d_random.pt")
+    cfg = ckpt["cfg"]["model"]
+    assert (cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads) == (2, 128, 8)
+    loaded = load_model(str(tmp_path / "esm2_t2_128d_random.pt"))
+    assert loaded.family == "esm2"
+    assert loaded.model.num_layers == 2 and loaded.model.embed_dim == 128
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--layers", "2"],  # reshaped but keeps the pretrained name
+        ["--embed-dim", "130", "--heads", "8", "--name", "esm2_x"],  # heads do not divide the dim
+        ["--layers", "0", "--name", "esm2_x"],
+        ["--layers", "2", "--name", "not_esm2"],  # fair-esm would pick the ESM-1b loader
+    ],
+)
+def test_main_rejects_bad_reshapes(tmp_path: Path, extra: list[str]) -> None:
+    assert main(["esm2_t6_8M_UR50D", "-o", str(tmp_path), *extra]) == 2
+    assert not list(tmp_path.glob("*.pt"))
