@@ -136,5 +136,7 @@ def test_main_writes_a_reduced_architecture(tmp_path: Path) -> None:
     ],
 )
 def test_main_rejects_bad_reshapes(tmp_path: Path, extra: list[str]) -> None:
-    assert main(["esm2_t6_8M_UR50D", "-o", str(tmp_path), *extra]) == 2
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error
+        main(["esm2_t6_8M_UR50D", "-o", str(tmp_path), *extra])
+    assert exc.value.code == 2
     assert not list(tmp_path.glob("*.pt"))
