@@ -101,7 +101,7 @@ class LoadedModel:
         model_name: pretrained name, hub id, or the file / directory name.
         model_source: what loads it again: pretrained name, hub id, or absolute path.
         checkpoint_sha256: sha256 of the weights file (``.pt``, ``model.safetensors``
-            or ``pytorch_model.bin``; shards: :func:`esmsearch.hf_convert.weights_sha256`).
+            or ``pytorch_model.bin``; shards: :func:`esmsearch.hf_format.weights_sha256`).
         model_source_kind: one of :data:`SOURCE_KINDS`.
         family: ``"esm2"`` or ``"esm1b"`` (:data:`esmsearch.models.FAMILIES`).
     """
@@ -152,7 +152,7 @@ def resolve_model_spec(spec: str) -> tuple[str, str]:
             Face layout given instead of its directory; a path that does not exist;
             an unknown name (the message lists the known ones and the other forms).
     """
-    from esmsearch.hf_convert import HF_CONFIG, WEIGHT_FILES
+    from esmsearch.hf_format import HF_CONFIG, WEIGHT_FILES
     from esmsearch.models import ARCHITECTURES
 
     path = Path(spec).expanduser()
@@ -190,7 +190,7 @@ def load_model(spec: str) -> LoadedModel:
 
             * a local Hugging Face directory (``config.json`` + ``model.safetensors``
               or ``pytorch_model.bin``, as ``save_pretrained`` writes them), read by
-              :func:`esmsearch.hf_convert.load_hf_directory`;
+              :func:`esmsearch.hf_format.load_hf_directory`;
             * a local fair-esm ``.pt`` checkpoint (ESM-2, or ESM-1b/ESM-1v: fairseq's
               ``args`` with arch ``roberta_large``); its ``<stem>-contact-regression.pt``
               may lie beside it (optional: pooling does not use the contact head);
@@ -198,7 +198,7 @@ def load_model(spec: str) -> LoadedModel:
               ``esm1b_t33_650M_UR50S``, ``esm1v_t33_650M_UR90S_1..5``), downloaded by
               fair-esm into torch's hub cache on first use;
             * a Hugging Face Hub id (``facebook/esm2_t33_650M_UR50D``), fetched with
-              huggingface_hub into its cache on first use (:func:`esmsearch.hf_convert.fetch_hf_hub`).
+              huggingface_hub into its cache on first use (:func:`esmsearch.hf_format.fetch_hf_hub`).
 
     Returns:
         The model in eval mode on the CPU, its alphabet, name, source, weights sha256,
@@ -213,7 +213,7 @@ def load_model(spec: str) -> LoadedModel:
     if kind == "hf-directory":
         return _load_hf(Path(location), kind, name=Path(location).name, source=location)
     if kind == "hf-hub":
-        from esmsearch.hf_convert import fetch_hf_hub
+        from esmsearch.hf_format import fetch_hf_hub
 
         return _load_hf(fetch_hf_hub(location), kind, name=location, source=location)
     if kind == "fair-esm-checkpoint":
@@ -222,7 +222,7 @@ def load_model(spec: str) -> LoadedModel:
 
 
 def _load_hf(directory: Path, kind: str, *, name: str, source: str) -> LoadedModel:
-    from esmsearch.hf_convert import load_hf_directory
+    from esmsearch.hf_format import load_hf_directory
 
     hf = load_hf_directory(directory)
     return LoadedModel(hf.model, hf.alphabet, name, source, hf.weights_sha256, kind, hf.config.family)

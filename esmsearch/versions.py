@@ -72,10 +72,14 @@ class VerifyReport:
     self_hits_at_rank1: int
 
 
-def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 0) -> VerifyReport:
+def verify_index(
+    path: str | os.PathLike[str], *, sample: int = 64, seed: int = 0, checksums: bool = True
+) -> VerifyReport:
     """Check an index version before it is published.
 
-    Checks: manifest readable; every file's sha256 equals the manifest's; row
+    Checks: manifest readable; every file's sha256 equals the manifest's (with
+    ``checksums``; a build that has just computed them, :meth:`IndexWriter.finish`,
+    passes False so that no file is hashed twice); row
     counts of FAISS, metadata and embeddings equal the manifest count; decoys (if
     any) are finite unit vectors of the index's dimension; and a self-search:
     ``sample`` stored vectors (seeded choice) are searched and each must come
@@ -84,10 +88,13 @@ def verify_index(path: str | os.PathLike[str], *, sample: int = 64, seed: int = 
     must pass for every sampled row; approximate ones (IVF, HNSW, PQ) for at least
     90% of them, since compression can legitimately reorder near-ties.
 
+    The index is opened memory-mapped (``Index.open(mmap=True)``): the FAISS index
+    and the decoys are searched and read from the page cache, not copied to the heap.
+
     Raises:
         IndexNotFoundError, IndexFormatError: with the reason.
     """
-    with Index.open(path, verify=True) as index:
+    with Index.open(path, verify=checksums, mmap=True) as index:
         n = index.count
         if n == 0:
             raise IndexFormatError(f"index {path} has no sequences")

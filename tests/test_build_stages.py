@@ -3,6 +3,7 @@ validate, plan reuse, embed chunks, assemble, build FAISS, count changes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from esmsearch.indexer.build import (
     EmbedOutcome,
     Prepared,
     PreviousVectors,
+    Stage,
     assemble,
     build_faiss,
     count_changes,
@@ -26,6 +28,7 @@ from esmsearch.indexer.build import (
     plan_reuse,
     validate,
 )
+from esmsearch.indexer.journal import FileDigest
 from esmsearch.sequences import read_fasta, sequence_sha256
 from esmsearch.store import MANIFEST, Index, IndexWriter
 
@@ -103,12 +106,13 @@ def test_embed_chunks_writes_one_shard_per_chunk_and_journals_it(
     prep = validate(ecoli_fasta, cfg, tiny_embedder)
     work = tmp_path / "work"
     journal = open_work(work, prep, cfg, None)
-    assert journal.data == {}
-    with IndexWriter(work) as writer:  # unfinished: removed on exit, so inspect inside
+    assert not journal.resumed and journal.done(Stage.VALIDATE) and not journal.done(Stage.EMBED)
+    with IndexWriter(work, resume=True) as writer:  # unfinished: removed on exit, so inspect inside
         outcome = embed_chunks(writer, journal, prep, cfg, None)
         rows = list(writer.iter_metadata())
         vectors = np.concatenate([np.load(s) for s in outcome.shards])
         state = json.loads(journal.path.read_text())
+        digest = FileDigest.of_files(outcome.shards)
     assert isinstance(outcome, EmbedOutcome)
     records = list(read_fasta(ecoli_fasta))
     assert (outcome.rows, outcome.embedded, outcome.reused) == (40, 40, 0)
@@ -116,7 +120,10 @@ def test_embed_chunks_writes_one_shard_per_chunk_and_journals_it(
     assert [s.name for s in outcome.shards] == [f"shard-{i:06d}.npy" for i in range(len(outcome.shards))]
     np.testing.assert_allclose(vectors, tiny_embedder.embed([r.sequence for r in records]), atol=1e-6)
     assert [(r[1], r[4]) for r in rows] == [(r.record_id, sequence_sha256(r.sequence)) for r in records]
-    assert (state["shards"], state["rows"], state["precision"]) == (len(outcome.shards), 40, "fp32")
+    assert (state["shards"], state["rows"], state["settings"]["precision"]) == (len(outcome.shards), 40, "fp32")
+    # the stage is journaled with the chained sha256 of its shards
+    assert journal.done(Stage.EMBED)
+    assert state["stages"]["embed"]["outputs"]["shards"] == dataclasses.asdict(digest)
 
 
 def test_embed_chunks_copies_reused_vectors_instead_of_embedding(
@@ -134,7 +141,7 @@ def test_embed_chunks_copies_reused_vectors_instead_of_embedding(
     monkeypatch.setattr(tiny_embedder, "embed", no_model)
     work = tmp_path / "work"
     journal = open_work(work, prep, cfg, previous)
-    with IndexWriter(work) as writer:
+    with IndexWriter(work, resume=True) as writer:
         outcome = embed_chunks(writer, journal, prep, cfg, previous)
         vectors = np.concatenate([np.load(s) for s in outcome.shards])
     assert (outcome.reused, outcome.embedded, outcome.embed_seconds) == (40, 0, 0.0)
@@ -194,6 +201,35 @@ def test_build_faiss_indexes_stored_vectors(tmp_path: Path, factory: str) -> Non
         np.testing.assert_allclose(scores[:, 1], expected_second, atol=1e-5)
 
 
+@pytest.mark.parametrize(("factory", "ondisk"), [("IVF8,Flat", False), ("IVF8,PQ4x4", False), ("IVF8,Flat", True)])
+def test_train_then_add_equals_the_one_pass_out_of_core_build(tmp_path: Path, factory: str, ondisk: bool) -> None:
+    """The journaled train and add stages build the index build_out_of_core builds."""
+    from esmsearch.indexer.faiss_stage import TRAINED_FILE, add_faiss, train_faiss
+
+    vectors = _unit_vectors(600, seed=4)
+    embeddings = tmp_path / "embeddings.npy"
+    np.save(embeddings, vectors)
+    spec = vector_index.validate_factory(factory, DIM)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    trained = train_faiss(embeddings, spec, tmp_path / "a" / TRAINED_FILE, block_rows=128)
+    assert trained.path is not None and trained.train_rows == 600
+    assert vector_index.read(trained.path).ntotal == 0  # written empty, before any vector is added
+    staged = add_faiss(embeddings, spec, trained, tmp_path / "a" / "index.faiss", block_rows=128, ondisk=ondisk)
+    whole = vector_index.build_out_of_core(
+        lambda: [vectors[i : i + 128] for i in range(0, 600, 128)], 600, DIM, spec, tmp_path / "b" / "index.faiss",
+        ondisk=ondisk,
+    )  # fmt: skip
+    assert (staged.ntotal, staged.train_rows, staged.ondisk) == (whole.ntotal, whole.train_rows, whole.ondisk)
+    a, b = vector_index.read(staged.path), vector_index.read(whole.path)
+    for index in (a, b):
+        vector_index.apply_search_params(index, spec)
+    scores_a, rows_a = vector_index.search(a, vectors[:50], 5)
+    scores_b, rows_b = vector_index.search(b, vectors[:50], 5)
+    np.testing.assert_array_equal(rows_a, rows_b)
+    np.testing.assert_array_equal(scores_a, scores_b)
+
+
 # -- count changes --------------------------------------------------------------------------
 
 
@@ -211,3 +247,65 @@ def test_count_changes_against_the_previous_version(small_index: Path, tiny_embe
     assert (counts.reused, counts.embedded, counts.reused_residues) == (37, 2, 100)
     first_build = count_changes(outcome, new, None)
     assert (first_build.added, first_build.changed, first_build.removed, first_build.reused) == (0, 0, 0, 37)
+
+
+# -- module structure -----------------------------------------------------------------------
+
+
+def _esmsearch_imports(module: str) -> set[str]:
+    """Every ``esmsearch`` module ``module`` imports, at top level or inside functions."""
+    import ast
+
+    import esmsearch
+
+    path = Path(esmsearch.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("esmsearch"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("esmsearch"))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [("esmsearch.indexer.build", "esmsearch.indexer.distributed"), ("esmsearch.embedding", "esmsearch.hf_convert")],
+)
+def test_no_import_cycle(a: str, b: str) -> None:
+    assert not (b in _esmsearch_imports(a) and a in _esmsearch_imports(b))
+
+
+# -- verification cost ----------------------------------------------------------------------
+
+
+def test_a_build_hashes_each_index_file_once_and_never_reads_faiss_into_the_heap(
+    tmp_path: Path, ecoli_fasta: Path, tiny_embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import Counter
+
+    from esmsearch import fsutil
+    from esmsearch.indexer import build_index
+
+    hashed: Counter[str] = Counter()
+    real_sha = fsutil.file_sha256
+    reads: list[bool] = []
+    real_read = vector_index.read
+
+    def sha(path: Path) -> str:
+        hashed[Path(path).name] += 1
+        return real_sha(path)
+
+    def read(path: Path, *, mmap: bool = False) -> object:
+        reads.append(mmap)
+        return real_read(path, mmap=mmap)
+
+    monkeypatch.setattr(fsutil, "file_sha256", sha)
+    monkeypatch.setattr(vector_index, "read", read)
+    out = tmp_path / "idx"
+    build_index(ecoli_fasta, out, model="unused", embedder=tiny_embedder, index_factory="IVF4,Flat")
+    for name in ("embeddings.npy", "index.faiss", "decoys.npy", "metadata.sqlite"):
+        assert hashed[name] == 1, (name, hashed)
+    assert reads and all(reads)  # every open of index.faiss was memory-mapped
+    with Index.open(out, verify=True) as index:  # and the recorded checksums are right
+        assert index.count == 40

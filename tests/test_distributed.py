@@ -195,7 +195,7 @@ _KILLED_DRIVER = textwrap.dedent(
     real_save = build.BuildJournal.save
     def save(self):
         real_save(self)
-        if self.data.get("shards", 0) >= 1:
+        if self.state is not None and self.state.shards >= 1:
             print("JOURNALED", flush=True)
             threading.Event().wait()  # until SIGKILL
     build.BuildJournal.save = save
@@ -296,3 +296,26 @@ def test_cli_distributed_build(
     with Index.open(out) as index:
         assert index.manifest.build["distributed"]["workers"] == 2
     assert_same_index(out, single_process)  # one 200,000-residue block here, five there: same vectors
+
+
+def test_waves_are_bounded_in_sequences_when_nothing_needs_embedding(tiny_embedder: Embedder) -> None:
+    """A rebuild reusing every vector sends empty blocks: a wave must still end every
+    ``wave_sequences`` database rows, or the driver holds the whole FASTA's records."""
+    from esmsearch.indexer.blocks import EmbedBlock
+    from esmsearch.indexer.distributed import RayBlockEmbedder
+
+    embedder = RayBlockEmbedder(DistributedConfig(wave_sequences=5), tiny_embedder)
+    embedder.workers = 1  # as if entered; no wave needs the cluster
+    waves: list[list[int]] = []
+
+    def run_wave(wave: list[EmbedBlock], on_residues: object) -> Iterator[tuple[EmbedBlock, np.ndarray]]:
+        waves.append([b.number for b in wave])
+        for block in wave:
+            yield block, np.empty((0, tiny_embedder.dim), dtype=np.float32)
+
+    embedder._run_wave = run_wave  # type: ignore[method-assign]
+    blocks = [EmbedBlock(n, (), rows=2) for n in range(7)]
+    assert [b.number for b, _ in embedder.embed_blocks(blocks, None)] == list(range(7))
+    assert waves == [[0, 1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ConfigError, match="wave_sequences"):
+        DistributedConfig(wave_sequences=0)

@@ -273,13 +273,20 @@ def _index_of(trace: list[tuple[str, tuple[str, ...]]], pred: Callable[[str, tup
     return [i for i, (name, args) in enumerate(trace) if pred(name, args)]
 
 
+def manifest_in_at(trace: list[tuple[str, tuple[str, ...]]]) -> int:
+    """Trace position of the manifest's rename into place."""
+    [pos] = _index_of(trace, lambda n, a: n == "replace" and Path(a[1]).name == "manifest.json")
+    return pos
+
+
 def test_shards_are_fsynced_before_they_are_journaled_and_publishes_fsync_their_directory(
     tmp_path: Path, two_databases: tuple[Path, Path], embedder: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, new_fasta = two_databases
     root = tmp_path / "root"
     # (trace position, chunks the journal names) each time the database / decoy count changes
-    journaled_at: dict[str, list[tuple[int, int]]] = {"shards": [], "decoy_shards": [], "decoys_done": []}
+    journaled_at: dict[str, list[tuple[int, int]]] = {"shards": [], "decoy_shards": []}
+    stage_at: dict[str, int] = {}  # stage -> trace position when the journal first names it
     steps = Steps()
     real_replace = os.replace
 
@@ -292,6 +299,8 @@ def test_shards_are_fsynced_before_they_are_journaled_and_publishes_fsync_their_
                 value = data.get(key)
                 if value is not None and (not seen or seen[-1][1] != value):
                     seen.append((len(steps.trace), value))
+            for stage in data["stages"]:
+                stage_at.setdefault(stage, len(steps.trace))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
@@ -313,9 +322,23 @@ def test_shards_are_fsynced_before_they_are_journaled_and_publishes_fsync_their_
             assert any(renamed[0] < d < journaled[0] for d in dir_synced), shard
     # decoys.npy is written after the last decoy shard and fsynced before the journal says so
     decoys_synced = _index_of(trace, lambda n, a: n == "fsync_file" and Path(a[0]).name == "decoys.npy")
-    [(done_at, done)] = journaled_at["decoys_done"]
-    assert done is True
-    assert journaled_at["decoy_shards"][-1][0] < decoys_synced[0] < done_at
+    assert journaled_at["decoy_shards"][-1][0] < decoys_synced[0] < stage_at["decoys"]
+    # every stage is journaled in order, after its outputs are fsynced
+    assert sorted(stage_at, key=stage_at.__getitem__) == [
+        "validate",
+        "embed",
+        "decoys",
+        "assemble",
+        "train",
+        "add",
+        "verify",
+    ]
+    synced = _index_of(trace, lambda n, a: n == "fsync_file" and Path(a[0]).name == "embeddings.npy")
+    assert synced[0] < stage_at["assemble"]
+    # vector_index.write: temporary file fsynced, then renamed onto index.faiss
+    placed = _index_of(trace, lambda n, a: n == "replace" and Path(a[1]).name == "index.faiss")
+    assert len(placed) == 1 and stage_at["train"] < placed[0] < stage_at["add"]
+    assert stage_at["add"] < manifest_in_at(trace) < stage_at["verify"]
     versions_dir = root / "versions"
     added = _index_of(trace, lambda n, a: n == "rename" and Path(a[1]).parent == versions_dir)
     swapped = _index_of(trace, lambda n, a: n == "replace" and Path(a[1]) == root / "current")

@@ -142,26 +142,37 @@ def test_failed_verification_leaves_current_untouched_and_no_new_version(
     monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
     from esmsearch import vector_index
+    from esmsearch.indexer import build as build_module
 
     root, records, v1 = root_v1
+    real_add = build_module.add_faiss
 
-    def build_over_shuffled_rows(chunks, n_total, dim, spec, path, **kwargs):  # type: ignore[no-untyped-def]
-        vectors = np.concatenate(list(chunks()))
+    def add_over_shuffled_rows(embeddings, spec, trained, out, **kwargs):  # type: ignore[no-untyped-def]
+        built = real_add(embeddings, spec, trained, out, **kwargs)
+        vectors = np.load(embeddings)
         perm = np.random.default_rng(0).permutation(len(vectors))
-        vector_index.write(vector_index.build(np.ascontiguousarray(vectors[perm]), spec), path)
-        return vector_index.OutOfCoreBuild(Path(path), None, n_total, 0, 0)
+        vector_index.write(vector_index.build(np.ascontiguousarray(vectors[perm]), spec), out)
+        return built
 
-    monkeypatch.setattr(vector_index, "build_out_of_core", build_over_shuffled_rows)
+    monkeypatch.setattr(build_module, "add_faiss", add_over_shuffled_rows)
     fasta2 = write_fasta(tmp_path / "db_v2.fasta", mutate(records, changed=2, removed=1, added=1, seed=5))
     index_root = IndexRoot(root)
     versions_before = sorted(p.name for p in index_root.versions_dir.iterdir())
-    with pytest.raises(IndexFormatError, match="self-search check"):
+    with pytest.raises(IndexFormatError, match="self-search check") as failure:
         build_version(fasta2, root, model=str(tiny_checkpoint), embedder=tiny_embedder)
+    assert any("--resume" in note for note in failure.value.__notes__)
     assert index_root.current_version() == v1
     assert sorted(p.name for p in index_root.versions_dir.iterdir()) == versions_before == [v1]
-    assert not index_root.partial_dir.exists()
+    # the vectors are kept; the FAISS stages built from them are to be redone
+    state = json.loads((index_root.partial_dir / "build-state.json").read_text())
+    assert {"embed", "decoys", "assemble"} <= set(state["stages"]) and "train" not in state["stages"]
     with Index.open(index_root.current_path(), verify=True) as live:
         assert live.version == v1 and live.count == 100
+    monkeypatch.undo()
+    resumed = build_version(fasta2, root, model=str(tiny_checkpoint), embedder=tiny_embedder, resume=True)
+    assert resumed.embedded_residues == 0 and resumed.manifest.build["decoy_embedded_residues"] == 0
+    assert index_root.current_version() == resumed.manifest.version != v1
+    assert not index_root.partial_dir.exists()
 
 
 def test_crash_while_embedding_keeps_current_and_resume_completes(

@@ -8,6 +8,7 @@ from esmsearch.indexer.build import (
     ReuseCounts,
     build_index,
     build_version,
+    discard_partial,
     partial_build_dir,
     scan_fasta,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ReuseCounts",
     "build_index",
     "build_version",
+    "discard_partial",
     "partial_build_dir",
     "scan_fasta",
 ]

@@ -3,7 +3,7 @@
 ``esmsearch index build DB.fasta (-o DIR | --root ROOT) --distributed ray
 [--ray-address ADDR] [--workers N] [--cpus-per-worker C] [--gpus-per-worker G]``
 runs the same build pipeline as a single-process build
-(:mod:`esmsearch.indexer.build`) with one stage swapped: stage 3's model is a
+(:mod:`esmsearch.indexer.build`) with one stage swapped: the embed stage's model is a
 :class:`RayBlockEmbedder` instead of an :class:`~esmsearch.embedding.Embedder` in
 the driver process.
 
@@ -31,7 +31,8 @@ What runs where:
   the journaled chunks kept for ``--resume``.
 
 Blocks are sent in *waves* of at most :attr:`DistributedConfig.wave_residues`
-residues (one Ray dataset each), which bounds what the driver and the object store
+embedded residues or :attr:`DistributedConfig.wave_sequences` database sequences
+(reused ones included), whichever comes first (one Ray dataset each), which bounds what the driver and the object store
 hold at once; each wave starts its actor pool anew (one model load per worker per
 wave).
 
@@ -65,7 +66,7 @@ from esmsearch.errors import ConfigError, DistributedError, IndexMismatchError
 
 if TYPE_CHECKING:
     from esmsearch.embedding import Embedder
-    from esmsearch.indexer.build import EmbedBlock
+    from esmsearch.indexer.blocks import EmbedBlock
 
 __all__ = [
     "DEFAULT_WAVE_RESIDUES",
@@ -82,6 +83,12 @@ log = logging.getLogger(__name__)
 #: estimate for esm2_t33_650M, docs/scaling.md) 8 GPUs take ~10 minutes over them,
 #: against ~10-30 s for each worker to load the model again at the next wave.
 DEFAULT_WAVE_RESIDUES = 100_000_000
+#: Database sequences per wave, reused ones included: the driver holds every record of
+#: a wave's chunks (id, description, sequence, sha256: ~0.5 kB each at UniRef50's
+#: mean length) until their shards are written, so a rebuild that reuses almost
+#: everything (chunks with nothing to embed count no residues) must still send a
+#: wave every 250,000 sequences (~125 MB of records), not hold the whole FASTA.
+DEFAULT_WAVE_SEQUENCES = 250_000
 
 #: Precisions a distributed build accepts: resolved, never ``auto`` (the driver's
 #: device is not the workers').
@@ -106,6 +113,9 @@ class DistributedConfig:
             (CUDA only) or ``int8`` (CPU); recorded in the manifest. ``auto`` is not
             accepted: the driver cannot resolve it for the workers' devices.
         wave_residues: most residues sent in one wave (see the module docstring).
+        wave_sequences: most database sequences (reused ones included,
+            :attr:`EmbedBlock.rows`) in one wave: bounds the driver's memory when
+            most vectors are reused.
         max_retries: restarts of a dead actor and retries of its block before the
             build fails (Ray's ``max_restarts`` / ``max_task_retries``).
         actor_cls: the actor class (:class:`EmbedActor` or a subclass; tests swap it).
@@ -120,6 +130,7 @@ class DistributedConfig:
     gpus_per_worker: float = 0.0
     precision: str = "fp32"
     wave_residues: int = DEFAULT_WAVE_RESIDUES
+    wave_sequences: int = DEFAULT_WAVE_SEQUENCES
     max_retries: int = 3
     actor_cls: type[EmbedActor] | None = None
 
@@ -139,6 +150,8 @@ class DistributedConfig:
             raise ConfigError("precision 'fp16' runs on CUDA only: give --gpus-per-worker")
         if self.wave_residues < 1:
             raise ConfigError(f"wave_residues must be >= 1, got {self.wave_residues}")
+        if self.wave_sequences < 1:
+            raise ConfigError(f"wave_sequences must be >= 1, got {self.wave_sequences}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
 
@@ -241,7 +254,7 @@ class EmbedActor:
 
 
 class RayBlockEmbedder:
-    """:class:`esmsearch.indexer.build.BlockEmbedder` on a Ray Data actor pool.
+    """:class:`esmsearch.indexer.blocks.BlockEmbedder` on a Ray Data actor pool.
 
     Use as a context manager: entering connects to (or starts) Ray, leaving shuts
     down a Ray instance this object started (one it joined is left running).
@@ -371,13 +384,14 @@ class RayBlockEmbedder:
         if not self.workers:
             raise DistributedError("RayBlockEmbedder is not entered (use it as a context manager)")
         wave: list[EmbedBlock] = []
-        residues = 0
+        residues = rows = 0
         for block in blocks:
             wave.append(block)
             residues += block.residues
-            if residues >= self.config.wave_residues:
+            rows += max(block.rows, len(block.sequences))
+            if residues >= self.config.wave_residues or rows >= self.config.wave_sequences:
                 yield from self._run_wave(wave, on_residues)
-                wave, residues = [], 0
+                wave, residues, rows = [], 0, 0
         if wave:
             yield from self._run_wave(wave, on_residues)
 
