@@ -11,19 +11,38 @@ serialised size, query time per query (batched: all queries in one call; single:
 one call per query), recall@k against exact Flat search, and the speed-up over
 Flat in both modes.
 
+Indexes with lossy codes (PQ, SQ; :func:`esmsearch.vector_index.has_lossy_codes`)
+are also searched as :class:`esmsearch.store.Index` searches them: ``k_factor x k``
+candidates re-ranked exactly against the stored vectors, read from a memory-mapped
+``.npy`` file (:func:`esmsearch.vector_index.search_reranked`). The table shows
+recall@k and the median (p50) single-query latency with re-ranking off and on, side
+by side, and their ratio; a second table sweeps ``k_factor`` (``--k-factors``) at the
+stored search parameters, which is how ``DEFAULT_K_FACTOR`` was chosen.
+
 Usage::
 
     python benchmarks/index_recall.py                    # 100,000 x 320, 1,000 queries
     python benchmarks/index_recall.py --n 20000 --queries 200 --threads 1
+    # the re-ranking figures behind vector_index.DEFAULT_K_FACTOR
+    # (benchmarks/results/index_recall_rerank_100k.txt):
+    python benchmarks/index_recall.py --n 100000 --single-queries 100 --threads 2 \\
+        --skip 'IVF1024,Flat;HNSW32;IVF4096,PQ32'
+
+That last run took 2 minutes of CPU and 6 minutes of wall time on the shared
+2-core machine (load average 7, under which PQ training took 2 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -42,6 +61,22 @@ class Row:
     batched_ms: float
     single_ms: float
     recall: float
+    p50_ms: float  # median single-query latency, re-ranking off
+    score_error: float  # max |FAISS score - exact cosine of the returned row|
+    rerank: Rerank | None  # None: exact codes, nothing to re-rank
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """Re-ranked search of a lossy index at one ``k_factor``."""
+
+    k_factor: int
+    recall: float
+    p50_ms: float  # median single-query latency
+    max_score_error: float  # max |returned score - exact cosine of the returned row|
+
+
+Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def mixture(n: int, dim: int, n_families: int, n_subfamilies: int, seed: int, latent_dim: int = 32) -> np.ndarray:
@@ -76,30 +111,65 @@ def mixture(n: int, dim: int, n_families: int, n_subfamilies: int, seed: int, la
 
 def time_search(
     index: faiss.Index, queries: np.ndarray, k: int, n_single: int, repeats: int
-) -> tuple[np.ndarray, float, float]:
-    """Returns (rows [q, k], batched ms/query, single ms/query), best of ``repeats``.
+) -> tuple[np.ndarray, float, float, float]:
+    """Returns (rows [q, k], batched ms/query, single ms/query, p50 single ms), best of ``repeats``.
 
-    The minimum over repeats is reported because the machine is shared: other
-    processes only ever add time.
+    The minimum over repeats is reported (for single calls: per query) because the
+    machine is shared: other processes only ever add time.
     """
-    batched_ms = single_ms = float("inf")
+    batched_ms = float("inf")
     rows = np.empty((0, k), np.int64)
     for _ in range(repeats):
         t0 = time.perf_counter()
         _, rows = vi.search(index, queries, k)
         batched_ms = min(batched_ms, (time.perf_counter() - t0) * 1e3 / len(queries))
-        t0 = time.perf_counter()
+    single = single_call_ms(lambda q, kk: vi.search(index, q, kk), queries, k, n_single, repeats)
+    return rows, batched_ms, float(np.mean(single)), float(np.median(single))
+
+
+def single_call_ms(search: Searcher, queries: np.ndarray, k: int, n_single: int, repeats: int) -> np.ndarray:
+    """Latency (ms) of one call per query for the first ``n_single`` queries, each its best of ``repeats``."""
+    best = np.full(n_single, np.inf)
+    for _ in range(repeats):
         for i in range(n_single):
-            vi.search(index, queries[i : i + 1], k)
-        single_ms = min(single_ms, (time.perf_counter() - t0) * 1e3 / n_single)
-    return rows, batched_ms, single_ms
+            t0 = time.perf_counter()
+            search(queries[i : i + 1], k)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best * 1e3
+
+
+def measure_rerank(
+    index: faiss.Index,
+    stored: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    k_factor: int,
+    n_single: int,
+    repeats: int,
+) -> Rerank:
+    """Recall, p50 latency and score error of ``search_reranked`` at ``k_factor``."""
+    k = truth.shape[1]
+
+    def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        return vi.search_reranked(index, q, kk, stored, k_factor)
+
+    scores, rows = search(queries, k)
+    err = max_score_error(queries, scores, rows, stored)
+    p50 = float(np.median(single_call_ms(search, queries, k, n_single, repeats)))
+    return Rerank(k_factor, recall_at_k(rows, truth), p50, err)
 
 
 def recall_at_k(rows: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of the exact top-k rows found in the approximate top-k."""
     k = truth.shape[1]
     hits = sum(len(np.intersect1d(a, b)) for a, b in zip(rows, truth, strict=True))
-    return hits / (k * len(truth))
+    return float(hits / (k * len(truth)))
+
+
+def max_score_error(queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, stored: np.ndarray) -> float:
+    """Largest |returned score - exact cosine of the query and the returned stored row|."""
+    exact = np.einsum("qd,qkd->qk", queries, np.asarray(stored[np.maximum(rows, 0)], dtype=np.float32))
+    return float(np.max(np.abs(np.where(rows >= 0, scores - exact, 0.0))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train on at most this many database vectors (default: all)",
     )
+    parser.add_argument(
+        "--k-factor",
+        type=int,
+        default=vi.DEFAULT_K_FACTOR,
+        help="candidates per hit re-ranked in the main table (default: DEFAULT_K_FACTOR)",
+    )
+    parser.add_argument(
+        "--k-factors",
+        default="1,2,5,10,20",
+        help="comma-separated k_factor values swept for lossy indexes at their stored parameters ('' = none)",
+    )
     args = parser.parse_args(argv)
+    sweep = [int(f) for f in args.k_factors.split(",") if f.strip()]
     if args.threads is not None:
         faiss.omp_set_num_threads(args.threads)
     n_single = min(args.single_queries, args.queries)
@@ -147,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     db = mixture(args.n, args.dim, args.families, args.subfamilies, seed=args.seed)
     queries = mixture(args.queries, args.dim, args.families, args.subfamilies, seed=args.seed + 1)
+    # Re-ranking reads the stored vectors as the server does: a memory-mapped .npy
+    # (in the page cache after the first pass, as on a warm server).
+    tmp = tempfile.TemporaryDirectory(prefix="index-recall-")
+    np.save(Path(tmp.name) / "embeddings.npy", db)
+    stored = np.load(Path(tmp.name) / "embeddings.npy", mmap_mode="r")
     print(f"data: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     budget = int(args.budget_mb * 1e6)
@@ -180,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     rows: list[Row] = []
+    sweeps: list[tuple[str, str, list[Rerank]]] = []
+    done: dict[tuple[str, str], Row] = {}
     truth: np.ndarray | None = None
     flat_batched = flat_single = float("nan")
     built: dict[str, tuple[faiss.Index, float, float]] = {}
@@ -195,14 +284,30 @@ def main(argv: list[str] | None = None) -> int:
             size_mb = faiss.serialize_index(index).nbytes / 1e6
             built[factory] = (index, build_s, size_mb)
         for spec in specs:
-            vi.apply_search_params(index, spec)
-            found, batched_ms, single_ms = time_search(index, queries, args.k, n_single, args.repeats)
-            if truth is None:  # the first plan entry is exact Flat
-                truth, flat_batched, flat_single = found, batched_ms, single_ms
             params = ", ".join(
                 f"{k}={v}" for k, v in (("nprobe", spec.nprobe), ("efSearch", spec.ef_search)) if v is not None
             )
             shown = label if factory == label or "(" not in label else f"{label}: {factory}"
+            if (factory, params) in done:  # an auto_spec row that repeats an earlier one
+                rows.append(dataclasses.replace(done[(factory, params)], label=shown))
+                continue
+            vi.apply_search_params(index, spec)
+            found, batched_ms, single_ms, p50_off = time_search(index, queries, args.k, n_single, args.repeats)
+            if truth is None:  # the first plan entry is exact Flat
+                truth, flat_batched, flat_single = found, batched_ms, single_ms
+            score_error = max_score_error(queries, *vi.search(index, queries, args.k), stored)
+            rerank = None
+            if vi.has_lossy_codes(index):
+                rerank = measure_rerank(index, stored, queries, truth, args.k_factor, n_single, args.repeats)
+                stored_params = spec == specs[-1]  # the last spec of a plan entry is the default/stored one
+                if stored_params and sweep:
+                    sweeps.append(
+                        (
+                            shown,
+                            params,
+                            [measure_rerank(index, stored, queries, truth, f, n_single, args.repeats) for f in sweep],
+                        )
+                    )
             rows.append(
                 Row(
                     shown,
@@ -212,10 +317,16 @@ def main(argv: list[str] | None = None) -> int:
                     batched_ms,
                     single_ms,
                     recall_at_k(found, truth),
+                    p50_off,
+                    score_error,
+                    rerank,
                 )
             )
+            done[(factory, params)] = rows[-1]
             print(
-                f"done {shown} {params}: recall={rows[-1].recall:.3f} build={build_s:.1f}s",
+                f"done {shown} {params}: recall={rows[-1].recall:.3f}"
+                + (f" re-ranked={rerank.recall:.3f}" if rerank else "")
+                + f" build={build_s:.1f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -228,15 +339,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| index | search params | build s | size MB | batched ms/query | single ms/query "
-        f"| recall@{args.k} | speed-up vs Flat (batched / single) |"
+        f"| recall@{args.k} | speed-up vs Flat (batched / single) "
+        f"| recall@{args.k} re-ranked (k_factor {args.k_factor}) | p50 ms off / on (ratio) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        rr = r.rerank
         print(
             f"| {r.label} | {r.params} | {r.build_s:.1f} | {r.size_mb:.1f} | "
             f"{r.batched_ms:.3f} | {r.single_ms:.3f} | {r.recall:.3f} | "
-            f"{flat_batched / r.batched_ms:.1f}x / {flat_single / r.single_ms:.1f}x |"
+            f"{flat_batched / r.batched_ms:.1f}x / {flat_single / r.single_ms:.1f}x | "
+            + (
+                f"{rr.recall:.3f} | {r.p50_ms:.3f} / {rr.p50_ms:.3f} ({rr.p50_ms / r.p50_ms:.2f}x) |"
+                if rr
+                else f"exact codes: not re-ranked | {r.p50_ms:.3f} |"
+            )
         )
+    for label, params, results in sweeps:
+        print(f"\nk_factor sweep, {label} at its stored parameters ({params}); stored vectors memory-mapped\n")
+        off = next(r for r in rows if r.label == label and r.params == params)
+        print(f"| k_factor | candidates | recall@{args.k} | p50 ms | p50 vs no re-rank | max score error |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        print(f"| off | {args.k} | {off.recall:.3f} | {off.p50_ms:.3f} | 1.00x | {off.score_error:.1e} |")
+        for x in results:
+            print(
+                f"| {x.k_factor} | {x.k_factor * args.k} | {x.recall:.3f} | {x.p50_ms:.3f} | "
+                f"{x.p50_ms / off.p50_ms:.2f}x | {x.max_score_error:.1e} |"
+            )
+    tmp.cleanup()
     return 0
 
 

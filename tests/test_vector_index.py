@@ -281,6 +281,77 @@ def test_rerank_restores_exact_order_from_pq_candidates(db: np.ndarray, held_out
     assert np.mean(rows[complete] == truth[complete]) > 0.995
 
 
+def test_rerank_renormalises_float16_rows(db: np.ndarray, held_out: np.ndarray, built: dict[str, faiss.Index]) -> None:
+    half = db.astype(np.float16)
+    _, candidates = vi.search(built["IVF64,PQ8"], held_out, 50)
+    scores, rows = vi.rerank(held_out, candidates, half, 10)
+    unit = half.astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", held_out, unit[rows]), atol=1e-6, rtol=0)
+
+
+def test_search_reranked_scores_k_factor_times_k_candidates(
+    db: np.ndarray, held_out: np.ndarray, built: dict[str, faiss.Index]
+) -> None:
+    index = built["IVF64,PQ8"]
+    _, truth = _exact_top_k(db, held_out, 10)
+    scores, rows = vi.search_reranked(index, held_out, 10, db, 10)
+    _, candidates = vi.search(index, held_out, 100)
+    np.testing.assert_array_equal((scores, rows), vi.rerank(held_out, candidates, db, 10))
+    assert _recall_at_k(rows, truth) > 0.97
+    # k_factor 1: FAISS's own top k, re-scored exactly and re-ordered.
+    _, own = vi.search(index, held_out, 10)
+    _, one = vi.search_reranked(index, held_out, 10, db, 1)
+    assert [set(r) for r in one] == [set(r) for r in own]
+    s1, r1 = vi.search_reranked(index, held_out[0], 3, db, 10)  # one 1-D query
+    assert s1.shape == r1.shape == (1, 3)
+    with pytest.raises(ConfigError, match="k_factor"):
+        vi.search_reranked(index, held_out, 10, db, 0)
+    with pytest.raises(ConfigError, match="stored vectors"):
+        vi.search_reranked(index, held_out, 10, db[:100], 10)
+
+
+@pytest.mark.parametrize(
+    ("factory", "lossy"),
+    [
+        ("Flat", False),
+        ("IVF64,Flat", False),
+        ("HNSW32", False),
+        ("RR32,Flat", False),
+        ("IVF64,PQ8,RFlat", False),  # FAISS's own exact refinement
+        ("IVF64,SQ8", True),
+        ("IVF64,SQfp16", True),
+        ("SQ8", True),
+        ("IVF64,PQ8", True),
+        ("OPQ4,IVF64,PQ8", True),
+        ("PQ8", True),
+        ("PQ8x4fs", True),
+        ("IVF64,PQ8x4fs", True),
+        ("IVF64,SQ8,Refine(SQfp16)", True),
+        ("HNSW32_SQ8", True),
+        ("IVF4096_HNSW32,PQ32", True),
+    ],
+)
+def test_has_lossy_codes_follows_the_faiss_structure(factory: str, lossy: bool) -> None:
+    index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    assert vi.has_lossy_codes(index) is lossy
+
+
+def test_validate_fills_k_factor_for_lossy_codes_only() -> None:
+    assert vi.validate_factory("IVF64,PQ8", DIM).k_factor == vi.DEFAULT_K_FACTOR
+    assert vi.validate_factory("IVF64,SQ8", DIM).k_factor == vi.DEFAULT_K_FACTOR
+    assert vi.validate_factory("IVF64,PQ8", DIM, k_factor=3).k_factor == 3
+    for exact in ("Flat", "IVF64,Flat", "HNSW32"):
+        assert vi.validate_factory(exact, DIM).k_factor is None
+    with pytest.raises(InvalidIndexFactoryError, match="k_factor=4"):
+        vi.validate_factory("Flat", DIM, k_factor=4)
+    with pytest.raises(ConfigError, match="k_factor"):
+        vi.validate_factory("IVF64,PQ8", DIM, k_factor=0)
+    budget = vi.estimate_index_bytes("IVF512,PQ8", 200_000, DIM)
+    assert vi.auto_spec(200_000, DIM, memory_budget_bytes=budget).k_factor == vi.DEFAULT_K_FACTOR
+    assert vi.auto_spec(200_000, DIM).k_factor is None
+
+
 def test_rerank_pads_missing_candidates_and_checks_rows(db: np.ndarray) -> None:
     cand = np.array([[5, -1, 7], [-1, -1, -1]])
     scores, rows = vi.rerank(db[[5, 9]], cand, db, 4)
@@ -371,6 +442,12 @@ def test_read_missing_or_garbage_file(tmp_path: Path) -> None:
 def test_index_spec_json_round_trip() -> None:
     spec = vi.IndexSpec("IVF1024,PQ32", nprobe=16, ef_search=None)
     assert vi.IndexSpec.from_json(spec.to_json()) == spec
+    reranked = vi.IndexSpec("IVF1024,PQ32", nprobe=16, k_factor=7)
+    assert reranked.to_json()["k_factor"] == 7 and vi.IndexSpec.from_json(reranked.to_json()) == reranked
+    assert vi.IndexSpec.from_json({"factory": "IVF1024,PQ32", "nprobe": 16}).k_factor is None
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="k_factor"):
+            vi.IndexSpec("IVF1024,PQ32", k_factor=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown"):
         vi.IndexSpec.from_json({"factory": "Flat", "metric": "ip"})
     with pytest.raises(ConfigError):
