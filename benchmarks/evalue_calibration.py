@@ -24,6 +24,30 @@ server and client:
    number of false positives (hits to a labelled domain of another fold) per query
    with E <= 1 and E <= 0.01.
 
+4. **Null database at large N** (``--null-db N``, on its own; issue 18 part 4). A
+   database of ``N`` (>= 1,000,000 for the real measurement) short null sequences --
+   random windows of 30-150 residues (``--null-min-len``/``--null-max-len``) of a
+   seeded sample, with replacement, of the *E. coli* proteome, each shuffled -- is
+   built with a small seeded random-weight ESM-2 (``--null-layers`` 2, ``--null-dim``
+   64; written by ``esmsearch.checkpoints``, labelled "random model"), with the
+   index's own ``--decoys``. ``--queries`` (200) windows of yeast proteins of the same
+   lengths are searched through the real server and client at ``--k`` (1000); every
+   hit is a null hit, so the mean number of hits per query with E <= x should be x.
+   Printed: observed / expected at x = 0.01, 0.1, 1, 10 with the factor off
+   (max(r, 1/r), target <= 2); the same scores re-scored offline with four tails
+   (the GEV alone, i.e. the cliff before issue 18; esmsearch's GEV + tangent
+   exponential tail; GEV + an exponential fitted to the upper block maxima (POT,
+   Coles 2001 ch. 4); a Gumbel, xi = 0), with the number of hits whose E-value is
+   exactly 0; and which tail fits the upper decoy block maxima better, on held-out
+   blocks (fit on the even blocks, count exceedances in the odd ones). Writes
+   ``evalue_null_calibration.{json,md}`` into ``--out``. The full run::
+
+       python benchmarks/evalue_calibration.py --null-db 1000000 --device cuda
+
+   and a small one on the 2-core machine (about 2 minutes)::
+
+       python benchmarks/evalue_calibration.py --null-db 5000 --decoys 5000
+
 With a random-weight checkpoint (the default, ``esmsearch.checkpoints``) part 1 is
 still a valid measurement of the method -- the decoys and the held-out database are
 both null sequences -- but E-values of real homologs, and the SCOPe figures, are
@@ -46,6 +70,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import math
 import os
 import statistics
 import sys
@@ -197,7 +222,11 @@ def search_all(index: Path, queries: Sequence[tuple[str, str]], k: int, device: 
     server, address = serve(index, device)
     try:
         with SearchClient(address, timeout_s=3600.0) as client:
-            results = client.search(dict(queries), k=k)
+            # a few queries per call: the server bounds the hits per request (queries x k)
+            chunk = max(1, 50_000 // k)
+            results = []
+            for at in range(0, len(queries), chunk):
+                results += client.search(dict(queries[at : at + chunk]), k=k)
             vectors = client.embed(dict(queries)).vectors
             return results, vectors
     finally:
@@ -643,6 +672,262 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------ null database
+def window(seq: str, length: int, rng: np.random.Generator) -> str:
+    """A random window of ``length`` residues of ``seq`` (all of it if shorter)."""
+    if len(seq) <= length:
+        return seq
+    start = int(rng.integers(0, len(seq) - length + 1))
+    return seq[start : start + length]
+
+
+def write_null_database(path: Path, n: int, seed: int, min_len: int, max_len: int) -> None:
+    """``n`` shuffled windows of E. coli proteins, streamed to a FASTA file in chunks."""
+    from esmsearch.significance import shuffle_residues
+
+    source = [s for _, s in read_fasta(ECOLI)]
+    rng = np.random.default_rng([seed, 4])
+    tmp = path.with_suffix(".tmp")
+    chunk = 100_000
+    with open(tmp, "w", encoding="utf-8") as out:
+        for at in range(0, n, chunk):
+            m = min(chunk, n - at)
+            picks = rng.integers(0, len(source), size=m)
+            lengths = rng.integers(min_len, max_len + 1, size=m)
+            windows = [window(source[i], int(k), rng) for i, k in zip(picks, lengths, strict=True)]
+            shuffled = shuffle_residues(windows, seed + 7919 * (at // chunk + 1))
+            out.write("".join(f">null_{at + j + 1:08d}\n{s}\n" for j, s in enumerate(shuffled)))
+    os.replace(tmp, path)
+
+
+def null_queries(n: int, seed: int, min_len: int, max_len: int) -> list[tuple[str, str]]:
+    """Windows of ``n`` sampled yeast proteins, lengths uniform in ``[min_len, max_len]``."""
+    rng = np.random.default_rng([seed, 5])
+    return [(rid, window(seq, int(rng.integers(min_len, max_len + 1)), rng)) for rid, seq in yeast_queries(n, seed)]
+
+
+def small_checkpoint(work: Path, layers: int, dim: int, heads: int) -> Path:
+    """A seeded random-weight reduced ESM-2 (``layers`` layers, dimension ``dim``)."""
+    from esmsearch.checkpoints import write_random_checkpoint
+
+    name = f"esm2_t{layers}_{dim}d_random"
+    path = work / "checkpoints" / f"{name}.pt"
+    if not path.is_file():
+        write_random_checkpoint(
+            "esm2_t6_8M_UR50D",
+            work / "checkpoints",
+            seed=0,
+            num_layers=layers,
+            embed_dim=dim,
+            attention_heads=heads,
+            name=name,
+        )
+    return path
+
+
+def ratio_row(evalues: Sequence[np.ndarray], xs: Sequence[float] = THRESHOLDS) -> list[float]:
+    """Observed / expected null hits per query at each threshold."""
+    return [float(np.mean([(e <= x).sum() for e in evalues]) / x) for x in xs]
+
+
+def factor(r: float) -> float:
+    """How far a ratio is from 1, either way (inf for no hits at all)."""
+    return math.inf if r <= 0 else max(r, 1.0 / r)
+
+
+def tail_variants(
+    hit_scores: Sequence[np.ndarray], decoy_scores: np.ndarray, shape: float, block: int, n: int
+) -> dict[str, list[np.ndarray]]:
+    """E-values of the same hits under four tails of the per-query null (see the module docstring).
+
+    Args:
+        hit_scores: per query, float64 ``[k]`` cosine scores of its hits.
+        decoy_scores: float64 ``[q, decoys]`` the queries' scores against the index's decoys.
+        shape: the index's GEV shape; block: decoys per block; n: the database size.
+    """
+    from esmsearch.significance import GevFit, block_maxima, evalues_from_fit, fit_gev, tail_join, tail_transform
+
+    m = block_maxima(tail_transform(decoy_scores), block)
+    mu, sig = fit_gev(m, shape)
+    fit = GevFit(mu, np.maximum(sig, 1e-9), shape, block)
+    join = tail_join(fit)
+    # POT: exponential fitted (MLE = mean excess) to the top 20% of each query's block maxima
+    top = max(3, m.shape[1] // 5)
+    srt = np.sort(m, axis=1)
+    threshold = srt[:, -top - 1]
+    beta_pot = np.maximum((srt[:, -top:] - threshold[:, None]).mean(axis=1), 1e-9)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("gev", "tail", "pot", "gumbel")}
+    mu0, sig0 = fit_gev(m, 0.0)
+    for i, scores in enumerate(hit_scores):
+        s = np.asarray(scores, dtype=np.float64)[None, :]
+        one = GevFit(mu[i : i + 1], fit.scale[i : i + 1], shape, block)
+        out["tail"].append(evalues_from_fit(s, one, n)[0])
+        u = tail_transform(s)[0]
+        z = (u - mu[i]) / fit.scale[i]
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            if shape == 0.0:
+                t = np.exp(-z)
+            else:
+                a = 1.0 + shape * z
+                t = np.where(a > 0, np.power(np.maximum(a, 0.0), -1.0 / shape), 0.0 if shape < 0 else np.inf)
+            out["gev"].append(n * -np.expm1(-t / block))  # the formula before issue 18: E = 0 past the end point
+            if join is not None:
+                u_j, log_t_j = join[0][i], join[1][i]
+                t_pot = np.where(u > u_j, np.exp(log_t_j - (u - u_j) / beta_pot[i]), t)
+            else:
+                t_pot = t
+            out["pot"].append(n * -np.expm1(-t_pot / block))
+            t0 = np.exp(-(u - mu0[i]) / max(sig0[i], 1e-9))
+            out["gumbel"].append(n * -np.expm1(-t0 / block))
+    return out
+
+
+def heldout_maxima_fit(decoy_scores: np.ndarray, shape: float, block: int) -> list[str]:
+    """Which tail fits the upper decoy block maxima: fit on the even blocks, count how many odd
+    blocks exceed the level each model gives an exceedance probability p per block."""
+    from esmsearch.significance import block_maxima, fit_gev, tail_transform
+
+    m = block_maxima(tail_transform(decoy_scores), block)
+    fit_m, test_m = m[:, 0::2], m[:, 1::2]
+    if fit_m.shape[1] < 3 or test_m.shape[1] < 1:
+        return ["(too few blocks for the held-out check)"]
+    mu, sig = fit_gev(fit_m, shape)
+    mu0, sig0 = fit_gev(fit_m, 0.0)
+    top = max(3, fit_m.shape[1] // 5)
+    srt = np.sort(fit_m, axis=1)
+    thr = srt[:, -top - 1]
+    beta = (srt[:, -top:] - thr[:, None]).mean(axis=1)
+    p_thr = top / fit_m.shape[1]  # empirical exceedance probability of the threshold
+    lines = [
+        f"Held-out upper block maxima ({test_m.size:,} odd blocks of {block} decoys, models fitted on the even "
+        "blocks): observed / expected number of blocks whose maximum exceeds the level each model puts at "
+        "exceedance probability p per block",
+        "",
+        "| model | " + " | ".join(f"p = {p:g}" for p in (0.1, 0.03, 0.01, 0.003)) + " |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, level in (
+        (f"GEV, the index's shape {shape:+.3f}", lambda p: mu + sig * ((-np.log1p(-p)) ** -shape - 1) / shape),
+        ("Gumbel (xi = 0)", lambda p: mu0 - sig0 * np.log(-np.log1p(-p))),
+        ("exponential over the top 20% (POT)", lambda p: thr + beta * np.log(p_thr / p)),
+    ):
+        cells = []
+        for p in (0.1, 0.03, 0.01, 0.003):
+            if name.startswith("GEV") and shape == 0.0:
+                lv = mu0 - sig0 * np.log(-np.log1p(-p))
+            else:
+                lv = level(p)
+            observed = float((test_m > lv[:, None]).sum())
+            cells.append(f"{observed / (p * test_m.size):.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def null_run(args: argparse.Namespace) -> int:
+    """``--null-db N``: calibration against a null database of N short shuffled sequences."""
+    from esmsearch.store import Index, Manifest
+
+    t_start = time.perf_counter()
+    load_start = load_average()
+    print(f"CPU: {cpu_name()}; model device: {device_name(args.device)}; load average: {load_start}", flush=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = small_checkpoint(args.work, args.null_layers, args.null_dim, args.null_heads)
+    label = f"{model.stem} ({RANDOM_LABEL})"
+    tag = f"{args.null_db}_seed{args.db_seed}_len{args.null_min_len}-{args.null_max_len}"
+    db_fasta = args.work / f"null_short_{tag}.fasta"
+    if not db_fasta.is_file():
+        t0 = time.perf_counter()
+        write_null_database(db_fasta, args.null_db, args.db_seed, args.null_min_len, args.null_max_len)
+        print(f"wrote {db_fasta} in {time.perf_counter() - t0:.0f} s", flush=True)
+    index_dir = args.work / f"null-short-index-{tag}-{model.stem}"
+    build_figures = build(db_fasta, index_dir, model, args.decoys, "null db", args.device)
+    queries = null_queries(args.queries, args.query_seed, args.null_min_len, args.null_max_len)
+    t0 = time.perf_counter()
+    results, vectors = search_all(index_dir, queries, args.k, args.device)
+    search_s = time.perf_counter() - t0
+    cal = calibration(results, args.k)
+    m = Manifest.read(index_dir)
+    assert m.decoys is not None
+    with Index.open(index_dir) as index:
+        assert index.null is not None
+        decoy_scores = (vectors @ np.asarray(index.null.decoys).T).astype(np.float64)
+    hit_scores = [np.array([h.cosine_score for h in r.hits], dtype=np.float64) for r in results]
+    served = [np.array([h.evalue for h in r.hits], dtype=np.float64) for r in results]
+    variants = tail_variants(hit_scores, decoy_scores, m.decoys.shape, m.decoys.block_size, m.count)
+    names = {
+        "gev": "GEV alone (E = 0 past its end point; before issue 18)",
+        "tail": "GEV + tangent exponential tail (esmsearch, recomputed)",
+        "pot": "GEV + exponential fitted to the top 20% of block maxima (POT)",
+        "gumbel": "Gumbel on u (xi = 0)",
+    }
+    lines = [
+        f"# E-value calibration on a null database of {m.count:,} sequences ({label})",
+        "",
+        f"{m.count:,} shuffled windows ({args.null_min_len}-{args.null_max_len} residues) of E. coli proteins "
+        f"(seed {args.db_seed}); index decoys {m.decoys.count:,} in blocks of {m.decoys.block_size}, shape "
+        f"{m.decoys.shape:+.4f}; {len(queries)} yeast windows as queries, k = {args.k} through the server and "
+        f"client ({cal['truncated_queries']} queries had all k hits at E <= 10). CPU: {cpu_name()}; model "
+        f"device: {device_name(args.device)}; load average {load_start} at start.",
+        "",
+        "| E <= x | expected per query | observed per query (95% CI) | observed / expected | factor | within 2x |",
+        "|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row in cal["rows"]:
+        lo, hi = row["ci95"]
+        f = factor(row["ratio"])
+        lines.append(
+            f"| {row['x']:g} | {row['x']:g} | {row['observed_mean']:.4f} ({lo:.4f}-{hi:.4f}) | {row['ratio']:.2f} "
+            f"| {f:.2f} | {'yes' if f <= 2 else 'NO'} |"
+        )
+    lines += [
+        "",
+        "The same hits re-scored offline with other tails (observed / expected; hits with E exactly 0):",
+        "",
+        "| tail | " + " | ".join(f"E <= {x:g}" for x in THRESHOLDS) + " | hits with E = 0 |",
+        "|---|" + "---:|" * (len(THRESHOLDS) + 1),
+        "| served by the server (float32) | "
+        + " | ".join(f"{r:.2f}" for r in ratio_row(served))
+        + f" | {int(sum((e == 0).sum() for e in served))} |",
+    ]
+    for key, name in names.items():
+        ev = variants[key]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r:.2f}" for r in ratio_row(ev))
+            + f" | {int(sum((e == 0).sum() for e in ev))} |"
+        )
+    lines += ["", *heldout_maxima_fit(decoy_scores, m.decoys.shape, m.decoys.block_size)]
+    wall = time.perf_counter() - t_start
+    command = "python benchmarks/evalue_calibration.py " + " ".join(args.argv)
+    lines += [
+        "",
+        f"Command: `{command}`; build {build_figures.get('wall_s', 'reused')} s, search {search_s:.0f} s, "
+        f"total {wall:.0f} s; load average at end {load_average()}.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evalue_null_calibration.md").write_text(text)
+    report = {
+        "model": label,
+        "cpu": cpu_name(),
+        "device": device_name(args.device),
+        "db_size": m.count,
+        "decoys": m.decoys.to_json(),
+        "queries": len(queries),
+        "k": args.k,
+        "calibration": cal,
+        "variants": {key: ratio_row(variants[key]) for key in names},
+        "build": build_figures,
+        "search_s": round(search_s, 1),
+        "wall_s": round(wall, 1),
+        "command": command,
+    }
+    (args.out / "evalue_null_calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="esm2_t6_8M_UR50D", help="random-weight ESM-2 architecture")
@@ -674,13 +959,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="only compare null models on scores saved by --save-scores in DIR, and stop",
     )
+    p.add_argument(
+        "--null-db",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the null-database calibration at N short shuffled sequences (>= 1,000,000 for the real run)",
+    )
+    p.add_argument("--null-min-len", type=int, default=30, help="shortest null sequence / query window")
+    p.add_argument("--null-max-len", type=int, default=150, help="longest null sequence / query window")
+    p.add_argument("--null-layers", type=int, default=2, help="layers of the small random-weight model")
+    p.add_argument("--null-dim", type=int, default=64, help="embedding dimension of the small random-weight model")
+    p.add_argument("--null-heads", type=int, default=4, help="attention heads of the small random-weight model")
     p.add_argument("--work", type=Path, default=ROOT / "work" / "evalue-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.null_db is not None:
+        return null_run(args)
     if args.cost_only:
         print(cost_only(args.arch, args.work, args.decoys, args.latency_queries))
         return 0

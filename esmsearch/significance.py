@@ -5,7 +5,7 @@ of unrelated proteins are often high, and how high depends on the query (its len
 and composition). Like BLAST, HMMER and Foldseek for their alignment scores,
 esmsearch turns each hit's score into an **E-value**: the expected number of
 database sequences *unrelated to the query* that score at least as high against it.
-E-values are >= 0, lower is more significant; E <= 0.01 is a common cut-off.
+E-values are > 0, lower is more significant; E <= 0.01 is a common cut-off.
 
 Method
 ------
@@ -47,9 +47,48 @@ and among ``N`` database sequences (the index's count) the expected number that 
 
 which for ``xi = 0`` is Karlin & Altschul's ``E = K m n exp(-lambda S)`` with
 ``S = u``, ``lambda = 1 / sigma`` and ``K m n = (N / B) exp(mu / sigma)``. Doubling the
-database doubles every E-value, and ``E <= N`` always. With ``xi < 0`` the GEV has an
-upper end point ``mu - sigma / xi``; scores beyond it (a self-hit, ``s = 1``) get E = 0,
-as BLAST reports 0.0 for the strongest alignments.
+database doubles every E-value, and ``E <= N`` always. ``N`` is the index's count unless
+the caller gives another (``--evalue-db-size`` on ``esmsearch serve``, the
+``evalue_db_size`` request field: HMMER's ``-Z``, BLAST's ``-dbsize``), so E-values of
+shards, replicas and versions of different sizes can be put on one scale.
+
+**The tail beyond the GEV (no cliff).** With ``xi < 0`` the GEV has an upper end point
+``mu - sigma / xi``: above it ``t = 0`` and every score would get E = 0 (a self-hit, and
+any strong hit), so E-values would stop ranking the best hits. Near that end point the
+GEV's tail is pure extrapolation of one regional shape estimate: its local exponential
+scale ``sigma_loc(u) = -1 / (d ln t / du) = sigma + xi (u - mu)`` shrinks linearly to 0
+there. esmsearch keeps the GEV only while ``sigma_loc >= f sigma``
+(``f`` = :data:`TAIL_JOIN_SCALE` = 1/2), i.e. up to the join point
+
+    u_j = mu + sigma (1 - f) / (-xi),     t(u_j) = f ** (1 / -xi),
+
+and beyond it continues with the exponential (Gumbel-type, GPD shape 0) tail that has
+the GEV's value and slope at the join,
+
+    ln t(u) = ln t(u_j) - (u - u_j) / (f sigma)          for u > u_j,
+
+(Coles 2001, sects. 3.1.2 and 4.2: the Gumbel/exponential tail is the ``xi -> 0`` member
+of the GEV/GPD families; the same exponential high-score tail HMMER fits to its Forward
+scores, Eddy 2008, and Karlin & Altschul's ``exp(-lambda S)``). Because ``ln t`` of a GEV
+with ``xi < 0`` is concave in ``u``, this tangent lies above it: E-values beyond the
+join are never smaller than the GEV's (conservative), they are finite, positive and
+strictly decreasing in the score, and continuous (with their slope) at the join. For
+the shape measured on real builds (``xi = -0.072``) the join lies at ``t = 6.6e-5``
+per block of 100, i.e. at E = 0.013 for N = 20,000: the GEV is kept over the whole
+range in which it was measured calibrated (E = 0.01 .. 100 at N = 20,000, below), and
+the tail takes over where it was an untested extrapolation (E <= 1 at N >= 1.5e6).
+Whether the null really thins out faster than exponentially that far is measured, not
+assumed: ``benchmarks/evalue_calibration.py --null-db N`` (N >= 1e6 short shuffled
+sequences) counts null hits at E <= 0.01 .. 10 and re-scores them with the GEV alone,
+this tail, an exponential fitted to the top 20% of the block maxima (peaks over a
+threshold, Coles 2001 ch. 4) and a Gumbel, and checks which of these predicts the
+exceedances of held-out decoy block maxima. The tangent is the default because it
+leaves the measured GEV range unchanged and errs on the conservative side beyond it.
+For ``xi >= 0`` there is no end point and the GEV is used everywhere. E is computed in
+log space in the tail, so it underflows only below the smallest float64
+(:data:`MIN_EVALUE`, ~5e-324, the floor); the float32 that the API carries is floored at
+its own smallest positive value, :data:`MIN_EVALUE_F32` (~1.4e-45), rather than
+flushed to 0 (see :meth:`DecoyNull.evalues`).
 
 Why not a Gumbel fitted to the raw cosines, as for alignment scores? Measured on
 held-out null sequences (``benchmarks/evalue_calibration.py``: 200 yeast queries
@@ -62,10 +101,14 @@ E <= 10, 1 and 0.1, still 7x too few at 0.1; a GEV with a free shape per query f
 largest scores, so null hits got E = 0. One shape per index, location and scale per
 query, came within a factor of 2 at E = 0.01 .. 100 (table in the README).
 
-Sources: Karlin S, Altschul SF (1990) PNAS 87:2264-8 (E-value of a score,
+Sources: Coles S (2001) An Introduction to Statistical Modeling of Extreme Values,
+Springer (GEV and GPD families, the Gumbel/exponential limit ``xi -> 0``, end points of
+``xi < 0`` fits); Karlin S, Altschul SF (1990) PNAS 87:2264-8 (E-value of a score,
 ``E = K m n exp(-lambda S)``, ``P = 1 - exp(-E)``); Eddy SR (2008) PLoS Comput Biol
-4:e1000069 (HMMER: extreme-value location fitted per model to scores of random
-sequences, ``E = N P(S > s)`` over the ``N`` target sequences); van Kempen M et al.
+4:e1000069, "A probabilistic model of local sequence alignment that simplifies
+statistical significance estimation" (HMMER: location fitted per model to scores of
+random sequences, an exponential high-score tail, ``E = N P(S > s)`` over the ``N``
+target sequences, ``-Z`` to set ``N``); van Kempen M et al.
 (2023) Nat Biotechnol 42:243-6 (Foldseek: ``P = 1 - exp(-exp(-lambda (S - mu)))``
 with per-query ``mu`` and ``lambda``, predicted by a small network from the query's
 composition and length, scaled to the database size); Hosking JRM, Wallis JR, Wood
@@ -99,8 +142,11 @@ __all__ = [
     "DEFAULT_DECOY_SEED",
     "MAX_SHAPE",
     "MIN_BLOCKS",
+    "MIN_EVALUE",
+    "MIN_EVALUE_F32",
     "MIN_SHAPE",
     "PSEUDO_QUERIES",
+    "TAIL_JOIN_SCALE",
     "DecoyNull",
     "DecoySettings",
     "GevFit",
@@ -116,6 +162,7 @@ __all__ = [
     "sample_decoy_rows",
     "shape_from_lskewness",
     "shuffle_residues",
+    "tail_join",
     "tail_transform",
 ]
 
@@ -147,6 +194,17 @@ MIN_DISTANCE: Final = 1e-7
 MIN_SCALE: Final = 1e-9
 #: Queries per matrix product against the decoys (bounds memory: QUERY_CHUNK x count floats).
 QUERY_CHUNK: Final = 256
+#: Fraction ``f`` of the GEV scale at which its local exponential scale ends the GEV's
+#: range and the exponential tail takes over (``xi < 0`` only; see the module docstring).
+TAIL_JOIN_SCALE: Final = 0.5
+#: Smallest E-value :func:`evalues_from_fit` returns (the smallest positive float64,
+#: a subnormal): E-values that underflow float64 are floored here, never 0.
+MIN_EVALUE: Final = float(np.finfo(np.float64).smallest_subnormal)
+#: Smallest E-value :meth:`DecoyNull.evalues` returns in float32, as ``Hit.evalue``
+#: carries it (the smallest positive float32, a subnormal, ~1.4e-45): smaller E-values
+#: are floored here rather than flushed to 0. The wire type stays float32 (changing a
+#: proto field's type is a breaking change).
+MIN_EVALUE_F32: Final = float(np.finfo(np.float32).smallest_subnormal)
 #: Euler-Mascheroni constant (the Gumbel mean is mu + EULER * sigma).
 EULER: Final = 0.5772156649015329
 
@@ -496,38 +554,91 @@ class GevFit:
     block_size: int
 
 
-def evalues_from_fit(scores: np.ndarray, fit: GevFit, db_size: int) -> np.ndarray:
+def tail_join(fit: GevFit) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Where each query's GEV gives way to its exponential tail (see the module docstring).
+
+    Args:
+        fit: the queries' null fits.
+
+    Returns:
+        ``None`` for ``fit.shape >= 0`` (no end point: the GEV is used everywhere); else
+        ``(u_join, log_t_join, tail_scale)``, float64 ``[q]`` each: the join point in
+        ``u = -ln(1 - s)`` units, ``ln t`` there (the natural log of the expected number
+        of a block's maxima above it), and the exponential tail's scale
+        ``f sigma`` (:data:`TAIL_JOIN_SCALE`) in ``u`` units, > 0.
+    """
+    if fit.shape >= 0.0:
+        return None
+    f = TAIL_JOIN_SCALE
+    u_join = fit.loc + fit.scale * ((1.0 - f) / -fit.shape)
+    log_t_join = np.full(fit.loc.shape, math.log(f) / -fit.shape)
+    return u_join, log_t_join, f * fit.scale
+
+
+def _log_t(u: np.ndarray, fit: GevFit) -> np.ndarray:
+    """``ln t(u)`` of each row's null: the GEV below its join point, the exponential tail above."""
+    z: np.ndarray = (u - fit.loc[:, None]) / fit.scale[:, None]
+    if fit.shape == 0.0:
+        return -z
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = 1.0 + fit.shape * z
+        # Below the lower bound (xi > 0) every block maximum exceeds: ln t = +inf. For xi < 0
+        # a <= 0 only lies beyond the join point, where the tail below replaces it.
+        log_t: np.ndarray = np.where(a > 0, np.log(np.maximum(a, 1e-300)) / -fit.shape, np.inf)
+    join = tail_join(fit)
+    if join is not None:
+        u_join, log_t_join, tail_scale = join
+        beyond = u > u_join[:, None]
+        tail = log_t_join[:, None] - (u - u_join[:, None]) / tail_scale[:, None]
+        log_t = np.where(beyond, tail, log_t)
+    return log_t
+
+
+def evalues_from_fit(scores: np.ndarray, fit: GevFit, db_size: int | np.ndarray) -> np.ndarray:
     """E-values of cosine scores: ``E(s) = N (1 - exp(-t(u(s)) / B))`` (see the module docstring).
+
+    ``t`` is the GEV's up to each query's join point (:func:`tail_join`) and the
+    exponential tail's beyond it, so no score gets E = 0.
 
     Args:
         scores: ``[q, k]`` cosine scores of each query's hits (row i = query i of ``fit``).
         fit: the queries' null fits.
-        db_size: ``N``, number of database sequences searched (>= 0).
+        db_size: ``N``, number of database sequences the E-values are scaled to (the
+            index's count, or an override such as ``--evalue-db-size``), >= 0: one
+            integer for every query, or int ``[q]``, one per query.
 
     Returns:
-        float64 ``[q, k]`` E-values in ``[0, N]``, lower = more significant; for one
-        query, non-increasing as the score rises.
+        float64 ``[q, k]`` E-values in ``[MIN_EVALUE, N]`` (0 only where ``N = 0``), lower
+        = more significant; for one query, non-increasing as the score rises, and
+        strictly decreasing beyond the join point (up to a cosine of ``1 - 1e-7``,
+        where :func:`tail_transform` saturates).
 
     Raises:
-        ValueError: ``scores`` has another number of rows than ``fit``, or ``db_size`` < 0.
+        ValueError: ``scores`` has another number of rows than ``fit``, or ``db_size`` is
+            negative or has another shape than ``[]`` or ``[q]``.
     """
     s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2 or s.shape[0] != fit.loc.shape[0]:
-        raise ValueError(f"scores must be [{fit.loc.shape[0]}, k], got shape {s.shape}")
-    if db_size < 0:
+    q = fit.loc.shape[0]
+    if s.ndim != 2 or s.shape[0] != q:
+        raise ValueError(f"scores must be [{q}, k], got shape {s.shape}")
+    n = np.asarray(db_size, dtype=np.float64)
+    if n.shape not in ((), (q,)):
+        raise ValueError(f"db_size must be one number or [{q}], got shape {n.shape}")
+    if np.any(n < 0) or np.any(np.isnan(n)):
         raise ValueError(f"db_size must be >= 0, got {db_size}")
-    z = (tail_transform(s) - fit.loc[:, None]) / fit.scale[:, None]
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        if fit.shape == 0.0:
-            t = np.exp(-z)
-        else:
-            a = 1.0 + fit.shape * z
-            # Beyond the end point (xi < 0) no null block maximum reaches: t = 0. Below the
-            # lower bound (xi > 0) every block maximum exceeds: t = inf.
-            t = np.where(a > 0, np.power(np.maximum(a, 0.0), -1.0 / fit.shape), 0.0 if fit.shape < 0 else np.inf)
-    p_one = -np.expm1(-t / fit.block_size)  # P(one unrelated score >= s)
-    evalues: np.ndarray = db_size * p_one
-    return evalues
+    n = n.reshape(-1, 1) if n.ndim == 1 else n
+    log_t = _log_t(tail_transform(s), fit)
+    log_b = math.log(fit.block_size)
+    with np.errstate(over="ignore", under="ignore", divide="ignore"):
+        p_one = -np.expm1(-np.exp(log_t) / fit.block_size)  # P(one unrelated score >= s)
+        evalues = n * p_one
+        # Where t / B < e^-30, p_one = t / B to 1e-13; take E = N t / B in log space there,
+        # so that it underflows only below the smallest float64 (then: MIN_EVALUE).
+        small = log_t - log_b < -30.0
+        tiny = np.exp(np.minimum(np.log(np.maximum(n, 1.0)) + log_t - log_b, 0.0))
+        evalues = np.where(small, tiny, evalues)
+    out: np.ndarray = np.where(n > 0, np.maximum(evalues, MIN_EVALUE), 0.0)
+    return out
 
 
 class DecoyNull:
@@ -615,21 +726,25 @@ class DecoyNull:
         loc, scale = fit_gev(self.block_maxima(queries), self.settings.shape)
         return GevFit(loc, np.maximum(scale, MIN_SCALE), self.settings.shape, self.settings.block_size)
 
-    def evalues(self, queries: np.ndarray, scores: np.ndarray, db_size: int) -> np.ndarray:
+    def evalues(self, queries: np.ndarray, scores: np.ndarray, db_size: int | np.ndarray) -> np.ndarray:
         """E-values of hits: fit each query's null, then :func:`evalues_from_fit`.
 
         Args:
             queries: float32 ``[q, dim]``, L2-normalised query embeddings.
             scores: ``[q, k]`` cosine scores of the queries' hits (any padding columns
                 get E-values too; callers drop them).
-            db_size: number of database sequences of the index searched.
+            db_size: number of database sequences the E-values are scaled to (the
+                index's count, or an override), >= 0; one for all queries, or int
+                ``[q]``, one per query (see :func:`evalues_from_fit`).
 
         Returns:
-            float32 ``[q, k]`` E-values in ``[0, db_size]`` (float32, as the API
-            carries them: values below ~1.4e-45 are 0).
+            float32 ``[q, k]`` E-values in ``[MIN_EVALUE_F32, db_size]`` (float32, as
+            the API carries them; E-values below the smallest positive float32, ~1.4e-45,
+            are floored there, not flushed to 0, so none is 0 unless ``db_size`` is).
         """
         fit = self.fit(queries)
-        out: np.ndarray = evalues_from_fit(scores, fit, db_size).astype(np.float32)
+        e = evalues_from_fit(scores, fit, db_size)
+        out: np.ndarray = np.where(e > 0, np.maximum(e, MIN_EVALUE_F32), 0.0).astype(np.float32)
         return out
 
     def estimate_shape(self, pseudo_queries: np.ndarray, own_decoys: np.ndarray) -> float:

@@ -33,7 +33,9 @@ from esmsearch.server.engine import SearchEngine
 from esmsearch.significance import (
     DECOY_METHOD,
     MAX_SHAPE,
+    MIN_EVALUE_F32,
     MIN_SHAPE,
+    TAIL_JOIN_SCALE,
     DecoyNull,
     DecoySettings,
     GevFit,
@@ -48,6 +50,7 @@ from esmsearch.significance import (
     sample_decoy_rows,
     shape_from_lskewness,
     shuffle_residues,
+    tail_join,
     tail_transform,
 )
 from esmsearch.store import DATA_FILES, DECOYS_FILE, MANIFEST, Index, IndexWriter, Manifest
@@ -154,11 +157,83 @@ def test_evalues_double_with_the_database_and_never_rise_with_the_score() -> Non
     assert np.all((e1 >= 0) & (e1 <= 10_000))
     # far below the null every database sequence scores higher: E = N
     assert evalues_from_fit(np.array([[-1.0]]), GevFit(np.array([3.0]), np.array([0.1]), 0.0, 100), 500)[0, 0] == 500
-    # beyond the end point of a bounded (xi < 0) null, and for a cosine of 1: E = 0
+    # beyond the end point of a bounded (xi < 0) null, and for a cosine of 1: small, never 0
     end = GevFit(np.array([2.0]), np.array([0.1]), -0.2, 100)
-    assert evalues_from_fit(np.array([[1.0 - math.exp(-2.6)]]), end, 1000)[0, 0] == 0.0
+    beyond = evalues_from_fit(np.array([[1.0 - math.exp(-2.5), 1.0 - math.exp(-2.6)]]), end, 1000)[0]
+    assert 0.0 < beyond[1] < beyond[0] < 0.01  # u = 2.5 is the GEV's end point
     bounded = GevFit(np.array([2.0]), np.array([0.3]), -0.08, 100)
-    assert evalues_from_fit(np.array([[1.0000001]]), bounded, 1000)[0, 0] == 0.0  # a float32 cosine just over 1
+    assert 0.0 < evalues_from_fit(np.array([[1.0000001]]), bounded, 1000)[0, 0] < 1e-6  # float32 cosine over 1
+
+
+# -- the tail beyond the GEV (issue 18 part 4) -------------------------------------------------
+def _u_to_s(u: np.ndarray) -> np.ndarray:
+    return -np.expm1(-np.asarray(u, dtype=np.float64))  # s = 1 - exp(-u)
+
+
+@pytest.mark.parametrize("xi", [-0.25, -0.072, -0.01])
+def test_no_evalue_is_zero_far_above_the_decoys(xi: float) -> None:
+    """Scores from the GEV's end point up to a cosine of 1 get finite, positive E-values that
+    keep falling: the old fit gave every one of them E = 0."""
+    fit = GevFit(np.array([2.0, 1.0]), np.array([0.1, 0.3]), xi, 100)
+    end = fit.loc - fit.scale / xi  # the GEV's upper end point per query
+    u = np.stack([np.linspace(min(e, 14.0), 16.0, 200) for e in end])  # u <= 16.1: cosine 1 - 1e-7
+    e = evalues_from_fit(_u_to_s(u), fit, 1_000_000)
+    assert np.all(e > 0) and np.all(np.isfinite(e))
+    assert np.all(np.diff(e, axis=1) < 0)  # strictly decreasing beyond the end point
+    # a self-hit (cosine 1, or a float32 cosine just over 1) is not 0 either
+    assert np.all(evalues_from_fit(np.array([[1.0], [1.0000001]]), fit, 1_000_000) > 0)
+
+
+def test_tail_joins_the_gev_continuously_with_its_slope() -> None:
+    """At the join point E-values and their log-slope in u match from both sides; below it
+    they are exactly the GEV's, beyond it the tail lies above the GEV (conservative)."""
+    xi, mu, sigma, b, n = -0.072, 2.0, 0.1, 100, 1_000_000
+    fit = GevFit(np.array([mu]), np.array([sigma]), xi, b)
+    join = tail_join(fit)
+    assert join is not None
+    u_join, log_t_join, scale = (float(a[0]) for a in join)
+    assert scale == pytest.approx(TAIL_JOIN_SCALE * sigma)
+    assert u_join == pytest.approx(mu + sigma * (1 - TAIL_JOIN_SCALE) / -xi)
+
+    def gev_e(u: np.ndarray) -> np.ndarray:
+        t = (1.0 + xi * (u - mu) / sigma) ** (-1.0 / xi)
+        return -n * np.expm1(-t / b)
+
+    h = 1e-6
+    below, at, above = evalues_from_fit(_u_to_s(np.array([[u_join - h, u_join, u_join + h]])), fit, n)[0]
+    assert at == pytest.approx(-n * math.expm1(-math.exp(log_t_join) / b), rel=1e-9)
+    assert above == pytest.approx(at, rel=1e-4) and below == pytest.approx(at, rel=1e-4)
+    slope_left = (math.log(at) - math.log(below)) / h
+    slope_right = (math.log(above) - math.log(at)) / h
+    assert slope_left == pytest.approx(-1.0 / scale, rel=1e-3)
+    assert slope_right == pytest.approx(-1.0 / scale, rel=1e-3)
+    u_below = np.linspace(mu - 0.3, u_join, 50)
+    np.testing.assert_allclose(evalues_from_fit(_u_to_s(u_below[None]), fit, n)[0], gev_e(u_below), rtol=1e-6)
+    u_beyond = np.linspace(u_join + 0.01, mu - sigma / xi - 1e-3, 50)  # still below the GEV's end point
+    assert np.all(evalues_from_fit(_u_to_s(u_beyond[None]), fit, n)[0] > gev_e(u_beyond))
+
+
+def test_tail_evalues_scale_with_the_database_size() -> None:
+    fit = GevFit(np.array([2.0]), np.array([0.1]), -0.1, 100)
+    s = _u_to_s(np.array([[2.5, 4.0, 8.0, 12.0]]))  # GEV range, join, beyond the end point
+    e1 = evalues_from_fit(s, fit, 1_000)
+    np.testing.assert_allclose(evalues_from_fit(s, fit, 100_000_000), 1e5 * e1, rtol=1e-9)
+
+
+def test_float32_evalues_are_floored_not_flushed_to_zero() -> None:
+    """A self-hit against a very narrow null: its E-value underflows float32 (and float64's
+    normal range) but is sent as the smallest positive float32, never as 0."""
+    rng = np.random.default_rng(11)
+    dim = 16
+    decoys = rng.standard_normal((300, dim)).astype(np.float32)
+    decoys /= np.linalg.norm(decoys, axis=1, keepdims=True)
+    null = DecoyNull(decoys, DecoySettings(count=300, seed=0, block_size=30, shape=-0.2))
+    query = decoys[:1] * 0 + np.float32(1 / math.sqrt(dim))  # unit vector, far from most decoys
+    scores = np.array([[1.0, 0.9999, 0.99, 0.9]], dtype=np.float32)
+    e = null.evalues(query, scores, 10_000_000)
+    assert e.dtype == np.float32
+    assert np.all(e > 0) and e[0, 0] == np.float32(MIN_EVALUE_F32)
+    assert np.all(np.diff(e[0]) >= 0)
 
 
 def test_self_hit_gets_a_tiny_evalue_and_unrelated_hits_do_not() -> None:
@@ -454,9 +529,9 @@ def test_every_hit_has_an_evalue_and_self_hits_are_the_most_significant(client, 
     for rec, res in zip(db, results, strict=True):
         assert res.hits[0].target_id == rec.record_id
         evalues = [h.evalue for h in res.hits]
-        assert all(e is not None and 0 <= e <= 40 for e in evalues)
+        assert all(e is not None and 0 < e <= 40 for e in evalues)  # never 0, not even a self-hit's
         assert evalues == sorted(evalues)  # sorted by cosine score, E never falls
-        assert evalues[0] < 1e-6  # the self-hit
+        assert evalues[0] < 1e-4  # the self-hit
         assert evalues[1] > evalues[0]
 
 
@@ -714,4 +789,55 @@ def test_a_swapped_index_brings_its_own_decoys(
         np.testing.assert_allclose([h.evalue for h in after], expected, rtol=1e-5)
         assert [h.evalue for h in after] != [h.evalue for h in before]  # other decoys, other E-values
     finally:
+        engine.close()
+
+
+def test_requests_batched_together_each_get_their_own_evalue_db_size(
+    small_index: Path, tiny_embedder: Embedder, db
+) -> None:  # type: ignore[no-untyped-def]
+    """Three requests for the same query in one batch, with N unset (the engine's default 400),
+    40 and 4000: E-values 10 x, 1 x and 100 x those at the index's 40 sequences."""
+    import threading
+
+    engine = SearchEngine(Index.open(small_index), tiny_embedder, evalue_db_size=400)
+    entered, release = threading.Event(), threading.Event()
+    original = engine.embed
+    calls: list[int] = []
+
+    def gated(sequences: Any) -> Any:
+        calls.append(len(sequences))
+        entered.set()
+        assert release.wait(30)
+        return original(sequences)
+
+    engine.embed = gated  # type: ignore[method-assign]
+    queued = threading.Semaphore(0)
+    batcher = DynamicBatcher(
+        engine,
+        BatchingConfig(enabled=True, max_wait_ms=0.0, max_batch_toks=100_000),
+        admission=Admission(),
+        on_enqueue=lambda depth: queued.release(),
+    )
+    try:
+        first = batcher.submit_search([db[0].sequence], k=5)
+        assert entered.wait(30)
+        sizes = (None, 40, 4000)
+        futures = [batcher.submit_search([db[7].sequence], k=5, evalue_db_size=n) for n in sizes]
+        for _ in range(4):
+            assert queued.acquire(timeout=30)
+        release.set()
+        first.result(timeout=30)
+        got = [[h.evalue for h in f.result(timeout=30).hits[0]] for f in futures]
+        assert calls == [1, 3]  # one batch
+        with Index.open(small_index) as index:
+            vector = tiny_embedder.embed([db[7].sequence])
+            base = index.evalues(vector, index.search(vector, 5)[0])[0]  # N = the index's 40
+        assert index.count == 40
+        for factor, evalues in zip((10, 1, 100), got, strict=True):
+            np.testing.assert_allclose(evalues, factor * base, rtol=2e-3)
+        with Index.open(small_index) as index, pytest.raises(ConfigError, match="evalue_db_size"):
+            SearchEngine(index, tiny_embedder, evalue_db_size=0)
+    finally:
+        release.set()
+        batcher.close()
         engine.close()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65smsearch/v1/search.proto\x12\x0c\x65smsearch.v1\"+\n\x05Query\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\t\"\x8e\x01\n\rSearchRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.esmsearch.v1.Query\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_evalue\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_min_scoreB\r\n\x0b_max_evalue\"\x8f\x01\n\x03Hit\x12\x11\n\ttarget_id\x18\x01 \x01(\t\x12\x1a\n\x12target_description\x18\x02 \x01(\t\x12\x14\n\x0c\x63osine_score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x15\n\rtarget_length\x18\x05 \x01(\x05\x12\x13\n\x06\x65value\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_evalue\"V\n\x0bQueryResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x14\n\x0cquery_length\x18\x02 \x01(\x05\x12\x1f\n\x04hits\x18\x03 \x03(\x0b\x32\x11.esmsearch.v1.Hit\"S\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.esmsearch.v1.QueryResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"-\n\tEmbedding\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xa0\x01\n\x18SearchByEmbeddingRequest\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.esmsearch.v1.Embedding\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_evalue\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_min_scoreB\r\n\x0b_max_evalue\"4\n\x0c\x45mbedRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.esmsearch.v1.Query\"\x9e\x01\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.esmsearch.v1.Embedding\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12\x15\n\rindex_version\x18\x06 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\x81\x01\n\rRequestLimits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x1f\n\x17max_queries_per_request\x18\x02 \x01(\x05\x12\x1e\n\x16max_residues_per_query\x18\x03 \x01(\x03\x12 \n\x18max_residues_per_request\x18\x04 \x01(\x03\"\x98\x03\n\tIndexInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x15\n\rnormalisation\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\r\n\x05\x63ount\x18\x08 \x01(\x03\x12\x15\n\rindex_version\x18\t \x01(\t\x12\x15\n\rindex_factory\x18\n \x01(\t\x12\x10\n\x08\x62uilt_at\x18\x0b \x01(\t\x12\x14\n\x0ctool_version\x18\x0c \x01(\t\x12\x1b\n\x13source_fasta_sha256\x18\r \x01(\t\x12\x16\n\x0eserver_version\x18\x0e \x01(\t\x12+\n\x06limits\x18\x0f \x01(\x0b\x32\x1b.esmsearch.v1.RequestLimits\x12\x14\n\x0creload_error\x18\x10 \x01(\t\x12+\n\x06\x64\x65\x63oys\x18\x11 \x01(\x0b\x32\x1b.esmsearch.v1.DecoySettings\"_\n\rDecoySettings\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\r\n\x05shape\x18\x05 \x01(\x01\"\x14\n\x12ReloadIndexRequest\"X\n\x13ReloadIndexResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t2\xe0\x03\n\rHomologSearch\x12\x43\n\x06Search\x12\x1b.esmsearch.v1.SearchRequest\x1a\x1c.esmsearch.v1.SearchResponse\x12J\n\x0cGetIndexInfo\x12!.esmsearch.v1.GetIndexInfoRequest\x1a\x17.esmsearch.v1.IndexInfo\x12Y\n\x11SearchByEmbedding\x12&.esmsearch.v1.SearchByEmbeddingRequest\x1a\x1c.esmsearch.v1.SearchResponse\x12@\n\x05\x45mbed\x12\x1a.esmsearch.v1.EmbedRequest\x1a\x1b.esmsearch.v1.EmbedResponse\x12M\n\x0cSearchStream\x12\x1b.esmsearch.v1.SearchRequest\x1a\x1c.esmsearch.v1.SearchResponse(\x01\x30\x01\x12R\n\x0bReloadIndex\x12 .esmsearch.v1.ReloadIndexRequest\x1a!.esmsearch.v1.ReloadIndexResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65smsearch/v1/search.proto\x12\x0c\x65smsearch.v1\"+\n\x05Query\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\t\"\xa6\x01\n\rSearchRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.esmsearch.v1.Query\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_evalue\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0e\x65value_db_size\x18\x05 \x01(\x03\x42\x0c\n\n_min_scoreB\r\n\x0b_max_evalue\"\x8f\x01\n\x03Hit\x12\x11\n\ttarget_id\x18\x01 \x01(\t\x12\x1a\n\x12target_description\x18\x02 \x01(\t\x12\x14\n\x0c\x63osine_score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x15\n\rtarget_length\x18\x05 \x01(\x05\x12\x13\n\x06\x65value\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_evalue\"V\n\x0bQueryResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x14\n\x0cquery_length\x18\x02 \x01(\x05\x12\x1f\n\x04hits\x18\x03 \x03(\x0b\x32\x11.esmsearch.v1.Hit\"S\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.esmsearch.v1.QueryResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\"-\n\tEmbedding\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\xb8\x01\n\x18SearchByEmbeddingRequest\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.esmsearch.v1.Embedding\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x16\n\tmin_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\nmax_evalue\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0e\x65value_db_size\x18\x05 \x01(\x03\x42\x0c\n\n_min_scoreB\r\n\x0b_max_evalue\"4\n\x0c\x45mbedRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.esmsearch.v1.Query\"\x9e\x01\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.esmsearch.v1.Embedding\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12\x15\n\rindex_version\x18\x06 \x01(\t\"\x15\n\x13GetIndexInfoRequest\"\x9f\x01\n\rRequestLimits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x1f\n\x17max_queries_per_request\x18\x02 \x01(\x05\x12\x1e\n\x16max_residues_per_query\x18\x03 \x01(\x03\x12 \n\x18max_residues_per_request\x18\x04 \x01(\x03\x12\x1c\n\x14max_hits_per_request\x18\x05 \x01(\x03\"\x98\x03\n\tIndexInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x15\n\rnormalisation\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\r\n\x05\x63ount\x18\x08 \x01(\x03\x12\x15\n\rindex_version\x18\t \x01(\t\x12\x15\n\rindex_factory\x18\n \x01(\t\x12\x10\n\x08\x62uilt_at\x18\x0b \x01(\t\x12\x14\n\x0ctool_version\x18\x0c \x01(\t\x12\x1b\n\x13source_fasta_sha256\x18\r \x01(\t\x12\x16\n\x0eserver_version\x18\x0e \x01(\t\x12+\n\x06limits\x18\x0f \x01(\x0b\x32\x1b.esmsearch.v1.RequestLimits\x12\x14\n\x0creload_error\x18\x10 \x01(\t\x12+\n\x06\x64\x65\x63oys\x18\x11 \x01(\x0b\x32\x1b.esmsearch.v1.DecoySettings\"_\n\rDecoySettings\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\r\n\x05shape\x18\x05 \x01(\x01\"\x14\n\x12ReloadIndexRequest\"X\n\x13ReloadIndexResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t2\xe0\x03\n\rHomologSearch\x12\x43\n\x06Search\x12\x1b.esmsearch.v1.SearchRequest\x1a\x1c.esmsearch.v1.SearchResponse\x12J\n\x0cGetIndexInfo\x12!.esmsearch.v1.GetIndexInfoRequest\x1a\x17.esmsearch.v1.IndexInfo\x12Y\n\x11SearchByEmbedding\x12&.esmsearch.v1.SearchByEmbeddingRequest\x1a\x1c.esmsearch.v1.SearchResponse\x12@\n\x05\x45mbed\x12\x1a.esmsearch.v1.EmbedRequest\x1a\x1b.esmsearch.v1.EmbedResponse\x12M\n\x0cSearchStream\x12\x1b.esmsearch.v1.SearchRequest\x1a\x1c.esmsearch.v1.SearchResponse(\x01\x30\x01\x12R\n\x0bReloadIndex\x12 .esmsearch.v1.ReloadIndexRequest\x1a!.esmsearch.v1.ReloadIndexResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERY']._serialized_start=43
   _globals['_QUERY']._serialized_end=86
   _globals['_SEARCHREQUEST']._serialized_start=89
-  _globals['_SEARCHREQUEST']._serialized_end=231
-  _globals['_HIT']._serialized_start=234
-  _globals['_HIT']._serialized_end=377
-  _globals['_QUERYRESULT']._serialized_start=379
-  _globals['_QUERYRESULT']._serialized_end=465
-  _globals['_SEARCHRESPONSE']._serialized_start=467
-  _globals['_SEARCHRESPONSE']._serialized_end=550
-  _globals['_EMBEDDING']._serialized_start=552
-  _globals['_EMBEDDING']._serialized_end=597
-  _globals['_SEARCHBYEMBEDDINGREQUEST']._serialized_start=600
-  _globals['_SEARCHBYEMBEDDINGREQUEST']._serialized_end=760
-  _globals['_EMBEDREQUEST']._serialized_start=762
-  _globals['_EMBEDREQUEST']._serialized_end=814
-  _globals['_EMBEDRESPONSE']._serialized_start=817
-  _globals['_EMBEDRESPONSE']._serialized_end=975
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=977
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=998
-  _globals['_REQUESTLIMITS']._serialized_start=1001
-  _globals['_REQUESTLIMITS']._serialized_end=1130
-  _globals['_INDEXINFO']._serialized_start=1133
-  _globals['_INDEXINFO']._serialized_end=1541
-  _globals['_DECOYSETTINGS']._serialized_start=1543
-  _globals['_DECOYSETTINGS']._serialized_end=1638
-  _globals['_RELOADINDEXREQUEST']._serialized_start=1640
-  _globals['_RELOADINDEXREQUEST']._serialized_end=1660
-  _globals['_RELOADINDEXRESPONSE']._serialized_start=1662
-  _globals['_RELOADINDEXRESPONSE']._serialized_end=1750
-  _globals['_HOMOLOGSEARCH']._serialized_start=1753
-  _globals['_HOMOLOGSEARCH']._serialized_end=2233
+  _globals['_SEARCHREQUEST']._serialized_end=255
+  _globals['_HIT']._serialized_start=258
+  _globals['_HIT']._serialized_end=401
+  _globals['_QUERYRESULT']._serialized_start=403
+  _globals['_QUERYRESULT']._serialized_end=489
+  _globals['_SEARCHRESPONSE']._serialized_start=491
+  _globals['_SEARCHRESPONSE']._serialized_end=574
+  _globals['_EMBEDDING']._serialized_start=576
+  _globals['_EMBEDDING']._serialized_end=621
+  _globals['_SEARCHBYEMBEDDINGREQUEST']._serialized_start=624
+  _globals['_SEARCHBYEMBEDDINGREQUEST']._serialized_end=808
+  _globals['_EMBEDREQUEST']._serialized_start=810
+  _globals['_EMBEDREQUEST']._serialized_end=862
+  _globals['_EMBEDRESPONSE']._serialized_start=865
+  _globals['_EMBEDRESPONSE']._serialized_end=1023
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1025
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1046
+  _globals['_REQUESTLIMITS']._serialized_start=1049
+  _globals['_REQUESTLIMITS']._serialized_end=1208
+  _globals['_INDEXINFO']._serialized_start=1211
+  _globals['_INDEXINFO']._serialized_end=1619
+  _globals['_DECOYSETTINGS']._serialized_start=1621
+  _globals['_DECOYSETTINGS']._serialized_end=1716
+  _globals['_RELOADINDEXREQUEST']._serialized_start=1718
+  _globals['_RELOADINDEXREQUEST']._serialized_end=1738
+  _globals['_RELOADINDEXRESPONSE']._serialized_start=1740
+  _globals['_RELOADINDEXRESPONSE']._serialized_end=1828
+  _globals['_HOMOLOGSEARCH']._serialized_start=1831
+  _globals['_HOMOLOGSEARCH']._serialized_end=2311
 # @@protoc_insertion_point(module_scope)

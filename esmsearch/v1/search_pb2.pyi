@@ -22,7 +22,7 @@ the reason where one query is at fault):
                       a residue outside the accepted alphabet (details give the
                       query id and the 1-based residue position), k out of
                       [1, max_k], min_score outside [-1, 1] or NaN,
-                      max_evalue negative or NaN.
+                      max_evalue negative or NaN, evalue_db_size negative.
   RESOURCE_EXHAUSTED  the request exceeds a limit in RequestLimits, or the
                       server's embedding queue is full (retry later).
   FAILED_PRECONDITION the server's model does not match the index (the server
@@ -68,7 +68,8 @@ class Query(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     """Caller's identifier for this query, echoed in QueryResult.query_id.
-    Required: non-empty, at most 1000 bytes of UTF-8, unique within one request.
+    Required: 1..256 printable characters, no whitespace (FASTA's first word),
+    at most 1000 bytes of UTF-8, unique within one request.
     """
     sequence: _builtins.str
     """Amino-acid residues, one letter each: the 20 standard amino acids plus
@@ -102,6 +103,7 @@ class SearchRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     MAX_EVALUE_FIELD_NUMBER: _builtins.int
+    EVALUE_DB_SIZE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of nearest database sequences to return per query, 1 .. max_k
     (RequestLimits.max_k, 1000 by default). 0 (unset) is rejected. Fewer hits
@@ -121,6 +123,15 @@ class SearchRequest(_message.Message):
     hits, so raise k to see more. Unset = no bound. Set on an index without
     decoys (IndexInfo.decoys unset) -> FAILED_PRECONDITION.
     """
+    evalue_db_size: _builtins.int
+    """Number of database sequences N that this request's E-values (Hit.evalue)
+    are scaled to, like HMMER's -Z and BLAST's -dbsize: E-values are
+    proportional to N, so searches of shards, replicas or index versions of
+    different sizes give comparable E-values when they all set the size of the
+    whole database. Also applies to max_evalue. Unit: database sequences;
+    range 1 .. 2^63 - 1; 0 (unset) = the server's default (`esmsearch serve
+    --evalue-db-size`), else IndexInfo.count. Negative -> INVALID_ARGUMENT.
+    """
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Query]:
         """The queries, 1 .. RequestLimits.max_queries_per_request of them, with at
@@ -134,10 +145,11 @@ class SearchRequest(_message.Message):
         k: _builtins.int = ...,
         min_score: _builtins.float | None = ...,
         max_evalue: _builtins.float | None = ...,
+        evalue_db_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "k", b"k", "max_evalue", b"max_evalue", "min_score", b"min_score", "queries", b"queries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "evalue_db_size", b"evalue_db_size", "k", b"k", "max_evalue", b"max_evalue", "min_score", b"min_score", "queries", b"queries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_evalue: _TypeAlias = _typing.Literal["max_evalue"]  # noqa: Y015
     _WhichOneofArgType__max_evalue: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue"]  # noqa: Y015
@@ -179,14 +191,16 @@ class Hit(_message.Message):
     """Length of the database sequence in residues, >= 1."""
     evalue: _builtins.float
     """E-value of the hit: the expected number of database sequences unrelated
-    to the query that score at least cosine_score against it, in [0,
-    IndexInfo.count]; lower = more significant (E <= 0.01 is a common
+    to the query that score at least cosine_score against it, in (0, N] with
+    N = SearchRequest.evalue_db_size if set, else the server's default, else
+    IndexInfo.count; lower = more significant (E <= 0.01 is a common
     cut-off). From the query's own null: an extreme-value (GEV) fit to the
     maxima of blocks of its scores against the index's decoys (shuffled
-    database sequences), scaled to the index's count by max-stability, so it
-    doubles when the database doubles. Dimensionless, float32 (values below
-    about 1.4e-45 are 0; 0 also beyond the fitted end point of the null, e.g.
-    a self-hit). For one query it never rises as cosine_score rises. Unset
+    database sequences), continued beyond the range where the GEV holds by an
+    exponential tail, and scaled to N by max-stability, so it doubles when
+    the database doubles. Dimensionless, float32: never 0 (E-values below the
+    smallest positive float32, about 1.4e-45, e.g. of a self-hit, are sent as
+    that value). For one query it never rises as cosine_score rises. Unset
     when the served index has no decoys (IndexInfo.decoys unset).
     """
     def __init__(
@@ -284,7 +298,8 @@ class Embedding(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     """Id of the query (Query.query_id for Embed; the caller's id for
-    SearchByEmbedding: non-empty, at most 1000 bytes, unique per request).
+    SearchByEmbedding: the same rule, 1..256 printable characters without
+    whitespace, unique per request).
     """
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -317,6 +332,7 @@ class SearchByEmbeddingRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     MAX_EVALUE_FIELD_NUMBER: _builtins.int
+    EVALUE_DB_SIZE_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Hits per query, 1 .. RequestLimits.max_k, as in SearchRequest.k."""
     min_score: _builtins.float
@@ -326,6 +342,11 @@ class SearchByEmbeddingRequest(_message.Message):
     max_evalue: _builtins.float
     """Optional upper bound on the E-value, >= 0, as in SearchRequest.max_evalue
     (the query's null is fitted to its vector's scores against the decoys).
+    """
+    evalue_db_size: _builtins.int
+    """Number of database sequences the E-values are scaled to, as in
+    SearchRequest.evalue_db_size (1 .. 2^63 - 1; 0 = unset: the server's
+    default, else IndexInfo.count; negative -> INVALID_ARGUMENT).
     """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
@@ -338,10 +359,11 @@ class SearchByEmbeddingRequest(_message.Message):
         k: _builtins.int = ...,
         min_score: _builtins.float | None = ...,
         max_evalue: _builtins.float | None = ...,
+        evalue_db_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "embeddings", b"embeddings", "k", b"k", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue", "_min_score", b"_min_score", "embeddings", b"embeddings", "evalue_db_size", b"evalue_db_size", "k", b"k", "max_evalue", b"max_evalue", "min_score", b"min_score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_evalue: _TypeAlias = _typing.Literal["max_evalue"]  # noqa: Y015
     _WhichOneofArgType__max_evalue: _TypeAlias = _typing.Literal["_max_evalue", b"_max_evalue"]  # noqa: Y015
@@ -453,6 +475,7 @@ class RequestLimits(_message.Message):
     MAX_QUERIES_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MAX_RESIDUES_PER_QUERY_FIELD_NUMBER: _builtins.int
     MAX_RESIDUES_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_HITS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     max_k: _builtins.int
     """Largest accepted SearchRequest.k."""
     max_queries_per_request: _builtins.int
@@ -461,6 +484,11 @@ class RequestLimits(_message.Message):
     """Longest accepted query sequence, in residues."""
     max_residues_per_request: _builtins.int
     """Most residues summed over all queries of one SearchRequest."""
+    max_hits_per_request: _builtins.int
+    """Most hits one request may ask for: number of queries x k (serve
+    --max-hits-per-request); over it INVALID_ARGUMENT, never retried. Clients
+    split their queries to stay within it. 0 = not reported (older servers).
+    """
     def __init__(
         self,
         *,
@@ -468,10 +496,11 @@ class RequestLimits(_message.Message):
         max_queries_per_request: _builtins.int = ...,
         max_residues_per_query: _builtins.int = ...,
         max_residues_per_request: _builtins.int = ...,
+        max_hits_per_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_k", b"max_k", "max_queries_per_request", b"max_queries_per_request", "max_residues_per_query", b"max_residues_per_query", "max_residues_per_request", b"max_residues_per_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hits_per_request", b"max_hits_per_request", "max_k", b"max_k", "max_queries_per_request", b"max_queries_per_request", "max_residues_per_query", b"max_residues_per_query", "max_residues_per_request", b"max_residues_per_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -132,7 +132,10 @@ class HomologSearchServicer:
         responses carry the new index_version. Errors: FAILED_PRECONDITION when
         the server serves a fixed index directory rather than a root, or when the
         new version is refused (model mismatch, failed verification, missing); the
-        served version then stays and IndexInfo.reload_error says why.
+        served version then stays and IndexInfo.reload_error says why (a reason
+        and an error id; the server log has the details). On a server with tokens
+        it needs an admin token (serve --admin-token-file): PERMISSION_DENIED for
+        a read token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

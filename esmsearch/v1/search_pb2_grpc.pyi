@@ -22,7 +22,7 @@ the reason where one query is at fault):
                       a residue outside the accepted alphabet (details give the
                       query id and the 1-based residue position), k out of
                       [1, max_k], min_score outside [-1, 1] or NaN,
-                      max_evalue negative or NaN.
+                      max_evalue negative or NaN, evalue_db_size negative.
   RESOURCE_EXHAUSTED  the request exceeds a limit in RequestLimits, or the
                       server's embedding queue is full (retry later).
   FAILED_PRECONDITION the server's model does not match the index (the server
@@ -111,7 +111,10 @@ class HomologSearchStub:
     responses carry the new index_version. Errors: FAILED_PRECONDITION when
     the server serves a fixed index directory rather than a root, or when the
     new version is refused (model mismatch, failed verification, missing); the
-    served version then stays and IndexInfo.reload_error says why.
+    served version then stays and IndexInfo.reload_error says why (a reason
+    and an error id; the server log has the details). On a server with tokens
+    it needs an admin token (serve --admin-token-file): PERMISSION_DENIED for
+    a read token.
     """
 
 @_typing.type_check_only
@@ -157,7 +160,10 @@ class HomologSearchAsyncStub(HomologSearchStub):
     responses carry the new index_version. Errors: FAILED_PRECONDITION when
     the server serves a fixed index directory rather than a root, or when the
     new version is refused (model mismatch, failed verification, missing); the
-    served version then stays and IndexInfo.reload_error says why.
+    served version then stays and IndexInfo.reload_error says why (a reason
+    and an error id; the server log has the details). On a server with tokens
+    it needs an admin token (serve --admin-token-file): PERMISSION_DENIED for
+    a read token.
     """
 
 class HomologSearchServicer(metaclass=_abc_1.ABCMeta):
@@ -236,7 +242,10 @@ class HomologSearchServicer(metaclass=_abc_1.ABCMeta):
         responses carry the new index_version. Errors: FAILED_PRECONDITION when
         the server serves a fixed index directory rather than a root, or when the
         new version is refused (model mismatch, failed verification, missing); the
-        served version then stays and IndexInfo.reload_error says why.
+        served version then stays and IndexInfo.reload_error says why (a reason
+        and an error id; the server log has the details). On a server with tokens
+        it needs an admin token (serve --admin-token-file): PERMISSION_DENIED for
+        a read token.
         """
 
 def add_HomologSearchServicer_to_server(servicer: HomologSearchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
