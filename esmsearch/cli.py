@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from esmsearch import __version__
+from esmsearch.protocol import DEFAULT_MAX_HITS_PER_REQUEST, DEFAULT_MAX_QUERIES_IN_FLIGHT, DEFAULT_MAX_QUEUED_RESIDUES
 
 __all__ = ["main"]
 
@@ -38,8 +39,6 @@ DEFAULT_MODEL = "esm2_t33_650M_UR50D"
 # Repeated from esmsearch.significance so that `esmsearch --help` imports no numpy code.
 DEFAULT_DECOYS = 10_000
 # Server defaults, repeated here so that `esmsearch --help` does not import torch/grpc server code.
-DEFAULT_MAX_QUERIES_IN_FLIGHT = 1024
-DEFAULT_MAX_QUEUED_RESIDUES = 1_048_576
 DEFAULT_MAX_WORKERS = 64
 DEFAULT_GRACE_S = 10.0
 DEFAULT_MAX_K = 1000
@@ -68,6 +67,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from esmsearch.indexer import build_index, build_version
 
     _configure_logging(max(args.verbose, 1))
+    if args.discard:
+        from esmsearch.indexer.build import discard_partial
+
+        removed = discard_partial(root=args.root) if args.root is not None else discard_partial(out_dir=args.output)
+        print(f"removed the partial build {removed}" if removed is not None else "no partial build to remove")
+        return 0
     distributed = None
     if args.distributed == "ray":
         from esmsearch.indexer.distributed import DistributedConfig
@@ -102,10 +107,15 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         store_dtype=args.store_dtype,
         distributed=distributed,
     )
-    if args.root is not None:
-        result = build_version(args.fasta, args.root, reuse=not args.no_reuse, keep_versions=args.keep, **common)
-    else:
-        result = build_index(args.fasta, args.output, overwrite=args.overwrite, **common)
+    try:
+        if args.root is not None:
+            result = build_version(args.fasta, args.root, reuse=not args.no_reuse, keep_versions=args.keep, **common)
+        else:
+            result = build_index(args.fasta, args.output, overwrite=args.overwrite, **common)
+    except Exception as exc:
+        for note in getattr(exc, "__notes__", ()):  # e.g. how to resume the kept partial build
+            print(f"esmsearch: note: {note}", file=sys.stderr)
+        raise
     m = result.manifest
     print(
         f"built {result.path}: {result.sequences} sequences, {result.residues} residues, "
@@ -177,6 +187,14 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     with Index.open(path, verify=args.verify) as index:
         m = index.manifest
         sizes = index.file_sizes()
+        if index.k_factor is None:
+            rerank = "none: the FAISS index stores exact vectors, its scores are exact cosines"
+        else:
+            source = "manifest" if "k_factor" in m.search_params else "default; the manifest predates k_factor"
+            rerank = (
+                f"k_factor {index.k_factor} ({source}): {index.k_factor} x k candidates from the compressed index "
+                f"are re-scored exactly against embeddings.npy ({m.store_dtype}), so scores are exact cosines"
+            )
         if args.json:
             data: dict[str, Any] = json.loads(m.to_json())
             data["file_sizes"] = sizes
@@ -195,6 +213,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
             ("pooling", f"{m.pooling}, {m.normalisation}-normalised; metric {m.metric} (cosine)"),
             ("precision", f"{m.precision} (queries are embedded at this precision)"),
             ("faiss index", m.index_factory + (f" {m.search_params}" if m.search_params else "")),
+            ("re-ranking", rerank),
             ("stored embeddings", m.store_dtype),
             ("source fasta", f"{m.source_fasta} (sha256 {m.source_fasta_sha256[:16]}...)"),
             ("built", f"{m.built_at} by esmsearch {m.tool_version}"),
@@ -307,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from esmsearch.errors import ConfigError
     from esmsearch.server import AdmissionConfig, BatchingConfig, RequestLimits, ServerConfig, serve
     from esmsearch.server.logs import use_log_format
-    from esmsearch.server.security import SecurityConfig, TlsConfig, load_tokens
+    from esmsearch.server.security import ADMIN_TOKENS_ENV, SecurityConfig, TlsConfig, load_tokens
 
     _configure_logging(max(args.verbose, 1))
     use_log_format(args.log_format)
@@ -316,7 +335,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    security = SecurityConfig(tls=tls, tokens=load_tokens(args.token_file), insecure_bind_any=args.insecure_bind_any)
+    security = SecurityConfig(
+        tls=tls,
+        tokens=load_tokens(args.token_file),
+        admin_tokens=load_tokens(args.admin_token_file, env_var=ADMIN_TOKENS_ENV),
+        insecure_bind_any=args.insecure_bind_any,
+    )
     config = ServerConfig(
         index=args.index_dir,
         limits=RequestLimits(max_k=args.max_k),
@@ -335,12 +359,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admission=AdmissionConfig(
             max_queries_in_flight=args.max_queries_in_flight,
             max_queued_residues=args.max_queued_residues,
+            max_hits_per_request=args.max_hits_per_request,
         ),
         security=security,
         metrics_port=args.metrics_port,
         http_port=args.http_port,
         grace_s=args.grace_s,
         mmap_index=not args.no_mmap,
+        evalue_db_size=args.evalue_db_size,
     )
     return serve(config)
 
@@ -348,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- search -------------------------------------------------------------------------------
 def cmd_search(args: argparse.Namespace) -> int:
     from esmsearch.client import SearchClient, UnavailableError
-    from esmsearch.client.channel import TOKEN_ENV, ClientCredentials
+    from esmsearch.client.channel import TOKEN_ENV, ClientCredentials, read_token_file
     from esmsearch.client.formats import write_json, write_tsv
 
     _configure_logging(args.verbose)
@@ -357,11 +383,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         root_cert_file=args.tls_ca,
         client_cert_file=args.tls_cert,
         client_key_file=args.tls_key,
-        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        token=(read_token_file(args.token_file) if args.token_file else None) or os.environ.get(TOKEN_ENV) or None,
     )
     with SearchClient(args.server, timeout_s=args.timeout_s, credentials=credentials) as client:
         try:
-            results = client.search(args.query, k=args.k, min_score=args.min_score, max_evalue=args.max_evalue)
+            results = client.search(
+                args.query,
+                k=args.k,
+                min_score=args.min_score,
+                max_evalue=args.max_evalue,
+                evalue_db_size=args.evalue_db_size,
+            )
         except UnavailableError as exc:
             raise UnavailableError(
                 exc.code,
@@ -389,6 +421,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _db_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number of database sequences >= 1, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of database sequences >= 1, got {value}")
+    return value
+
+
 def _evalue(text: str) -> float:
     try:
         value = float(text)
@@ -397,6 +439,26 @@ def _evalue(text: str) -> float:
     if not value >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"expected an E-value >= 0, got {text}")
     return value
+
+
+def _refuse_secret_flag(parser: argparse.ArgumentParser, flag: str, alternative: str) -> None:
+    """Make ``flag`` (a secret on the command line) a usage error naming ``alternative``.
+
+    Declared, rather than left out, so that argparse does not read it as an
+    abbreviation of a longer flag (``--token`` of ``--token-file``), and so the error
+    says what to use; the value is never echoed.
+    """
+
+    class Refuse(argparse.Action):
+        def __call__(
+            self, p: argparse.ArgumentParser, ns: argparse.Namespace, values: object, opt: object = None
+        ) -> None:
+            p.error(
+                f"{flag} is not accepted: a secret on the command line is visible to every local user in the "
+                f"process list; use {alternative}"
+            )
+
+    parser.add_argument(flag, nargs="?", action=Refuse, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -517,7 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted build of the same FASTA and model from its last completed chunk",
+        help="continue an interrupted or failed build of the same FASTA and model at its first unfinished stage "
+        "(nothing journaled is redone; a different --index-factory keeps the vectors and redoes only FAISS)",
+    )
+    b.add_argument(
+        "--discard",
+        action="store_true",
+        help="remove the partial build of this output (-o) or root (--root) and exit",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("-v", "--verbose", action="count", default=0)
@@ -545,6 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="override the model path recorded in the manifest (must match it)")
     s.add_argument("--device", default="auto")
     s.add_argument("--toks-per-batch", type=int, default=4096)
+    s.add_argument(
+        "--evalue-db-size",
+        type=_db_size,
+        default=None,
+        metavar="N",
+        help="scale E-values to N database sequences (like HMMER's -Z, BLAST's -dbsize), e.g. the whole "
+        "database's size on every shard or replica; a request's evalue_db_size overrides it. "
+        "Default: the served index's count",
+    )
     s.add_argument(
         "--reload-poll-s",
         type=float,
@@ -582,6 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="admission: most residues of those sequences (default "
         f"{DEFAULT_MAX_QUEUED_RESIDUES:,}); per-request limits are lowered to fit both",
+    )
+    s.add_argument(
+        "--max-hits-per-request",
+        type=int,
+        default=DEFAULT_MAX_HITS_PER_REQUEST,
+        metavar="N",
+        help="admission: most hits one request may ask for, queries x k; beyond it INVALID_ARGUMENT "
+        f"(HTTP 400), never retried (default {DEFAULT_MAX_HITS_PER_REQUEST:,})",
     )
     s.add_argument(
         "--max-k",
@@ -634,11 +719,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help=(
-            "accepted bearer tokens, one per line (also: ESMSEARCH_TOKENS env, comma-separated); "
+            "accepted read bearer tokens, one per line (also: ESMSEARCH_TOKENS env, comma-separated); "
             "health checks need none"
         ),
     )
-    s.add_argument("--insecure-bind-any", action="store_true", help="allow a non-loopback --host without TLS or tokens")
+    s.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help=(
+            "accepted admin bearer tokens, one per line (also: ESMSEARCH_ADMIN_TOKENS env): needed by "
+            "ReloadIndex, which read tokens cannot call"
+        ),
+    )
+    _refuse_secret_flag(s, "--token", "--token-file FILE or the ESMSEARCH_TOKENS environment variable")
+    _refuse_secret_flag(
+        s, "--admin-token", "--admin-token-file FILE or the ESMSEARCH_ADMIN_TOKENS environment variable"
+    )
+    s.add_argument(
+        "--insecure-bind-any",
+        action="store_true",
+        help="allow a non-loopback --host without TLS and client authentication (tokens or --tls-client-ca); "
+        "logged as a warning",
+    )
     s.add_argument(
         "--metrics-port",
         type=int,
@@ -690,6 +793,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop hits with E-value above this (of the k nearest; like BLAST's -evalue, MMseqs2's -e); "
         "the index needs decoys. Default: keep all",
     )
+    q.add_argument(
+        "--evalue-db-size",
+        type=_db_size,
+        default=None,
+        metavar="N",
+        help="scale E-values to N database sequences (like HMMER's -Z, BLAST's -dbsize). "
+        "Default: the server's --evalue-db-size, else the index's count",
+    )
     q.add_argument("--format", choices=["tsv", "json"], default="tsv")
     q.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
     q.add_argument("--timeout-s", type=float, default=300.0, help="per-call deadline in seconds (default 300)")
@@ -699,7 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM) for mutual TLS")
     q.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM) for mutual TLS")
-    q.add_argument("--token", default=None, help="bearer token (default: the ESMSEARCH_TOKEN environment variable)")
+    q.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file whose first line is the bearer token (default: the ESMSEARCH_TOKEN environment variable); "
+        "sent over TLS, or in clear to a loopback --server only",
+    )
+    _refuse_secret_flag(q, "--token", "--token-file FILE or the ESMSEARCH_TOKEN environment variable")
     q.add_argument("-v", "--verbose", action="count", default=0)
     q.set_defaults(func=cmd_search)
     return parser

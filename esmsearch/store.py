@@ -60,6 +60,7 @@ __all__ = [
     "Index",
     "IndexWriter",
     "Manifest",
+    "MetadataReader",
     "Target",
     "new_version_id",
     "publish_directory",
@@ -127,7 +128,9 @@ class Manifest:
         dim: embedding dimension.
         count: number of database sequences (rows).
         index_factory: FAISS index factory string.
-        search_params: FAISS search-time parameters (``nprobe``, ``ef_search``).
+        search_params: FAISS search-time parameters (``nprobe``, ``ef_search``) and, for
+            indexes with lossy codes (PQ, SQ), ``k_factor``: candidates per hit re-ranked
+            exactly against the stored embeddings.
         source_fasta: path of the source FASTA as given at build time.
         source_fasta_sha256: sha256 of the source FASTA file's bytes.
         files: file name -> sha256 of every data file.
@@ -395,13 +398,28 @@ class IndexWriter:
 
         vector_index.write(index, self.directory / FAISS_FILE)
 
-    def finish(self, **fields: Any) -> Manifest:
-        """Checksum files, write ``manifest.json`` last, fsync, and verify the result.
+    def finish(self, *, known_sha256: dict[str, str] | None = None, **fields: Any) -> Manifest:
+        """Checksum files, write ``manifest.json`` last, fsync, and check the row counts.
 
         ``fields`` are the :class:`Manifest` fields other than ``format_version``,
         ``files``, ``count`` and (optionally) ``version``/``built_at``/``decoys``.
         With ``decoys`` (a :class:`~esmsearch.significance.DecoySettings`), ``decoys.npy``
         must have been written (:meth:`write_decoys`) and is checksummed too.
+
+        Each file is read once, to hash it, unless ``known_sha256`` already gives
+        its sha256 (the indexer's journal holds the digest of every file a stage
+        wrote, taken when it was written): a multi-GB ``embeddings.npy`` or
+        ``index.faiss`` is then not read again here. The result is opened
+        memory-mapped (:meth:`Index.open` with ``mmap=True``, no checksums) to
+        check that FAISS, metadata and manifest agree on the row count and the
+        dimension, and ``embeddings.npy``'s header is checked against them, so the
+        FAISS index is never read into the heap here. Checksums are checked by
+        :func:`esmsearch.versions.verify_index` or ``Index.open(verify=True)``.
+
+        Args:
+            known_sha256: file name -> hex sha256 for files whose digest the caller
+                computed when it wrote them.
+            **fields: the manifest fields.
 
         Raises:
             IndexFormatError: the written files are inconsistent (row counts differ,
@@ -409,6 +427,7 @@ class IndexWriter:
                 invalid (e.g. an unknown precision).
             OSError: an fsync or the manifest's rename failed (nothing is published).
         """
+        known = dict(known_sha256 or {})
         self._db.commit()
         self._db.execute("VACUUM")
         self._db.close()
@@ -428,14 +447,21 @@ class IndexWriter:
             if not path.is_file():
                 raise IndexFormatError(f"build produced no {name}")
             fsutil.fsync_file(path)
-            files[name] = fsutil.file_sha256(path)
+            files[name] = known[name] if name in known else fsutil.file_sha256(path)
         now = datetime.now(UTC)
         fields.setdefault("built_at", now.isoformat(timespec="seconds"))
         fields.setdefault("version", new_version_id(now))
         manifest = Manifest(format_version=FORMAT_VERSION, files=files, count=self._rows, **fields)
         # The manifest goes last: a directory with a manifest has every file it lists.
         fsutil.write_text_atomic(self.directory / MANIFEST, manifest.to_json())
-        Index.open(self.directory, verify=True).close()
+        with Index.open(self.directory, mmap=True) as index:
+            emb = np.load(self.embeddings_path(), mmap_mode="r")
+            if emb.shape != (index.count, manifest.dim) or emb.dtype != np.dtype(manifest.store_dtype):
+                raise IndexFormatError(
+                    f"index {self.directory}: embeddings.npy is {emb.dtype} {emb.shape}, manifest says "
+                    f"{manifest.store_dtype} {(index.count, manifest.dim)}"
+                )
+            del emb
         self._finished = True
         return manifest
 
@@ -539,11 +565,147 @@ def unit_float32(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+class MetadataReader:
+    """Lookups in one index version's ``metadata.sqlite`` from many threads at once.
+
+    A fixed pool of read-only connections (``file:...?mode=ro`` URIs, opened with
+    ``check_same_thread=False``): a lookup borrows an idle connection for its duration
+    and gives it back, so up to ``connections`` lookups run side by side (SQLite
+    releases the GIL while it steps a statement) instead of queueing behind one lock;
+    beyond that a lookup waits for the next connection given back. All connections are
+    opened together when the index is opened, never later: a version directory that is
+    pruned or replaced at the same path while it is still served keeps answering from
+    the files that were opened, as the FAISS index does. Each connection is used by one
+    thread at a time and reads the file through a memory map (``PRAGMA mmap_size``), so
+    the connections share the OS page cache rather than each filling its own.
+    ``benchmarks/metadata_lookup.py`` measures this against one locked connection and
+    against memory-mapped arrays.
+
+    Args:
+        path: the ``metadata.sqlite`` file.
+        first: an open read-only connection to it to start the pool with (e.g. the one
+            :meth:`Index.open` checked the row count with); ``None`` opens one.
+        connections: size of the pool, >= 1; default: the number of CPUs, 2 to 8.
+
+    Raises:
+        IndexFormatError: the file cannot be opened.
+    """
+
+    #: Rows per ``IN (...)`` statement: under SQLite's historical limit of 999 bound
+    #: parameters (``SQLITE_MAX_VARIABLE_NUMBER`` before 3.32).
+    CHUNK_ROWS = 900
+    #: Largest memory map per connection (SQLite's ``PRAGMA mmap_size``; address space,
+    #: not memory: pages are read in only when looked up).
+    MMAP_BYTES = 1 << 40
+
+    def __init__(self, path: Path, first: sqlite3.Connection | None = None, *, connections: int | None = None) -> None:
+        self.path = path
+        n = connections if connections is not None else min(8, max(2, os.cpu_count() or 1))
+        if n < 1:
+            raise ValueError(f"connections must be >= 1, got {n}")
+        self._cond = threading.Condition()  # guards _idle and _closed; never held during a query
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        uri = fsutil.sqlite_uri(path, mode="ro")
+        try:
+            self._idle.append(first if first is not None else sqlite3.connect(uri, uri=True, check_same_thread=False))
+            while len(self._idle) < n:
+                self._idle.append(sqlite3.connect(uri, uri=True, check_same_thread=False))
+            for db in self._idle:
+                # Pages read through a memory map: one copy in the OS page cache for all
+                # connections, no read() per page (https://www.sqlite.org/mmap.html).
+                db.execute(f"PRAGMA mmap_size = {self.MMAP_BYTES}")
+        except sqlite3.Error as exc:
+            for db in self._idle:
+                db.close()
+            raise IndexFormatError(f"cannot open {path} ({exc})") from exc
+        try:  # SQLite's JSON functions: built in since 3.38, an option before
+            self._idle[0].execute("SELECT json_group_array(json_array(1, 'a'))").fetchone()
+            self._json = True
+        except sqlite3.OperationalError:
+            self._json = False
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection for this thread alone until the block ends (waits for
+        one while all are lent out).
+
+        Raises:
+            sqlite3.ProgrammingError: the reader is closed (also while waiting).
+        """
+        with self._cond:
+            while not self._idle and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            db = self._idle.pop()
+        try:
+            yield db
+        finally:
+            with self._cond:
+                if self._closed:
+                    db.close()
+                else:
+                    self._idle.append(db)
+                    self._cond.notify()
+
+    def lookup(self, rows: Sequence[int] | np.ndarray) -> dict[int, Target]:
+        """Metadata of the distinct rows among ``rows`` (those without metadata are absent).
+
+        Args:
+            rows: database rows, a sequence of ints or an integer array (any order and
+                shape, repeats allowed; negative rows are skipped).
+
+        Returns:
+            ``{row: Target}``, one entry per distinct row found.
+
+        Raises:
+            sqlite3.ProgrammingError: the reader is closed.
+        """
+        found: dict[int, Target] = {}
+        asked = np.asarray(rows, dtype=np.int64)
+        if asked.size == 0:
+            return found
+        # numpy sorts with the GIL released: a large lookup does not stall other threads here.
+        distinct = np.unique(asked)
+        wanted: list[int] = distinct[distinct >= 0].tolist()
+        with self.connection() as db:
+            for start in range(0, len(wanted), self.CHUNK_ROWS):
+                chunk = wanted[start : start + self.CHUNK_ROWS]
+                marks = ",".join("?" * len(chunk))
+                if self._json:
+                    # One JSON text per chunk: one statement step, so one GIL hand-over per
+                    # chunk instead of one per row (measured: benchmarks/metadata_lookup.py).
+                    (text,) = db.execute(
+                        "SELECT json_group_array(json_array(row, record_id, description, length)) "
+                        f"FROM sequences WHERE row IN ({marks})",
+                        chunk,
+                    ).fetchone()
+                    rows_found = json.loads(text)
+                else:
+                    rows_found = db.execute(
+                        f"SELECT row, record_id, description, length FROM sequences WHERE row IN ({marks})", chunk
+                    )
+                for row, rid, desc, length in rows_found:
+                    found[row] = Target(row, rid, desc, length)
+        return found
+
+    def close(self) -> None:
+        """Close idle connections now and lent ones when given back; idempotent."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for db in idle:
+            db.close()
+
+
 class Index:
     """An opened, read-only index version: FAISS search plus metadata lookup.
 
-    Thread-safe: FAISS search is re-entrant; SQLite access is serialised by a lock;
-    the decoys are read-only. Use :meth:`open`.
+    Thread-safe: FAISS search is re-entrant; metadata lookups take read-only SQLite
+    connections from a pool (:class:`MetadataReader`), no global lock; the decoys and
+    stored embeddings are read-only. Use :meth:`open`.
 
     Attributes:
         path: the index directory.
@@ -559,13 +721,29 @@ class Index:
         faiss_index: Any,
         db: sqlite3.Connection,
         null: DecoyNull | None = None,
+        *,
+        k_factor: int | None = None,
+        stored: np.ndarray | None = None,
     ) -> None:
+        if (k_factor is None) != (stored is None):
+            raise ValueError("k_factor and the stored embeddings re-ranked against come together")
         self.path = path
         self.manifest = manifest
         self._faiss = faiss_index
-        self._db = db
-        self._lock = threading.Lock()
+        self._metadata = MetadataReader(path / METADATA_FILE, db)
         self.null = null
+        self._k_factor = k_factor
+        self._stored = stored
+
+    @property
+    def k_factor(self) -> int | None:
+        """Candidates per hit that :meth:`search` re-ranks exactly, or ``None`` when the
+        FAISS index stores exact vectors (Flat, IVF-Flat, HNSW-Flat) and scores need no
+        re-ranking. Set for every index with lossy codes (PQ, SQ;
+        :func:`esmsearch.vector_index.has_lossy_codes`): the manifest's
+        ``search_params["k_factor"]``, else :data:`esmsearch.vector_index.DEFAULT_K_FACTOR`
+        (an index built before the parameter existed), unless :meth:`open` overrode it."""
+        return self._k_factor
 
     @property
     def version(self) -> str:
@@ -581,23 +759,44 @@ class Index:
         return self.null is not None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, verify: bool = False, mmap: bool = False) -> Index:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        verify: bool = False,
+        mmap: bool = False,
+        k_factor: int | None = None,
+    ) -> Index:
         """Open an index directory.
+
+        For a FAISS index with lossy codes (PQ, SQ), ``embeddings.npy`` is also
+        memory-mapped (always, whatever ``mmap`` says: only the rows :meth:`search`
+        re-ranks are ever read), and its dtype and shape are checked against the
+        manifest.
 
         Args:
             path: the index directory.
             verify: also check every file's sha256 against the manifest.
             mmap: memory-map the FAISS index and the decoys instead of reading them
                 into memory.
+            k_factor: re-rank this many candidates per hit instead of the manifest's
+                ``search_params["k_factor"]`` (>= 1; e.g. a server override); ignored
+                for an index that stores exact vectors.
 
         Raises:
             IndexNotFoundError: no manifest at ``path``.
             IndexFormatError: a file is missing, a checksum differs (with ``verify``),
-                row counts of FAISS, metadata and manifest disagree, or ``decoys.npy``
-                is not float32 ``[decoys.count, dim]``.
+                row counts of FAISS, metadata and manifest disagree, the manifest's
+                search parameters are invalid, ``embeddings.npy`` is not
+                ``[count, dim]`` in the manifest's ``store_dtype`` (checked with
+                ``verify`` or when scores are re-ranked), or ``decoys.npy`` is not
+                float32 ``[decoys.count, dim]``.
+            ConfigError: ``k_factor`` is not a positive integer.
         """
         from esmsearch import vector_index
 
+        if k_factor is not None:
+            vector_index.IndexSpec("Flat", k_factor=k_factor)  # validates it (ConfigError)
         directory = Path(path)
         manifest = Manifest.read(directory)
         expected_files = manifest.data_files
@@ -625,6 +824,9 @@ class Index:
             vector_index.apply_search_params(index, spec)
         except EsmsearchError as exc:
             raise IndexFormatError(f"index {directory}: bad search parameters in manifest ({exc})") from exc
+        rerank_by: int | None = None
+        if vector_index.has_lossy_codes(index):
+            rerank_by = k_factor or spec.k_factor or vector_index.DEFAULT_K_FACTOR
         try:
             db = sqlite3.connect(
                 fsutil.sqlite_uri(directory / METADATA_FILE, mode="ro"), uri=True, check_same_thread=False
@@ -651,13 +853,18 @@ class Index:
             problems.append(f"metadata has {n_counted} rows numbered up to {n_meta - 1}")
         if index.d != manifest.dim:
             problems.append(f"FAISS dimension {index.d} != manifest dim {manifest.dim}")
-        if verify:
-            emb = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")
-            if emb.shape != (manifest.count, manifest.dim) or emb.dtype != np.dtype(manifest.store_dtype):
-                problems.append(
-                    f"embeddings.npy is {emb.dtype} {emb.shape}, manifest says {manifest.store_dtype} "
-                    f"{(manifest.count, manifest.dim)}"
-                )
+        stored: np.ndarray | None = None
+        if verify or rerank_by is not None:
+            try:
+                stored = np.load(directory / EMBEDDINGS_FILE, mmap_mode="r")  # header only; rows read lazily
+            except (OSError, ValueError) as exc:
+                problems.append(f"embeddings.npy is unreadable ({exc})")
+            else:
+                if stored.shape != (manifest.count, manifest.dim) or stored.dtype != np.dtype(manifest.store_dtype):
+                    problems.append(
+                        f"embeddings.npy is {stored.dtype} {stored.shape}, manifest says {manifest.store_dtype} "
+                        f"{(manifest.count, manifest.dim)}"
+                    )
         null = None
         if manifest.decoys is not None:
             try:
@@ -671,10 +878,23 @@ class Index:
             raise IndexFormatError(
                 f"index {directory} is inconsistent (manifest count {manifest.count}): " + "; ".join(problems)
             )
-        return cls(directory, manifest, index, db, null)
+        if rerank_by is None:
+            return cls(directory, manifest, index, db, null)
+        return cls(directory, manifest, index, db, null, k_factor=rerank_by, stored=stored)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k-nearest database sequences by cosine score.
+
+        The one search path of the engine, the batcher and every RPC. For a FAISS
+        index with lossy codes (PQ, SQ; :attr:`k_factor` is set), FAISS proposes
+        ``k_factor * k`` candidates (at the manifest's nprobe/efSearch) and they are
+        re-ranked exactly against ``embeddings.npy``
+        (:func:`esmsearch.vector_index.search_reranked`; only candidate rows are read
+        from the memory map), so every score is the exact cosine of the query and the
+        stored vector, computed in float32: for a float16 store
+        (``manifest.store_dtype``), of the float16-rounded vector, re-normalised as
+        :func:`unit_float32` does. Indexes that store exact vectors (Flat, IVF-Flat,
+        HNSW-Flat) are searched directly; their scores are exact already.
 
         Args:
             vectors: float32 ``[q, dim]``, L2-normalised query embeddings.
@@ -684,58 +904,85 @@ class Index:
             ``(scores, rows)``: float32 ``[q, k]`` cosine scores in [-1, 1], each row
             descending (higher = closer), and int64 ``[q, k]`` database rows, -1 where
             there is no hit.
+
+        Raises:
+            ValueError: ``vectors`` is not ``[q, dim]``.
+            ConfigError: ``k`` < 1.
         """
         from esmsearch import vector_index
 
         queries = np.ascontiguousarray(vectors, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
             raise ValueError(f"query vectors must be [q, {self.manifest.dim}], got {list(queries.shape)}")
-        return vector_index.search(self._faiss, queries, k)
+        if self._k_factor is None:
+            return vector_index.search(self._faiss, queries, k)
+        assert self._stored is not None  # __init__ sets both or neither
+        return vector_index.search_reranked(self._faiss, queries, k, self._stored, self._k_factor)
 
-    def evalues(self, vectors: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def evalues(self, vectors: np.ndarray, scores: np.ndarray, db_size: int | np.ndarray | None = None) -> np.ndarray:
         """E-values of hits of this index (see :mod:`esmsearch.significance`).
 
         Fits each query's null to its scores against the stored decoys (one matrix
-        product) and scales it to this index's ``count`` database sequences.
+        product) and scales it to ``db_size`` database sequences (this index's
+        ``count`` by default).
 
         Args:
             vectors: float32 ``[q, dim]``, L2-normalised query embeddings.
             scores: ``[q, k]`` cosine scores of their hits (from :meth:`search`).
+            db_size: number of database sequences to scale the E-values to (HMMER's
+                ``-Z``, BLAST's ``-dbsize``; e.g. the size of the whole database this
+                index is a shard of), >= 1: one for all queries, or int ``[q]``, one per
+                query; ``None`` = this index's ``count``.
 
         Returns:
-            float32 ``[q, k]`` E-values in ``[0, count]``: the expected number of
+            float32 ``[q, k]`` E-values in ``(0, db_size]``: the expected number of
             database sequences unrelated to the query scoring at least each score;
             lower = more significant.
 
         Raises:
             EvaluesUnavailableError: the index has no decoys.
+            ValueError: ``db_size`` below 1, or an array that is not ``[q]``.
         """
         if self.null is None:
             raise EvaluesUnavailableError(
                 f"index {self.version} has no decoys, so no E-values; rebuild it with decoys "
                 "(esmsearch index build --decoys N, N > 0)"
             )
-        return self.null.evalues(np.ascontiguousarray(vectors, dtype=np.float32), scores, self.count)
+        n: int | np.ndarray = self.count if db_size is None else db_size
+        if db_size is not None and np.any(np.asarray(db_size) < 1):
+            raise ValueError(f"db_size must be >= 1 database sequences, got {db_size}")
+        return self.null.evalues(np.ascontiguousarray(vectors, dtype=np.float32), scores, n)
 
     def embeddings(self) -> np.ndarray:
         """The stored vectors, memory-mapped read-only (nothing is read until rows are
         indexed): ``[count, dim]`` in ``manifest.store_dtype`` (float32 or float16); pass
-        rows through :func:`unit_float32` before computing cosine scores with them."""
+        rows through :func:`unit_float32` before computing cosine scores with them.
+        For an index whose scores are re-ranked, this is the map :meth:`search` reads."""
+        if self._stored is not None:
+            return self._stored
         vectors: np.ndarray = np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
         return vectors
 
     def targets(self, rows: Sequence[int]) -> list[Target]:
-        """Metadata of database rows, in the order given (rows must exist)."""
-        wanted = sorted({int(r) for r in rows if r >= 0})
-        found: dict[int, Target] = {}
-        with self._lock:
-            for chunk_start in range(0, len(wanted), 900):
-                chunk = wanted[chunk_start : chunk_start + 900]
-                marks = ",".join("?" * len(chunk))
-                for row, rid, desc, length in self._db.execute(
-                    f"SELECT row, record_id, description, length FROM sequences WHERE row IN ({marks})", chunk
-                ):
-                    found[row] = Target(row, rid, desc, length)
+        """Metadata of database rows, in the order given (rows must exist).
+
+        Each distinct row is read once, however often it repeats. Safe to call from
+        many threads at once: each call reads through its own pooled read-only
+        connection (:class:`MetadataReader`), so a large lookup does not hold up others.
+
+        Args:
+            rows: database rows, ``0 <= row < count``, any order, repeats allowed (e.g.
+                the distinct rows of an answer, ``np.unique(rows).tolist()``).
+
+        Returns:
+            One :class:`Target` per entry of ``rows``, in that order.
+
+        Raises:
+            IndexFormatError: a row has no metadata (out of range, negative, or a
+                corrupt index).
+            sqlite3.ProgrammingError: the index is closed.
+        """
+        found = self._metadata.lookup(rows)
         try:
             return [found[int(r)] for r in rows]
         except KeyError as exc:
@@ -743,8 +990,8 @@ class Index:
 
     def iter_metadata(self) -> Iterator[tuple[int, str, str, int, str]]:
         """All ``(row, record_id, description, length, sha256)`` rows in row order."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._metadata.connection() as db:
+            rows = db.execute(
                 "SELECT row, record_id, description, length, sha256 FROM sequences ORDER BY row"
             ).fetchall()
         yield from rows
@@ -754,8 +1001,8 @@ class Index:
         return {p.name: p.stat().st_size for p in sorted(self.path.iterdir()) if p.is_file()}
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Close the metadata connections (those lent to lookups in flight when they end)."""
+        self._metadata.close()
 
     def __enter__(self) -> Index:
         return self

@@ -15,14 +15,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from esmsearch.cli import main
 from esmsearch.client import ResourceExhaustedError, SearchClient
 from esmsearch.client.retry import NO_RETRY, RetryPolicy
-from esmsearch.errors import RequestExpiredError, RequestTooLargeError, ServerBusyError
+from esmsearch.errors import ConfigError, RequestExpiredError, RequestTooLargeError, ServerBusyError
+from esmsearch.protocol import DEFAULT_MAX_HITS_PER_REQUEST
 from esmsearch.sequences import read_fasta
 from esmsearch.server import AdmissionConfig, BatchingConfig, ServerConfig, create_server
 from esmsearch.server.admission import Admission
 from esmsearch.server.batcher import DynamicBatcher
 from esmsearch.server.engine import SearchEngine
+from esmsearch.server.rpc import Reject
 from esmsearch.store import Index
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -185,7 +188,9 @@ def test_sixteen_concurrent_requests_with_two_in_flight_are_ok_or_busy_with_retr
                 outcomes.append(("OK", call.result(timeout=60).results[0].hits[0].target_id == db[i].record_id))
             except grpc.RpcError as exc:
                 trailing = dict(exc.trailing_metadata() or ())
-                outcomes.append((exc.code().name, trailing.get("retry-after-ms", "").isdigit()))
+                # gRPC's standard pushback (what any gRPC client's retry policy obeys) and the legacy hint
+                pushback = trailing.get("grpc-retry-pushback-ms", "")
+                outcomes.append((exc.code().name, pushback.isdigit() and trailing.get("retry-after-ms") == pushback))
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert sorted(outcomes) == [("OK", True)] * 2 + [("RESOURCE_EXHAUSTED", True)] * 14
     assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -262,3 +267,88 @@ def test_no_retry_policy_surfaces_the_busy_hint(two_in_flight, db) -> None:  # t
         for f in held:
             f.result(timeout=60)
     assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+
+
+# -- output counted, transport bounded -----------------------------------------------------
+
+
+def test_hits_per_request_are_admitted_and_refused_for_good_as_invalid_argument() -> None:
+    adm = Admission(AdmissionConfig(max_hits_per_request=1000))
+    adm.release(adm.admit(10, 100, hits=1000))  # exactly at the limit
+    with pytest.raises(Reject) as info:
+        adm.admit(10, 100, hits=1010)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1,010 hits" in info.value.details and "limit of 1,000 hits per request" in info.value.details
+    assert adm.queries_in_flight == 0  # nothing was admitted
+    assert AdmissionConfig().max_hits_per_request == DEFAULT_MAX_HITS_PER_REQUEST == 100_000
+    with pytest.raises(ConfigError):
+        AdmissionConfig(max_hits_per_request=0)
+
+
+def test_serve_flag_sets_the_hit_limit(small_index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import esmsearch.server
+
+    seen: list[ServerConfig] = []
+    monkeypatch.setattr(esmsearch.server, "serve", lambda config: seen.append(config) or 0)
+    assert main(["serve", str(small_index), "--max-hits-per-request", "5000"]) == 0
+    assert seen[0].admission.max_hits_per_request == 5000
+
+
+def test_grpc_refuses_rpcs_beyond_the_cap_derived_from_the_admission_bounds(small_index: Path, db) -> None:  # type: ignore[no-untyped-def]
+    config = ServerConfig(
+        index=small_index,
+        port=0,
+        device="cpu",
+        max_workers=1,
+        batching=BatchingConfig(enabled=False),
+        admission=AdmissionConfig(max_queries_in_flight=1),
+    )
+    assert config.max_concurrent_requests == config.max_workers + config.admission.max_queries_in_flight == 2
+    srv, port = create_server(config)
+    gate = Gate(srv.engine)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # no service config: no retries
+            stub = search_pb2_grpc.HomologSearchStub(ch)
+
+            def call(i: int) -> grpc.Future:
+                request = search_pb2.SearchRequest(queries=[Q(query_id=f"q{i}", sequence=db[i].sequence)], k=1)
+                return stub.Search.future(request, timeout=60)
+
+            held = call(0)
+            assert gate.entered.wait(30)  # it holds the only worker thread, inside the model
+            late = [call(1), call(2)]  # one waits for the thread, the other is one RPC too many
+            done = threading.Semaphore(0)
+            for f in late:
+                f.add_done_callback(lambda _f: done.release())
+            assert done.acquire(timeout=30)  # refused at once, while the model is still held
+            refused = [f for f in late if f.done()]
+            assert len(refused) == 1 and refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            gate.release.set()
+            assert held.result(timeout=60).results[0].hits[0].target_id == db[0].record_id
+            (waited,) = [f for f in late if f is not refused[0]]
+            assert waited.result(timeout=60).results
+    finally:
+        gate.release.set()
+        srv.stop(0)
+
+
+def test_the_server_is_composed_of_one_frozen_config_and_frozen_parts(small_index: Path) -> None:
+    import dataclasses
+    import inspect
+
+    from esmsearch.server import SearchServer
+    from esmsearch.server.app import ServerParts
+
+    assert list(inspect.signature(SearchServer.__init__).parameters) == ["self", "config", "parts"]
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=2))
+    try:
+        assert isinstance(srv.parts, ServerParts) and srv.parts.port == port == srv.port
+        assert srv.engine is srv.parts.engine and srv.batcher is srv.parts.batcher
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            srv.parts.port = 1  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            srv.config.max_workers = 1  # type: ignore[misc]
+        with pytest.raises(ValueError, match="port"):
+            dataclasses.replace(srv.parts, port=0)
+    finally:
+        srv.stop(0)

@@ -160,6 +160,41 @@ def test_requests_queued_behind_a_forward_are_merged_into_one_batch(engine, db) 
     )
 
 
+def test_a_merged_batch_builds_each_requests_own_k_only(engine, db) -> None:  # type: ignore[no-untyped-def]
+    gate, counter = Gate(engine), Counter()
+    index = engine.index
+    assert index.has_evalues
+    shapes: list[tuple[int, int]] = []
+    evalues = index.evalues
+
+    def spy(vectors: np.ndarray, scores: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        shapes.append(scores.shape)
+        return evalues(vectors, scores, *args, **kwargs)  # type: ignore[arg-type]
+
+    index.evalues = spy  # type: ignore[method-assign]
+    batcher = _batcher(engine, counter, max_wait_ms=0.0, max_batch_toks=100_000)
+    try:
+        first = batcher.submit_search([db[0].sequence], k=1)
+        assert gate.entered.wait(30)  # the first request is inside the model
+        small = batcher.submit_search([db[1].sequence, db[2].sequence], k=2)
+        large = batcher.submit_search([db[3].sequence], k=5)
+        counter.wait_depth(2)
+        gate.release.set()
+        small_hits, large_hits = small.result(timeout=30).hits, large.result(timeout=30).hits
+        first.result(timeout=30)
+    finally:
+        batcher.close()
+        del index.evalues
+    assert [b[:2] for b in counter.batches] == [(1, 1), (2, 3)]  # the two were merged
+    assert [len(h) for h in small_hits] == [2, 2] and [len(h) for h in large_hits] == [5]
+    # E-values of each request's own columns only, never the batch's largest k for all
+    assert sorted(shapes[1:]) == [(1, 5), (2, 2)]
+    alone = engine.search([db[1].sequence, db[2].sequence], 2)
+    for got, want in zip(small_hits, alone.hits, strict=True):
+        assert [h.target_id for h in got] == [h.target_id for h in want]
+        np.testing.assert_allclose([h.evalue for h in got], [h.evalue for h in want], rtol=1e-4)
+
+
 def test_token_budget_bounds_a_batch(engine, db) -> None:  # type: ignore[no-untyped-def]
     gate, counter = Gate(engine), Counter()
     seqs = [r.sequence for r in db[1:5]]

@@ -166,6 +166,40 @@ def test_split_is_greedy_and_keeps_order() -> None:
     assert [len(c) for c in _split(queries, unlimited)] == [7]
 
 
+def test_split_keeps_queries_times_k_within_the_hit_limit() -> None:
+    queries = [search_pb2.Query(query_id=str(i), sequence="MKV") for i in range(7)]
+    limits = ClientLimits(
+        max_k=1000,
+        max_queries_per_request=100,
+        max_residues_per_query=100,
+        max_residues_per_request=1000,
+        max_hits_per_request=10,
+    )
+    assert [len(c) for c in _split(queries, limits, k=3)] == [3, 3, 1]
+    assert [len(c) for c in _split(queries, limits, k=1)] == [7]
+    assert [len(c) for c in _split(queries, limits, k=50)] == [1] * 7  # one query alone, even over the limit
+
+
+def test_search_splits_by_hits_when_queries_times_k_exceed_the_server_limit(small_index: Path, db) -> None:  # type: ignore[no-untyped-def]
+    from esmsearch.server import AdmissionConfig
+
+    config = ServerConfig(
+        index=small_index, port=0, device="cpu", max_workers=2, admission=AdmissionConfig(max_hits_per_request=12)
+    )
+    srv, port = create_server(config)
+    try:
+        with SearchClient(f"127.0.0.1:{port}") as client:
+            assert client.index_info().limits.max_hits_per_request == 12
+            picked = list(db)[:7]
+            results = client.search({r.record_id: r.sequence for r in picked}, k=5)  # 35 hits: 3 requests of <= 2
+            assert [r.query_id for r in results] == [r.record_id for r in picked]
+            assert all(len(r.hits) == 5 for r in results)
+            with pytest.raises(InvalidArgumentError, match="max_hits_per_request"):
+                client.search({r.record_id: r.sequence for r in picked}, k=5, split_requests=False)
+    finally:
+        srv.stop(0)
+
+
 def test_timeout_is_honoured_per_call_and_by_default(own_server) -> None:  # type: ignore[no-untyped-def]
     srv, client = own_server
     # Hold the engine's model lock: the server cannot answer until it is released,
@@ -302,3 +336,73 @@ def test_embed_then_search_by_embedding_round_trip(client, db) -> None:  # type:
         client.search_by_embedding(np.ones((1, 8), dtype=np.float32))
     with pytest.raises(ValueError, match="2-D"):
         client.search_by_embedding(np.ones(32, dtype=np.float32))
+
+
+# -- evalue_db_size (issue 18 part 4) ----------------------------------------------------------
+def _ratios(scaled: list, plain: list) -> list[float]:  # type: ignore[type-arg]
+    out = []
+    for a, b in zip(plain, scaled, strict=True):
+        assert [h.target_id for h in a.hits] == [h.target_id for h in b.hits]
+        out += [hb.evalue / ha.evalue for ha, hb in zip(a.hits, b.hits, strict=True)]
+    return out
+
+
+def test_evalue_db_size_keyword_scales_every_call(client, server, db) -> None:  # type: ignore[no-untyped-def]
+    """search, search_stream, search_by_embedding and the asyncio client: N = 4000 (100 x the
+    index's 40 sequences) multiplies every E-value by 100."""
+    import asyncio
+
+    import numpy as np
+
+    from esmsearch.client import AsyncSearchClient
+
+    queries = {r.record_id: r.sequence for r in db[:3]}
+    plain = client.search(queries, k=8)
+    np.testing.assert_allclose(_ratios(client.search(queries, k=8, evalue_db_size=4000), plain), 100, rtol=1e-5)
+    [streamed] = list(client.search_stream([queries], k=8, evalue_db_size=4000))
+    np.testing.assert_allclose(_ratios(streamed, plain), 100, rtol=1e-5)
+    emb = client.embed(queries)
+    by_vec = client.search_by_embedding(emb.vectors, query_ids=emb.query_ids, k=8)
+    by_vec_scaled = client.search_by_embedding(emb.vectors, query_ids=emb.query_ids, k=8, evalue_db_size=4000)
+    np.testing.assert_allclose(_ratios(by_vec_scaled, by_vec), 100, rtol=1e-5)
+
+    async def run() -> tuple[list, list, list]:  # type: ignore[type-arg]
+        async with AsyncSearchClient(server[0], timeout_s=60.0) as aio:
+            a = await aio.search(queries, k=8, evalue_db_size=4000)
+            b = await aio.search_by_embedding(emb.vectors, query_ids=emb.query_ids, k=8, evalue_db_size=4000)
+            c = [batch async for batch in aio.search_stream([queries], k=8, evalue_db_size=4000)]
+            return a, b, c[0]
+
+    a, b, c = asyncio.run(run())
+    for scaled, base in ((a, plain), (b, by_vec), (c, plain)):
+        np.testing.assert_allclose(_ratios(scaled, base), 100, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "10"])
+def test_bad_evalue_db_size_is_refused_before_any_rpc(value) -> None:  # type: ignore[no-untyped-def]
+    from esmsearch.client.client import search_by_embedding_request
+
+    with SearchClient("127.0.0.1:1") as offline:  # nothing listens there: no RPC may be tried
+        with pytest.raises(ValueError, match="evalue_db_size"):
+            offline.search(["MKV"], evalue_db_size=value)
+        with pytest.raises(ValueError, match="evalue_db_size"):
+            list(offline.search_stream([["MKV"]], evalue_db_size=value))
+    with pytest.raises(ValueError, match="evalue_db_size"):
+        search_by_embedding_request([[1.0, 0.0]], None, 3, None, evalue_db_size=value)
+
+
+def test_cli_search_evalue_db_size(server, tmp_path: Path, db) -> None:  # type: ignore[no-untyped-def]
+    from esmsearch.cli import main
+
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text("".join(f">{r.record_id}\n{r.sequence}\n" for r in db[:2]))
+    outs = []
+    for extra in ([], ["--evalue-db-size", "4000"]):
+        out = tmp_path / f"out{len(extra)}.json"
+        argv = ["search", str(fasta), "--server", server[0], "-k", "5", "--format", "json", "-o", str(out)]
+        assert main(argv + extra) == 0
+        outs.append(json.loads(out.read_text()))
+    for a, b in zip(*outs, strict=True):
+        for ha, hb in zip(a["hits"], b["hits"], strict=True):
+            assert hb["evalue"] == pytest.approx(100 * ha["evalue"], rel=1e-2)
+    assert main(["search", str(fasta), "--server", server[0], "--evalue-db-size", "0"]) == 2

@@ -64,7 +64,14 @@ sequences = st.one_of(
     st.text(alphabet=AMINO, min_size=1, max_size=30).map(lambda s: s + "*"),
     st.sampled_from(["", "*", "**", "M*K", " MKV", "MK V", "MKV\n", "ΜΚV", "MKV\x00", "-MKV", "ǅ"]),
 )
-query_ids = st.one_of(st.text(min_size=0, max_size=20), st.just(""), st.just("x" * 1001), st.just("dup"))
+query_ids = st.one_of(
+    st.text(min_size=0, max_size=20),
+    st.just(""),
+    st.just("x" * 257),  # one character over the id limit
+    st.just("x" * 256),
+    st.just("q\tforged"),
+    st.just("dup"),
+)
 hostile_queries = st.lists(st.tuples(query_ids, sequences), min_size=0, max_size=7)
 valid_queries = st.lists(
     st.tuples(st.text(min_size=1, max_size=12), st.text(alphabet=AMINO, min_size=1, max_size=110)),
@@ -107,7 +114,11 @@ def _residues(seq: str) -> int:
 
 
 def _valid_ids(ids: list[str]) -> bool:
-    return all(ids) and len(set(ids)) == len(ids) and all(len(i.encode()) <= 1000 for i in ids)
+    # The documented rule (FASTA's first word): 1..256 printable characters, no whitespace, unique.
+    def one(i: str) -> bool:
+        return 0 < len(i) <= 256 and i.isprintable() and not any(c.isspace() for c in i)
+
+    return all(one(i) for i in ids) and len(set(ids)) == len(ids)
 
 
 def _valid_k(k: int, min_score: float | None = None) -> bool:

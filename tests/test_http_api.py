@@ -155,8 +155,12 @@ def test_search_json_is_byte_for_byte_what_the_cli_prints(
     assert main(["search", str(fasta), "--server", address, "-k", "3", "--format", "json", "-o", str(out)]) == 0
     cli = out.read_text()
 
-    by_fasta = api.post(SEARCH, json={"fasta": fasta.read_text(), "k": 3})
-    by_list = api.post(SEARCH, json={"queries": [{"id": r.record_id, "sequence": r.sequence} for r in picked], "k": 3})
+    by_fasta = api.post(SEARCH, params={"pretty": ""}, json={"fasta": fasta.read_text(), "k": 3})
+    by_list = api.post(
+        SEARCH,
+        params={"pretty": "true"},
+        json={"queries": [{"id": r.record_id, "sequence": r.sequence} for r in picked], "k": 3},
+    )
     for response in (by_fasta, by_list):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "application/json"
@@ -247,6 +251,66 @@ def test_a_bad_residue_is_400_naming_the_record_and_position(api: httpx.Client, 
 def test_invalid_requests_are_400_with_a_reason(api: httpx.Client, kwargs: dict[str, Any], expected: str) -> None:
     error = _error(api.post(SEARCH, **kwargs), 400, "INVALID_ARGUMENT")
     assert expected in error["message"]
+
+
+#: Query ids that are not one printable word (FASTA's first-word rule) or are too long.
+HOSTILE_IDS = {
+    "tab": "q\tforged\t0.999999",
+    "newline": "q\nforged\tseq0001\t1.000000",
+    "carriage return": "q\rx",
+    "space": "two words",
+    "NUL": "q\x00x",
+    "terminal escape": "q\x1b[31mred",
+    "bidi override": "q\u202ex",
+    "line separator": "q\u2028x",
+    "257 characters": "q" * 257,
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_IDS))
+def test_a_hostile_query_id_is_400_naming_the_record_never_a_forged_tsv_row(api: httpx.Client, name: str) -> None:
+    qid = HOSTILE_IDS[name]
+    body = {"queries": [{"id": "ok", "sequence": "MKTAYIAK"}, {"id": qid, "sequence": "MKTAYIAK"}], "k": 2}
+    response = api.post(SEARCH, params={"format": "tsv"}, json=body)
+    error = _error(response, 400, "INVALID_ARGUMENT")
+    assert error["record_id"] == qid
+    assert error["message"].startswith(f"query #2 ({qid[:40]!r}")  # by position, repr-escaped
+    assert not any(c in error["message"] for c in "\t\n\r\x00\x1b\u202e\u2028")
+
+
+def test_a_hostile_id_in_fasta_text_is_400_too(api: httpx.Client) -> None:
+    error = _error(api.post(SEARCH, json={"fasta": ">q\x1b[2Jx desc\nMKTAYIAK\n"}), 400, "INVALID_ARGUMENT")
+    assert error["message"].startswith("query #1 ('q\\x1b[2Jx')") and "non-printable" in error["message"]
+
+
+def test_an_index_error_is_answered_with_a_reason_and_an_error_id_never_a_path(
+    srv: SearchServer, api: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = srv.engine.embed
+
+    def broken(sequences: Sequence[str]) -> Any:
+        raise IndexFormatError("/srv/secret/versions/v2/manifest.json: unreadable manifest (Errno 5)")
+
+    srv.engine.embed = broken  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.INFO, logger="esmsearch.server"):
+            response = api.post(SEARCH, json={"fasta": "MKTAYIAK"})
+    finally:
+        srv.engine.embed = original  # type: ignore[method-assign]
+    error = _error(response, 409, "FAILED_PRECONDITION")
+    assert "secret" not in response.text and "Errno" not in response.text
+    assert "failed verification" in error["message"]
+    assert re.fullmatch(r"[0-9a-f]{12}", error["error_id"]) and error["error_id"] in error["message"]
+    logged = [r.getMessage() for r in caplog.records if error["error_id"] in r.getMessage()]
+    assert any("/srv/secret/versions/v2/manifest.json" in m for m in logged)  # the log has both
+
+
+def test_probes_say_only_ready_or_alive_without_a_token(token_srv: SearchServer) -> None:
+    with _client(token_srv) as anonymous:
+        ready = anonymous.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready"}  # no version, no paths
+        alive = anonymous.get("/healthz")
+        assert alive.status_code == 200 and alive.json() == {"status": "alive"}
 
 
 def test_unknown_paths_and_methods_answer_json_errors(api: httpx.Client) -> None:
@@ -608,7 +672,9 @@ def test_openapi_documents_exactly_the_fields_search_returns(api: httpx.Client) 
     hit = api.post(SEARCH, json={"fasta": "MKTAYIAKQR", "k": 1}).json()[0]
     assert set(schemas["HitOut"]["properties"]) == set(hit["hits"][0])
     assert set(schemas["QueryResultOut"]["properties"]) == set(hit)
-    assert {"queries", "fasta", "k", "min_score", "max_evalue", "timeout_s"} == set(schemas["SearchBody"]["properties"])
+    assert {"queries", "fasta", "k", "min_score", "max_evalue", "evalue_db_size", "timeout_s"} == set(
+        schemas["SearchBody"]["properties"]
+    )
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
     assert "429" in doc["paths"]["/v1/search"]["post"]["responses"]
 
@@ -678,3 +744,200 @@ def test_cli_serve_with_http_port_prints_the_url_and_stops_on_sigterm(small_inde
         assert proc.wait(timeout=60) == 0
     finally:
         reap(proc)
+
+
+# -- evalue_db_size (issue 18 part 4) ----------------------------------------------------------
+def test_evalue_db_size_scales_evalues_over_http(api: httpx.Client, db: list[SequenceRecord]) -> None:
+    """N = 4000, 100 x the index's 40 sequences: every E-value 100 x (to the JSON's 3 digits)."""
+    body = {"fasta": _fasta(db[:3]), "k": 10}
+    plain = api.post(SEARCH, json=body).json()
+    scaled = api.post(SEARCH, json={**body, "evalue_db_size": 4000}).json()
+    for a, b in zip(plain, scaled, strict=True):
+        assert [h["target_id"] for h in a["hits"]] == [h["target_id"] for h in b["hits"]]
+        for ha, hb in zip(a["hits"], b["hits"], strict=True):
+            assert hb["evalue"] == pytest.approx(100 * ha["evalue"], rel=1e-2)
+            assert ha["evalue"] > 0
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "1000", True])
+def test_bad_evalue_db_size_is_400_naming_the_field(api: httpx.Client, value: Any) -> None:
+    error = _error(api.post(SEARCH, json={"fasta": "MKTAYIAKQR", "evalue_db_size": value}), 400, "INVALID_ARGUMENT")
+    assert "evalue_db_size" in error["message"]
+
+
+# -- transport bounds: body size before routing, a request cap from the admission bounds -----
+
+
+def _raw_answer(port: int, head: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Send only ``head`` (request line and headers, no body) and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        raw.sendall(head)
+        answer = b""
+        while True:  # the server closes the connection after the answer (its body was never read)
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status_head, _, body = answer.partition(b"\r\n\r\n")
+    return status_head, json.loads(body)
+
+
+@pytest.mark.parametrize("path", [SEARCH, "/v1/nothing"])
+def test_content_length_over_the_limit_is_413_before_routing_or_the_token_check(
+    token_srv: SearchServer, path: str
+) -> None:
+    assert token_srv.http_port is not None
+    head, error = _raw_answer(
+        token_srv.http_port,
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + b"Content-Length: 100000000\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 413 ")  # not 401 (no token) nor 404: the body is never read
+    assert b"connection: close" in head.lower()
+    assert error["code"] == "RESOURCE_EXHAUSTED" and "request body is larger than the limit" in error["message"]
+
+
+def test_requests_beyond_the_cap_are_429_with_retry_after_and_probes_still_answer(small_index: Path) -> None:
+    server = _start(small_index, max_workers=1, admission=AdmissionConfig(max_queries_in_flight=1))
+    assert server.http is not None and server.http_port is not None
+    config = server.config
+    assert config.max_concurrent_requests == 2  # max_workers + max_queries_in_flight
+    assert server.http._uvicorn.config.limit_concurrency == config.http_limit_concurrency == 4
+    begun = threading.Semaphore(0)
+    observer = server.servicer.observer
+    original = observer.begin
+
+    def begin(rpc: str, peer: str) -> RpcRecord:
+        begun.release()
+        return original(rpc, peer)
+
+    observer.begin = begin  # type: ignore[method-assign]
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(2):  # two requests in flight, each waiting for the rest of its body
+            sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=30)
+            slow.append(sock)
+            sock.sendall(
+                b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 40\r\n\r\n{"fasta": "MK'
+            )
+            assert begun.acquire(timeout=30)
+        with _client(server) as client:
+            refused = client.post(SEARCH, json={"fasta": "MKTAYIAK"})
+            assert client.get("/readyz").status_code == 200  # probes are never refused by the cap
+            assert client.get("/healthz").status_code == 200
+            error = _error(refused, 429, "RESOURCE_EXHAUSTED")
+            assert "2 HTTP requests in flight" in error["message"]
+            assert refused.headers["retry-after"] == "1"
+            for sock in slow:
+                sock.close()
+            slow.clear()
+            assert server.http._ctx.traffic.wait_requests(0, 30)  # both noticed gone ...
+            errors = server.metrics.registry.get_sample_value
+            assert errors("esmsearch_errors_total", {"rpc": "http:POST /v1/search", "code": "INTERNAL"}) is None
+            assert errors("esmsearch_errors_total", {"rpc": "http:POST /v1/search", "code": "DEADLINE_EXCEEDED"}) == 2
+            answered = client.post(SEARCH, json={"fasta": "MKTAYIAK"})  # room again once they left
+            assert answered.status_code == 200, answered.text
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop(1.0)
+
+
+# -- large answers: compact JSON, built off the event loop (issue 19) -----------------------
+
+
+def test_search_json_is_compact_unless_pretty(api: httpx.Client, db: list[SequenceRecord]) -> None:
+    body = {"fasta": _fasta([db[2], db[9]]), "k": 4}
+    compact = api.post(SEARCH, json=body)
+    off = api.post(SEARCH, params={"pretty": "false"}, json=body)
+    pretty = api.post(SEARCH + "?pretty", json=body)
+    assert compact.status_code == off.status_code == pretty.status_code == 200
+    assert compact.text == off.text and compact.text.count("\n") == 1 and compact.text.endswith("]\n")
+    assert ", " not in compact.text and '": ' not in compact.text  # no spaces after separators
+    assert pretty.text.startswith('[\n  {\n    "query_id": ')
+    assert json.loads(compact.text) == json.loads(pretty.text)
+    assert [len(r["hits"]) for r in json.loads(compact.text)] == [4, 4]
+    _error(api.post(SEARCH, params={"pretty": "maybe"}, json=body), 400, "INVALID_ARGUMENT")
+
+
+def test_encode_answer_pretty_is_the_cli_json_query_by_query() -> None:
+    """Encoded query by query, the pretty answer is what one json.dump of the whole list
+    (the CLI's write_json) writes, empty hit lists and no queries included."""
+    import io
+
+    from esmsearch.client.formats import write_json, write_tsv
+    from esmsearch.client.types import Hit, QueryResult
+    from esmsearch.server.engine import EngineHit, EngineResult
+    from esmsearch.server.httpapi import encode_answer
+
+    hits = [
+        [EngineHit("t1", "a\tb \u00e9", 0.875, 1, 30, 1.25e-5), EngineHit("t2", "", 0.5, 2, 31, None)],
+        [],
+        [EngineHit("t3", 'say "x"', -0.25, 1, 7, 3.0)],
+    ]
+    ids, lengths = ["q1", "q2", "q3"], [10, 20, 30]
+    cli = [
+        QueryResult(
+            qid,
+            n,
+            "v1",
+            [Hit(h.target_id, h.target_description, h.cosine_score, h.rank, h.target_length, h.evalue) for h in qh],
+        )
+        for qid, n, qh in zip(ids, lengths, hits, strict=True)
+    ]
+    for queries in (slice(0, 3), slice(1, 2), slice(0, 0)):
+        part = EngineResult(hits[queries], "v1", 0.0, 0.0, 0.0)
+        want_json, want_tsv = io.StringIO(), io.StringIO()
+        write_json(cli[queries], want_json)
+        write_tsv(cli[queries], want_tsv)
+        pretty = b"".join(encode_answer(part, ids[queries], lengths[queries], indent=2))
+        assert pretty == want_json.getvalue().encode()
+        assert b"".join(encode_answer(part, ids[queries], lengths[queries], tsv=True)) == want_tsv.getvalue().encode()
+        compact = b"".join(encode_answer(part, ids[queries], lengths[queries]))
+        assert json.loads(compact) == json.loads(want_json.getvalue()) and b"\n" not in compact[:-1]
+
+
+def test_readyz_answers_while_a_large_answer_is_being_encoded(
+    srv: SearchServer, api: httpx.Client, db: list[SequenceRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's conversion runs off the event loop: /readyz and /healthz answer while a
+    search answer is stopped in the middle of being built (ordered by events, no timing)."""
+    from esmsearch.server import httpapi
+
+    building, release = threading.Event(), threading.Event()
+    real_fill = httpapi.fill_results
+
+    def stalled_fill(*args: Any, **kwargs: Any) -> None:
+        building.set()
+        release.wait(30)
+        real_fill(*args, **kwargs)
+
+    monkeypatch.setattr(httpapi, "fill_results", stalled_fill)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(api.post, SEARCH, json={"fasta": _fasta(db[:3]), "k": 5})
+        try:
+            assert building.wait(30), "the search never reached the answer's conversion"
+            with httpx.Client(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=10) as probe:
+                ready, alive = probe.get("/readyz"), probe.get("/healthz")
+            answered_while_building = not release.is_set() and not answer.done()
+        finally:
+            release.set()
+        response = answer.result(60)
+    assert answered_while_building
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert alive.status_code == 200
+    assert response.status_code == 200 and [len(r["hits"]) for r in response.json()] == [5, 5, 5]
+
+
+def test_queries_times_k_over_the_hit_limit_is_400_naming_the_limit(small_index: Path) -> None:
+    server = _start(small_index, admission=AdmissionConfig(max_hits_per_request=5))
+    try:
+        with _client(server) as client:
+            response = client.post(SEARCH, json={"fasta": ">a\nMKTAYIAK\n>b\nMKVLAAGI\n", "k": 3})
+            error = _error(response, 400, "INVALID_ARGUMENT")
+            assert "6 hits" in error["message"] and "limit of 5 hits per request" in error["message"]
+            assert "retry-after" not in response.headers
+            assert client.post(SEARCH, json={"fasta": "MKTAYIAK", "k": 5}).status_code == 200
+    finally:
+        server.stop(1.0)

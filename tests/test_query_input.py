@@ -185,3 +185,89 @@ def test_client_rejects_garbage_locally(client) -> None:  # type: ignore[no-unty
         client.search("no_such_queries.fasta", k=1)
     assert isinstance(excinfo.value, InvalidSequenceError)
     assert not os.path.exists("no_such_queries.fasta")
+
+
+# -- query ids: one printable word, <= 256 characters; TSV never forged (issue 19, part 5) --------
+
+
+@pytest.mark.parametrize(
+    ("qid", "problem"),
+    [
+        ("q\tforged", "whitespace ('\\t' at character 2)"),
+        ("q\nforged", "whitespace ('\\n' at character 2)"),
+        ("two words", "whitespace (' ' at character 4)"),
+        ("q\x00", "non-printable character ('\\x00' at character 2)"),
+        ("q\x7f", "non-printable character ('\\x7f' at character 2)"),
+        ("\u200bq", "non-printable character ('\\u200b' at character 1)"),
+        ("q" * 257, "257 characters, over the limit of 256"),
+    ],
+)
+def test_query_ids_must_be_one_printable_word(qid: str, problem: str) -> None:
+    import grpc
+
+    from esmsearch.server.rpc import Reject
+    from esmsearch.server.validation import RequestLimits, check_queries
+    from esmsearch.v1.search_pb2 import Query
+
+    queries = [Query(query_id="fine|id/1-9;é", sequence=MKT), Query(query_id=qid, sequence=MKT)]
+    with pytest.raises(Reject) as excinfo:
+        check_queries(queries, RequestLimits())
+    assert excinfo.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert excinfo.value.record_id == qid
+    assert excinfo.value.details.startswith(f"query #2 ({qid[:40]!r}")
+    assert problem in excinfo.value.details
+    assert check_queries(queries[:1] + [Query(query_id="q" * 256, sequence=MKT)], RequestLimits()) == [MKT, MKT]
+
+
+def _result(query_id: str, *hits: tuple[str, str]) -> object:
+    from esmsearch.client.types import Hit, QueryResult
+
+    return QueryResult(
+        query_id,
+        10,
+        "v1",
+        [Hit(tid, desc, 0.5, rank, 10) for rank, (tid, desc) in enumerate(hits, start=1)],
+    )
+
+
+def test_tsv_descriptions_with_tabs_and_line_breaks_stay_one_field() -> None:
+    import io
+
+    from esmsearch.client.formats import TSV_COLUMNS, write_tsv
+
+    hostile = "kinase\tforged\t1.0\nq2\tseqX\r\x0b\x0c\x1c\x85\u2028\u2029end"
+    out = io.StringIO()
+    write_tsv([_result("q1", ("t1", hostile), ("t2", "plain"))], out)  # type: ignore[list-item]
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 1 + 2 + 1
+    assert all(len(line.split("\t")) == len(TSV_COLUMNS) for line in lines[:-1])
+    assert lines[1].split("\t")[-1] == "kinase forged 1.0 q2 seqX end"
+    assert out.getvalue().splitlines() == lines[:-1]  # no other line break either
+
+
+@pytest.mark.parametrize("where", ["query id", "target id"])
+def test_tsv_refuses_an_id_that_would_forge_rows(where: str) -> None:
+    import io
+
+    from esmsearch.client.formats import TsvFieldError, write_tsv
+    from esmsearch.errors import EsmsearchError
+
+    forged = "q\tt9\t1.000000\t1\t10\t10\tNA\t\nq"
+    result = _result(forged, ("t1", "")) if where == "query id" else _result("q1", (forged, ""))
+    out = io.StringIO()
+    with pytest.raises(TsvFieldError, match=where) as excinfo:
+        write_tsv([result], out)  # type: ignore[list-item]
+    assert isinstance(excinfo.value, EsmsearchError)  # the CLI prints one line, exit 1
+    assert "\t" not in out.getvalue().split("\n", 1)[1]  # no row of it was written
+
+
+def test_cli_search_with_a_hostile_fasta_id_fails_naming_the_record(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from esmsearch.cli import main
+
+    address, _ = server
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(f">ok\n{MKT}\n>q\x1b[2J\x07 desc\n{MKT}\n")
+    assert main(["search", str(fasta), "--server", address, "-k", "1", "--format", "tsv"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "query #2 ('q\\x1b[2J\\x07')" in captured.err and "\x1b" not in captured.err

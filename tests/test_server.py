@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import reap
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -450,3 +451,73 @@ def test_cli_serve_defaults_are_the_servers() -> None:
     assert args.toks_per_batch == config.toks_per_batch
     assert args.reload_poll_s == config.reload_poll_s
     assert args.max_k == config.limits.max_k
+
+
+# -- evalue_db_size (issue 18 part 4) ----------------------------------------------------------
+def _evalues(response: search_pb2.SearchResponse) -> list[list[float]]:
+    return [[h.evalue for h in r.hits] for r in response.results]
+
+
+def test_evalue_db_size_scales_evalues_linearly_per_request(stub, db) -> None:  # type: ignore[no-untyped-def]
+    """Search and SearchByEmbedding: N = 4000 (100 x the 40-sequence index) gives 100 x each
+    E-value, on the same hits in the same order; unset (0) is the index's count."""
+    queries = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in db[:3]]
+    plain = stub.Search(search_pb2.SearchRequest(queries=queries, k=10))
+    unset = stub.Search(search_pb2.SearchRequest(queries=queries, k=10, evalue_db_size=0))
+    scaled = stub.Search(search_pb2.SearchRequest(queries=queries, k=10, evalue_db_size=4000))
+    assert _evalues(unset) == _evalues(plain)
+    for a, b in zip(plain.results, scaled.results, strict=True):
+        assert [h.target_id for h in a.hits] == [h.target_id for h in b.hits]
+    for a_e, b_e in zip(_evalues(plain), _evalues(scaled), strict=True):
+        assert min(a_e) > 1e-30  # far from the float32 floor, so the ratio is exact
+        np.testing.assert_allclose(b_e, [100 * e for e in a_e], rtol=1e-5)
+    vectors = stub.Embed(search_pb2.EmbedRequest(queries=queries)).embeddings
+    by_vec = stub.SearchByEmbedding(search_pb2.SearchByEmbeddingRequest(embeddings=vectors, k=10))
+    by_vec_scaled = stub.SearchByEmbedding(
+        search_pb2.SearchByEmbeddingRequest(embeddings=vectors, k=10, evalue_db_size=4000)
+    )
+    for a_e, b_e in zip(_evalues(by_vec), _evalues(by_vec_scaled), strict=True):
+        np.testing.assert_allclose(b_e, [100 * e for e in a_e], rtol=1e-5)
+
+
+def test_negative_evalue_db_size_is_invalid_argument_naming_the_field(stub) -> None:  # type: ignore[no-untyped-def]
+    query = search_pb2.Query(query_id="q", sequence="MKTAYIAKQR")
+    for request, method in (
+        (search_pb2.SearchRequest(queries=[query], k=3, evalue_db_size=-5), stub.Search),
+        (
+            search_pb2.SearchByEmbeddingRequest(
+                embeddings=[search_pb2.Embedding(query_id="q", values=[1.0] * 32)], k=3, evalue_db_size=-1
+            ),
+            stub.SearchByEmbedding,
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            method(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "evalue_db_size" in info.value.details()
+
+
+def test_serve_evalue_db_size_is_the_default_and_a_request_overrides_it(small_index: Path, stub, db) -> None:  # type: ignore[no-untyped-def]
+    """Precedence: request > server (--evalue-db-size) > the index's count."""
+    queries = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in db[:2]]
+    plain = _evalues(stub.Search(search_pb2.SearchRequest(queries=queries, k=5)))
+    srv, port = create_server(ServerConfig(index=small_index, port=0, device="cpu", max_workers=4, evalue_db_size=400))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            own = search_pb2_grpc.HomologSearchStub(channel)
+            served = _evalues(own.Search(search_pb2.SearchRequest(queries=queries, k=5), timeout=60))
+            asked = _evalues(own.Search(search_pb2.SearchRequest(queries=queries, k=5, evalue_db_size=40), timeout=60))
+    finally:
+        srv.stop(1.0)
+    for p, s, a in zip(plain, served, asked, strict=True):
+        np.testing.assert_allclose(s, [10 * e for e in p], rtol=1e-5)
+        np.testing.assert_allclose(a, p, rtol=1e-5)
+    from esmsearch.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "x", "--evalue-db-size", "1000000"]).evalue_db_size == 1_000_000
+    for bad in ("0", "-3", "1.5", "many"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["serve", "x", "--evalue-db-size", bad])
+        assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="evalue_db_size"):
+        ServerConfig(index=small_index, evalue_db_size=0)

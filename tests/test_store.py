@@ -326,3 +326,185 @@ def test_writer_refuses_existing_directory_unless_resuming(tmp_path: Path) -> No
         publish_directory(w.directory, tmp_path / "idx")
     with Index.open(tmp_path / "idx", verify=True) as index:
         assert [r[1] for r in index.iter_metadata()] == [f"seq{i}" for i in range(N)]
+
+
+def test_targets_not_held_up_by_a_lookup_in_flight(
+    built: tuple[Path, Manifest, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread's metadata lookup, stopped inside SQLite, does not stop another's (issue 19)."""
+    import sqlite3
+    import threading
+
+    path, _, _ = built
+    entered, release = threading.Event(), threading.Event()
+    stalled: list[threading.Thread] = []
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)
+
+        def progress() -> int:  # SQLite calls this while it steps a statement
+            if threading.current_thread() in stalled:
+                entered.set()
+                release.wait(30)
+            return 0
+
+        db.set_progress_handler(progress, 1)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with Index.open(path) as index:
+        slow = threading.Thread(target=index.targets, args=([3, 5],))
+        stalled.append(slow)
+        slow.start()
+        try:
+            assert entered.wait(30)
+            got: list[Target] = []
+            fast = threading.Thread(target=lambda: got.extend(index.targets([7, 0])))
+            fast.start()
+            fast.join(30)
+            finished_while_stalled = not fast.is_alive()
+        finally:
+            release.set()
+            slow.join(30)
+        assert finished_while_stalled, "a lookup waited for another lookup in flight"
+        assert [t.record_id for t in got] == ["seq7", "seq0"]
+    with pytest.raises(sqlite3.ProgrammingError):  # every pooled connection closed with the index
+        index.targets([0])
+
+
+def test_targets_from_many_threads_agree(built: tuple[Path, Manifest, np.ndarray]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _, _ = built
+    rng = np.random.default_rng(3)
+    asks = [rng.integers(0, N, 40).tolist() for _ in range(64)]
+    with Index.open(path) as index:
+        expected = [[Target(r, f"seq{r}", f"protein number {r}", 10 + r) for r in rows] for rows in asks]
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(index.targets, asks)) == expected
+        assert list(index.iter_metadata())[7][:4] == (7, "seq7", "protein number 7", 17)
+
+
+def test_hits_from_scores_one_lookup_per_distinct_row_and_no_per_hit_objects(
+    built: tuple[Path, Manifest, np.ndarray],
+) -> None:
+    """Large answers: each distinct row's metadata read once; hits held as columns, so the
+    garbage collector tracks no object per hit (issue 19); same hits as built one by one."""
+    import gc
+
+    from esmsearch.server.engine import EngineHit, hits_from_scores
+
+    path, _, vectors = built
+    rng = np.random.default_rng(5)
+    q, k = 400, N
+    scores = -np.sort(-rng.random((q, k), dtype=np.float32), axis=1)
+    rows = np.stack([rng.permutation(N) for _ in range(q)]).astype(np.int64)
+    rows[0, -3:] = -1  # fewer hits than k
+    evalues = rng.random((q, k), dtype=np.float32) * 10
+    with Index.open(path) as index:
+        asked: list[list[int]] = []
+        real_targets = index.targets
+
+        def counting(rows_asked: Any) -> list[Target]:
+            asked.append([int(r) for r in rows_asked])
+            return real_targets(rows_asked)
+
+        index.targets = counting  # type: ignore[method-assign]
+        gc.collect()
+        tracked_before = len(gc.get_objects())
+        hits = hits_from_scores(index, scores, rows, k, 0.2, evalues=evalues, max_evalue=8.0)
+        tracked_growth = len(gc.get_objects()) - tracked_before
+        n_hits = sum(len(h) for h in hits)
+        assert n_hits > 5000
+        assert tracked_growth < n_hits / 10, f"{tracked_growth} tracked objects for {n_hits} hits"
+        assert len(asked) == 1 and sorted(set(asked[0])) == asked[0]  # distinct rows, one lookup
+        for qi in (0, 1, q - 1):
+            want = []
+            for j in range(k):
+                if rows[qi, j] >= 0 and scores[qi, j] >= np.float32(0.2) and float(evalues[qi, j]) <= 8.0:
+                    r = int(rows[qi, j])
+                    want.append(
+                        EngineHit(
+                            f"seq{r}",
+                            f"protein number {r}",
+                            float(scores[qi, j]),
+                            len(want) + 1,
+                            10 + r,
+                            float(evalues[qi, j]),
+                        )
+                    )
+            assert list(hits[qi]) == want and hits[qi] == want and len(hits[qi]) == len(want)
+            assert hits[qi][-1] == want[-1] and hits[qi][:2] == want[:2]
+            assert type(hits[qi][0].cosine_score) is float and type(hits[qi][0].rank) is int
+
+
+def test_metadata_pool_is_opened_up_front_and_waits_when_all_are_lent(
+    built: tuple[Path, Manifest, np.ndarray], tmp_path: Path
+) -> None:
+    """Every pooled connection is opened with the index, so a version directory moved away
+    while served still answers concurrent lookups; beyond the pool a lookup waits."""
+    import sqlite3
+    import threading
+
+    from esmsearch.store import METADATA_FILE, MetadataReader
+
+    path, _, _ = built
+    with Index.open(path) as index:
+        moved = tmp_path / "pruned"
+        path.rename(moved)  # what VersionRoot.prune does to an old version
+        lent = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:
+            with index._metadata.connection():
+                lent.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert lent.wait(30)
+            assert [t.record_id for t in index.targets([4, 2])] == ["seq4", "seq2"]  # another connection
+        finally:
+            release.set()
+            holder.join(30)
+
+    reader = MetadataReader(moved / METADATA_FILE, connections=1)
+    got: list[dict[int, Target]] = []
+    with reader.connection():
+        waiter = threading.Thread(target=lambda: got.append(reader.lookup([1])))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive() and not got  # waits for the one connection
+    waiter.join(30)
+    assert got == [{1: Target(1, "seq1", "protein number 1", 11)}]
+    reader.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        reader.lookup([1])
+
+
+def test_metadata_lookup_returns_stored_text_exactly_with_and_without_sqlite_json(tmp_path: Path) -> None:
+    import sqlite3
+
+    from esmsearch.store import MetadataReader
+
+    odd = ['quote " and \\ backslash', "tab\tnew\nline", "ünïcødé ✓ 𝔸", "", "nul\x00inside", "  spaces  "]
+    db = sqlite3.connect(tmp_path / "metadata.sqlite")
+    db.execute(
+        "CREATE TABLE sequences (row INTEGER PRIMARY KEY, record_id TEXT NOT NULL, "
+        "description TEXT NOT NULL, length INTEGER NOT NULL, sha256 TEXT NOT NULL)"
+    )
+    db.executemany(
+        "INSERT INTO sequences VALUES (?, ?, ?, ?, ?)",
+        [(i, f"id{i}|{text[:3]}", text, 2**40 + i, "0" * 64) for i, text in enumerate(odd)],
+    )
+    db.commit()
+    db.close()
+    want = {i: Target(i, f"id{i}|{text[:3]}", text, 2**40 + i) for i, text in enumerate(odd)}
+    for use_json in (True, False):
+        reader = MetadataReader(tmp_path / "metadata.sqlite", connections=2)
+        reader._json = reader._json and use_json
+        assert reader.lookup(np.array([5, 0, 3, 1, 2, 4, 3, -1, 99])) == {**want}
+        assert reader.lookup([]) == {}
+        reader.close()

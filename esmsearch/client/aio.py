@@ -24,6 +24,7 @@ from esmsearch.client.client import (
     Queries,
     _split,
     check_bounds,
+    check_db_size_arg,
     search_by_embedding_request,
     search_request,
 )
@@ -72,8 +73,8 @@ class AsyncSearchClient:
             see :mod:`esmsearch.client.channel`).
         timeout_s: default deadline of each call in seconds; ``None`` = none.
         credentials: TLS / mutual TLS / bearer token (default: plaintext, no token).
-        retry: retry policy for UNAVAILABLE (read-only calls only; default
-            :class:`RetryPolicy`).
+        retry: retry policy (read-only calls only; default :class:`RetryPolicy`), as
+            for :class:`esmsearch.client.SearchClient`.
         channel: an existing ``grpc.aio.Channel`` to use (closed in :meth:`close`).
     """
 
@@ -93,7 +94,10 @@ class AsyncSearchClient:
         self.credentials = credentials or ClientCredentials()
         self.retry = retry or RetryPolicy()
         self._metadata = self.credentials.metadata()
-        self.channel: grpc.aio.Channel = channel or self.credentials.aio_channel(address)
+        # gRPC's retry policy goes into the service config of a channel opened here; the
+        # hand-made loop does what it cannot (esmsearch.client.retry).
+        self._loop_retry = self.retry.loop_policy(in_channel=channel is None)
+        self.channel: grpc.aio.Channel = channel or self.credentials.aio_channel(address, retry=self.retry)
         self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
         self._closed = False
         self._cached_limits: RequestLimits | None = None
@@ -128,7 +132,7 @@ class AsyncSearchClient:
         with map_rpc_errors():
             return await call_with_retry_async(
                 lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
-                self.retry,
+                self._loop_retry,
                 deadline,
             )
 
@@ -141,21 +145,24 @@ class AsyncSearchClient:
         max_evalue: float | None = None,
         timeout_s: float | None = _DEFAULT,
         split_requests: bool = True,
+        evalue_db_size: int | None = None,
     ) -> list[QueryResult]:
-        """See :meth:`esmsearch.client.SearchClient.search` (same arguments, result, errors)."""
+        """See :meth:`esmsearch.client.SearchClient.search` (same arguments, result, errors;
+        ``evalue_db_size``: the number of database sequences E-values are scaled to)."""
         deadline = self._timeout(timeout_s)
         check_bounds(min_score, max_evalue)
+        check_db_size_arg(evalue_db_size)
         records = records_from(queries)
         queries_pb = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
         if split_requests and queries_pb:
             if self._cached_limits is None:
                 self._cached_limits = (await self.index_info(timeout_s=deadline)).limits
-            chunks = _split(queries_pb, self._cached_limits)
+            chunks = _split(queries_pb, self._cached_limits, k)
         else:
             chunks = [queries_pb]
         results: list[QueryResult] = []
         for chunk in chunks:
-            request = search_request(chunk, k, min_score, max_evalue)
+            request = search_request(chunk, k, min_score, max_evalue, evalue_db_size=evalue_db_size)
             response = await self._unary(self.stub.Search, request, deadline)
             results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
         return results
@@ -169,10 +176,13 @@ class AsyncSearchClient:
         min_score: float | None = None,
         max_evalue: float | None = None,
         timeout_s: float | None = _DEFAULT,
+        evalue_db_size: int | None = None,
     ) -> list[QueryResult]:
         """See :meth:`esmsearch.client.SearchClient.search_by_embedding`."""
         deadline = self._timeout(timeout_s)
-        request = search_by_embedding_request(vectors, query_ids, k, min_score, max_evalue=max_evalue)
+        request = search_by_embedding_request(
+            vectors, query_ids, k, min_score, max_evalue=max_evalue, evalue_db_size=evalue_db_size
+        )
         response = await self._unary(self.stub.SearchByEmbedding, request, deadline)
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
 
@@ -199,17 +209,19 @@ class AsyncSearchClient:
         min_score: float | None = None,
         max_evalue: float | None = None,
         timeout_s: float | None = _DEFAULT,
+        evalue_db_size: int | None = None,
     ) -> AsyncIterator[list[QueryResult]]:
         """See :meth:`esmsearch.client.SearchClient.search_stream`: one result list per batch."""
         deadline = self._timeout(timeout_s)
         check_bounds(min_score, max_evalue)
+        check_db_size_arg(evalue_db_size)
         call = self.stub.SearchStream(timeout=deadline, metadata=self._metadata)
         try:
             with map_rpc_errors():
                 for batch in batches:
                     records = records_from(batch)  # raises before sending a bad batch
                     queries = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
-                    await call.write(search_request(queries, k, min_score, max_evalue))
+                    await call.write(search_request(queries, k, min_score, max_evalue, evalue_db_size=evalue_db_size))
                     response = await call.read()
                     if response is grpc.aio.EOF or not isinstance(response, search_pb2.SearchResponse):
                         await _raise_status(call)

@@ -61,12 +61,13 @@ class SearchClient:
         channel: an existing channel to use instead of opening one (the client then
             still closes it in :meth:`close`).
         credentials: TLS / mutual TLS / bearer token (default: plaintext, no token).
-        retry: retry policy (default :class:`RetryPolicy`: 4 attempts): UNAVAILABLE
-            with exponential backoff and full jitter, and RESOURCE_EXHAUSTED after the
-            server's ``retry-after-ms`` hint (a busy server), always within the call's
-            deadline. Every wrapped unary RPC except ``reload_index`` is read-only,
-            hence idempotent and safe to retry; pass ``esmsearch.client.retry.NO_RETRY``
-            to disable.
+        retry: retry policy (default :class:`RetryPolicy`: 4 attempts), applied by gRPC's
+            own retry policy in the channel's service config: UNAVAILABLE with
+            exponential backoff, RESOURCE_EXHAUSTED after the server's standard
+            ``grpc-retry-pushback-ms`` (a busy server; never over a permanent limit),
+            always within the call's deadline (:mod:`esmsearch.client.retry`). Every
+            wrapped unary RPC except ``reload_index`` is read-only, hence idempotent
+            and safe to retry; pass ``esmsearch.client.retry.NO_RETRY`` to disable.
 
     Attributes:
         address: the server address.
@@ -91,9 +92,12 @@ class SearchClient:
         self.credentials = credentials or ClientCredentials()
         self.retry = retry or RetryPolicy()
         self._metadata = self.credentials.metadata()
+        # gRPC's retry policy goes into the service config of a channel opened here; the
+        # hand-made loop does what it cannot (esmsearch.client.retry).
+        self._loop_retry = self.retry.loop_policy(in_channel=channel is None)
         if channel is None:
             # Responses grow with k x queries (a hit is ~100-200 bytes): no 4 MB cap.
-            channel = self.credentials.channel(address)
+            channel = self.credentials.channel(address, retry=self.retry)
         self.channel: grpc.Channel = channel
         self.stub = search_pb2_grpc.HomologSearchStub(self.channel)
         self._closed = False
@@ -140,7 +144,7 @@ class SearchClient:
         with map_rpc_errors():
             return call_with_retry(
                 lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
-                self.retry,
+                self._loop_retry,
                 deadline,
             )
 
@@ -152,6 +156,7 @@ class SearchClient:
         min_score: float | None = None,
         max_evalue: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
+        evalue_db_size: int | None = None,
     ) -> Iterator[list[QueryResult]]:
         """Search many query batches over one ``SearchStream`` call, lazily.
 
@@ -166,7 +171,7 @@ class SearchClient:
         Args:
             batches: iterable of query batches, each in any form :meth:`search`
                 accepts (FASTA path, mapping id -> sequence, list of sequences).
-            k, min_score, max_evalue: as for :meth:`search`.
+            k, min_score, max_evalue, evalue_db_size: as for :meth:`search`.
             timeout_s: deadline of the whole stream in seconds; ``None`` = none.
 
         Yields:
@@ -179,11 +184,12 @@ class SearchClient:
                 UnavailableError, SearchError: the stream failed (details of a
                 server-side rejection start with ``request #<n>:``).
             FailedPreconditionError: ``max_evalue`` given but the index has no decoys.
-            ValueError: the client is closed, ``min_score`` is NaN, or ``max_evalue``
-                is negative or NaN.
+            ValueError: the client is closed, ``min_score`` is NaN, ``max_evalue``
+                is negative or NaN, or ``evalue_db_size`` is not a positive integer.
         """
         deadline = self._timeout(timeout_s)
         check_bounds(min_score, max_evalue)
+        check_db_size_arg(evalue_db_size)
 
         failure: list[BaseException] = []  # a bad batch, raised here rather than in grpc's thread
 
@@ -195,7 +201,7 @@ class SearchClient:
                     failure.append(exc)
                     return
                 queries = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
-                yield search_request(queries, k, min_score, max_evalue)
+                yield search_request(queries, k, min_score, max_evalue, evalue_db_size=evalue_db_size)
 
         responses = self.stub.SearchStream(requests(), timeout=deadline, metadata=self._metadata)
         try:
@@ -221,6 +227,7 @@ class SearchClient:
         max_evalue: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
         split_requests: bool = True,
+        evalue_db_size: int | None = None,
     ) -> list[QueryResult]:
         """Find the ``k`` nearest database sequences of each query.
 
@@ -246,6 +253,11 @@ class SearchClient:
             split_requests: split the queries into several RPCs within the server's
                 limits (each result then names the index version that answered its
                 own RPC).
+            evalue_db_size: number of database sequences the E-values are scaled to
+                (HMMER's ``-Z``, BLAST's ``-dbsize``), a positive integer, e.g. the
+                size of the whole database when searching one shard, so that E-values
+                of several servers compare; ``None`` = the server's default
+                (``esmsearch serve --evalue-db-size``), else the index's count.
 
         Returns:
             One :class:`QueryResult` per query, in input order, each with at most
@@ -266,20 +278,21 @@ class SearchClient:
             UnavailableError: the server is unreachable or draining.
             FailedPreconditionError: ``max_evalue`` given but the index has no decoys.
             SearchError: any other failed RPC.
-            ValueError: the client is closed, ``min_score`` is NaN, or ``max_evalue``
-                is negative or NaN.
+            ValueError: the client is closed, ``min_score`` is NaN, ``max_evalue``
+                is negative or NaN, or ``evalue_db_size`` is not a positive integer.
         """
         deadline = self._timeout(timeout_s)
         check_bounds(min_score, max_evalue)
+        check_db_size_arg(evalue_db_size)
         records = records_from(queries)
         queries_pb = [search_pb2.Query(query_id=r.record_id, sequence=r.sequence) for r in records]
         if split_requests and queries_pb:
-            chunks = _split(queries_pb, self._limits(deadline))
+            chunks = _split(queries_pb, self._limits(deadline), k)
         else:
             chunks = [queries_pb]
         results: list[QueryResult] = []
         for chunk in chunks:
-            request = search_request(chunk, k, min_score, max_evalue)
+            request = search_request(chunk, k, min_score, max_evalue, evalue_db_size=evalue_db_size)
             response = self._unary(self.stub.Search, request, deadline)
             results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
         return results
@@ -298,6 +311,7 @@ class SearchClient:
         min_score: float | None = None,
         max_evalue: float | None = None,
         timeout_s: float | None | _Default = _DEFAULT,
+        evalue_db_size: int | None = None,
     ) -> list[QueryResult]:
         """Search with precomputed query embeddings (one ``SearchByEmbedding`` RPC).
 
@@ -310,6 +324,7 @@ class SearchClient:
             min_score: drop hits whose cosine score is below this, in [-1, 1].
             max_evalue: drop hits whose E-value is above this, >= 0 (as in :meth:`search`).
             timeout_s: deadline of the call in seconds; ``None`` = none.
+            evalue_db_size: database size the E-values are scaled to (as in :meth:`search`).
 
         Returns:
             One :class:`QueryResult` per vector, in input order, with
@@ -322,10 +337,13 @@ class SearchClient:
                 the RPC failed.
             FailedPreconditionError: ``max_evalue`` given but the index has no decoys.
             ValueError: ``vectors`` is not 2-D, ``query_ids`` has the wrong length,
-                ``max_evalue`` is negative or NaN, or the client is closed.
+                ``max_evalue`` is negative or NaN, ``evalue_db_size`` is not a positive
+                integer, or the client is closed.
         """
         deadline = self._timeout(timeout_s)
-        request = search_by_embedding_request(vectors, query_ids, k, min_score, max_evalue=max_evalue)
+        request = search_by_embedding_request(
+            vectors, query_ids, k, min_score, max_evalue=max_evalue, evalue_db_size=evalue_db_size
+        )
         response = self._unary(self.stub.SearchByEmbedding, request, deadline)
         return [QueryResult.from_proto(r, response.index_version) for r in response.results]
 
@@ -406,14 +424,18 @@ class SearchClient:
             ) from exc
 
 
-def _split(queries: list[search_pb2.Query], limits: RequestLimits) -> list[list[search_pb2.Query]]:
+def _split(queries: list[search_pb2.Query], limits: RequestLimits, k: int = 1) -> list[list[search_pb2.Query]]:
     """Greedy, order-keeping split of queries into requests within ``limits``.
 
     A limit of 0 (a server that does not report it) means "no limit". A query
     longer than the per-request residue limit goes alone (the server then answers
-    RESOURCE_EXHAUSTED for it).
+    RESOURCE_EXHAUSTED for it). With ``k`` hits per query, a request holds at most
+    ``max_hits_per_request // k`` queries (at least one: a single query over the
+    hit limit gets the server's INVALID_ARGUMENT).
     """
     max_n = limits.max_queries_per_request or len(queries)
+    if limits.max_hits_per_request and k > 0:
+        max_n = min(max_n, max(1, limits.max_hits_per_request // k))
     max_res = limits.max_residues_per_request or None
     chunks: list[list[search_pb2.Query]] = [[]]
     residues = 0
@@ -440,8 +462,27 @@ def check_bounds(min_score: float | None, max_evalue: float | None) -> None:
         raise ValueError(f"max_evalue must be an E-value >= 0, got {max_evalue}")
 
 
+def check_db_size_arg(evalue_db_size: int | None) -> None:
+    """Refuse an ``evalue_db_size`` the server would refuse, before any RPC.
+
+    Raises:
+        ValueError: ``evalue_db_size`` is not ``None`` or a positive integer.
+    """
+    if evalue_db_size is None:
+        return
+    if not isinstance(evalue_db_size, int) or isinstance(evalue_db_size, bool) or evalue_db_size < 1:
+        raise ValueError(
+            f"evalue_db_size must be a positive integer (a number of database sequences), got {evalue_db_size!r}"
+        )
+
+
 def search_request(
-    queries: Sequence[search_pb2.Query], k: int, min_score: float | None, max_evalue: float | None
+    queries: Sequence[search_pb2.Query],
+    k: int,
+    min_score: float | None,
+    max_evalue: float | None,
+    *,
+    evalue_db_size: int | None = None,
 ) -> search_pb2.SearchRequest:
     """Build a Search request (shared by the sync and asyncio clients and their streams)."""
     request = search_pb2.SearchRequest(queries=queries, k=k)
@@ -449,6 +490,8 @@ def search_request(
         request.min_score = min_score
     if max_evalue is not None:
         request.max_evalue = max_evalue
+    if evalue_db_size is not None:
+        request.evalue_db_size = evalue_db_size
     return request
 
 
@@ -459,14 +502,17 @@ def search_by_embedding_request(
     min_score: float | None,
     *,
     max_evalue: float | None = None,
+    evalue_db_size: int | None = None,
 ) -> search_pb2.SearchByEmbeddingRequest:
     """Build a SearchByEmbedding request (shared by the sync and asyncio clients).
 
     Raises:
-        ValueError: ``vectors`` is not 2-D, ``query_ids`` has the wrong length, or
-            ``max_evalue`` is negative or NaN.
+        ValueError: ``vectors`` is not 2-D, ``query_ids`` has the wrong length,
+            ``max_evalue`` is negative or NaN, or ``evalue_db_size`` is not a
+            positive integer.
     """
     check_bounds(min_score, max_evalue)
+    check_db_size_arg(evalue_db_size)
     if isinstance(vectors, Mapping):
         ids = [str(key) for key in vectors]
         array = np.asarray([list(v) for v in vectors.values()], dtype=np.float32)
@@ -487,4 +533,6 @@ def search_by_embedding_request(
         request.min_score = min_score
     if max_evalue is not None:
         request.max_evalue = max_evalue
+    if evalue_db_size is not None:
+        request.evalue_db_size = evalue_db_size
     return request

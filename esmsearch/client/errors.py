@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Final
 
 import grpc
 
 from esmsearch.errors import EsmsearchError
+from esmsearch.protocol import RETRY_AFTER_KEY  # re-exported: the server's retry hint key
 
 __all__ = [
     "RETRY_AFTER_KEY",
@@ -55,9 +55,6 @@ __all__ = [
     "map_rpc_errors",
     "retry_after_s",
 ]
-
-#: Trailing-metadata key of the server's retry hint (milliseconds, ASCII digits).
-RETRY_AFTER_KEY: Final = "retry-after-ms"
 
 
 class SearchError(EsmsearchError):

@@ -11,8 +11,17 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from esmsearch.client.types import Hit, QueryResult
+from esmsearch.errors import EsmsearchError
 
-__all__ = ["TSV_COLUMNS", "format_evalue", "hit_to_jsonable", "results_to_jsonable", "write_json", "write_tsv"]
+__all__ = [
+    "TSV_COLUMNS",
+    "TsvFieldError",
+    "format_evalue",
+    "hit_to_jsonable",
+    "results_to_jsonable",
+    "write_json",
+    "write_tsv",
+]
 
 #: Column names of :func:`write_tsv`'s header line, in order.
 TSV_COLUMNS = (
@@ -30,9 +39,28 @@ TSV_COLUMNS = (
 NO_EVALUE = "NA"
 
 
+class TsvFieldError(EsmsearchError, ValueError):
+    """A record id holds whitespace (a tab, a newline, ...) and cannot be one TSV field.
+
+    Query ids are checked by the server (printable, one word) and target ids are the
+    first word of a database FASTA header, so only a result from elsewhere (an older
+    server, a hand-built :class:`QueryResult`) can hold one; the writer refuses it
+    rather than forge rows or silently change the id.
+    """
+
+
 def _clean(text: str) -> str:
-    # A tab or newline inside a description would break the one-hit-per-line format.
+    # A tab or line break inside a description would break the one-hit-per-line format:
+    # every whitespace run (str.isspace: tabs, CR/LF, VT/FF, U+2028 ...) becomes one space.
     return " ".join(text.split())
+
+
+def _id_field(text: str, what: str) -> str:
+    if any(c.isspace() for c in text):
+        raise TsvFieldError(
+            f"{what} {text[:40]!r} holds whitespace and cannot be written as one TSV field; use --format json"
+        )
+    return text
 
 
 def format_evalue(evalue: float | None) -> str:
@@ -47,19 +75,27 @@ def write_tsv(results: Iterable[QueryResult], stream: IO[str], *, header: bool =
     Columns are :data:`TSV_COLUMNS`; ``cosine_score`` has 6 decimals, ``evalue`` is
     in scientific notation with 3 significant digits (``%.2e``, as BLAST writes it),
     ``NA`` for hits of an index without decoys. Queries with no hits write no line.
-    Whitespace runs inside descriptions (tabs, newlines) are collapsed to one space.
+    No field ever holds a tab or a line break: whitespace runs inside descriptions
+    (which come from the database FASTA headers and may hold tabs) are collapsed to one
+    space, and a query or target id holding whitespace is refused.
 
     Args:
         results: query results, written in the given order.
         stream: text stream to write to.
         header: write the header line first.
+
+    Raises:
+        TsvFieldError: a query or target id holds whitespace (raised before the line
+            that would hold it is written).
     """
     if header:
         stream.write("\t".join(TSV_COLUMNS) + "\n")
     for result in results:
+        query_id = _id_field(result.query_id, "query id") if result.hits else ""
         for hit in result.hits:
+            target_id = _id_field(hit.target_id, "target id")
             stream.write(
-                f"{result.query_id}\t{hit.target_id}\t{hit.cosine_score:.6f}\t{hit.rank}\t"
+                f"{query_id}\t{target_id}\t{hit.cosine_score:.6f}\t{hit.rank}\t"
                 f"{result.query_length}\t{hit.target_length}\t{format_evalue(hit.evalue)}\t"
                 f"{_clean(hit.description)}\n"
             )

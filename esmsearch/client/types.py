@@ -84,12 +84,15 @@ class RequestLimits:
         max_queries_per_request: most queries in one Search call.
         max_residues_per_query: longest accepted query, in residues.
         max_residues_per_request: most residues summed over one Search call.
+        max_hits_per_request: most hits (queries x k) one Search call may ask for;
+            0 = not reported (a server older than this field).
     """
 
     max_k: int
     max_queries_per_request: int
     max_residues_per_query: int
     max_residues_per_request: int
+    max_hits_per_request: int = 0
 
     @classmethod
     def from_proto(cls, msg: search_pb2.RequestLimits) -> RequestLimits:
@@ -98,6 +101,7 @@ class RequestLimits:
             max_queries_per_request=int(msg.max_queries_per_request),
             max_residues_per_query=int(msg.max_residues_per_query),
             max_residues_per_request=int(msg.max_residues_per_request),
+            max_hits_per_request=int(msg.max_hits_per_request),
         )
 
 

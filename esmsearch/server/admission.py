@@ -1,25 +1,37 @@
-"""Admission control: one bound on the model work a server accepts, batching on or off.
+"""Admission control: one bound on the work a server accepts, whatever the RPC, batching on or off.
 
-Every request that needs the model (Search, SearchStream messages, Embed) is
-*admitted* before it is queued and *released* when it has been answered, failed or
-dropped. Two limits bound what is admitted at once:
+Every request that searches or needs the model -- Search, each SearchStream message,
+SearchByEmbedding, Embed, and their HTTP twins -- is *admitted* before any work is
+queued or done for it, and *released* when it has been answered, failed or dropped.
+Two limits bound what is admitted at once:
 
-* ``max_queries_in_flight``: query sequences queued or being embedded;
+* ``max_queries_in_flight``: query sequences (or query vectors) queued, being
+  embedded or being searched;
 * ``max_queued_residues``: residues of those sequences (the model's work grows with
-  residues, so this bounds the backlog in time as well as in memory).
+  residues, so this bounds the backlog in time as well as in memory; a query vector
+  has none).
+
+and one bounds each request's output:
+
+* ``max_hits_per_request``: queries x k, the most hits one answer may hold (E-values,
+  metadata lookups and the response all grow with it).
 
 A request that does not fit *now* gets :class:`~esmsearch.errors.ServerBusyError`
-(RESOURCE_EXHAUSTED with ``retry-after-ms`` trailing metadata): the estimate is the
-time the work ahead of it needs at the recently measured embedding rate, so a client
-that waits that long finds room. A request that could *never* fit -- more queries or
-residues than the limits themselves -- gets
-:class:`~esmsearch.errors.RequestTooLargeError` (RESOURCE_EXHAUSTED without
-``retry-after-ms``): retrying it is pointless, it must be split. The limits reported
-to clients in ``GetIndexInfo.limits`` already take these bounds into account, so the
-client library splits its requests to fit.
+(RESOURCE_EXHAUSTED with ``grpc-retry-pushback-ms`` and ``retry-after-ms`` trailing
+metadata): the estimate is the time the work ahead of it needs at the recently
+measured embedding rate, so a client that waits that long finds room. A request that
+could *never* fit -- more queries or residues than the limits themselves -- gets
+:class:`~esmsearch.errors.RequestTooLargeError` (RESOURCE_EXHAUSTED, pushback ``-1``:
+retrying it is pointless, it must be split). A request asking for more hits than
+``max_hits_per_request`` is INVALID_ARGUMENT (a :class:`~esmsearch.server.rpc.Reject`
+naming the limit and the request's figure), never retried: lower k or send fewer
+queries. The limits reported to clients in ``GetIndexInfo.limits`` already take the
+first two bounds into account, so the client library splits its requests to fit.
 
 This is the "bounded queue + explicit back-pressure" of Triton Inference Server and
-of gRPC's own ``maximum_concurrent_rpcs``, counted in model work rather than in RPCs.
+of gRPC's own ``maximum_concurrent_rpcs``, counted in model work rather than in RPCs;
+the transport caps (:attr:`esmsearch.server.config.ServerConfig.max_concurrent_requests`)
+are derived from these bounds.
 """
 
 from __future__ import annotations
@@ -29,9 +41,18 @@ import threading
 from dataclasses import dataclass
 from typing import Final
 
+import grpc
+
 from esmsearch.errors import ConfigError, RequestTooLargeError, ServerBusyError
+from esmsearch.protocol import (
+    DEFAULT_MAX_HITS_PER_REQUEST,
+    DEFAULT_MAX_QUERIES_IN_FLIGHT,
+    DEFAULT_MAX_QUEUED_RESIDUES,
+)
+from esmsearch.server.rpc import Reject
 
 __all__ = [
+    "DEFAULT_MAX_HITS_PER_REQUEST",
     "DEFAULT_MAX_QUERIES_IN_FLIGHT",
     "DEFAULT_MAX_QUEUED_RESIDUES",
     "Admission",
@@ -39,12 +60,6 @@ __all__ = [
     "Ticket",
 ]
 
-#: Default most query sequences queued or being embedded at once (>= the default
-#: per-request limit of 1,000 queries, so any valid default request can be admitted).
-DEFAULT_MAX_QUERIES_IN_FLIGHT: Final = 1024
-#: Default most residues queued or being embedded at once (>= the default per-request
-#: limit of 1,000,000 residues).
-DEFAULT_MAX_QUEUED_RESIDUES: Final = 1_048_576
 #: retry-after hint before any embedding rate has been measured, and its bounds (ms).
 _RETRY_AFTER_DEFAULT_MS: Final = 100
 _RETRY_AFTER_MIN_MS: Final = 10
@@ -58,8 +73,12 @@ class AdmissionConfig:
     """Bounds on the model work admitted at once (see the module docstring).
 
     Attributes:
-        max_queries_in_flight: query sequences queued or being embedded, >= 1.
+        max_queries_in_flight: query sequences (or vectors) queued, being embedded or
+            being searched, >= 1.
         max_queued_residues: residues of those sequences, >= 1.
+        max_hits_per_request: most hits one request may ask for (queries x k), >= 1
+            (``esmsearch serve --max-hits-per-request``, default
+            :data:`~esmsearch.protocol.DEFAULT_MAX_HITS_PER_REQUEST`).
 
     Raises:
         ConfigError: a bound is not an integer >= 1.
@@ -67,9 +86,10 @@ class AdmissionConfig:
 
     max_queries_in_flight: int = DEFAULT_MAX_QUERIES_IN_FLIGHT
     max_queued_residues: int = DEFAULT_MAX_QUEUED_RESIDUES
+    max_hits_per_request: int = DEFAULT_MAX_HITS_PER_REQUEST
 
     def __post_init__(self) -> None:
-        for name in ("max_queries_in_flight", "max_queued_residues"):
+        for name in ("max_queries_in_flight", "max_queued_residues", "max_hits_per_request"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -107,18 +127,28 @@ class Admission:
         """Residues admitted and not yet released."""
         return self._residues
 
-    def admit(self, queries: int, residues: int) -> Ticket:
-        """Admit a request of ``queries`` sequences and ``residues`` residues, or refuse it.
+    def admit(self, queries: int, residues: int, hits: int = 0) -> Ticket:
+        """Admit a request of ``queries`` sequences (or vectors), ``residues`` residues and
+        ``hits`` hits asked for (queries x k; 0 for Embed), or refuse it.
 
         Returns:
             A :class:`Ticket` to pass to :meth:`release` exactly once.
 
         Raises:
+            Reject: INVALID_ARGUMENT: ``hits`` is over ``max_hits_per_request`` (the
+                message names the limit and the request's figure; never retried).
             RequestTooLargeError: the request alone exceeds a bound (permanent: split it).
             ServerBusyError: it does not fit next to the work admitted now; its
                 ``retry_after_s`` estimates when it would.
         """
         cfg = self.config
+        if hits > cfg.max_hits_per_request:
+            raise Reject(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request asks for {hits:,} hits ({queries:,} queries x k = {hits // max(1, queries):,}), over the "
+                f"server's limit of {cfg.max_hits_per_request:,} hits per request (max_hits_per_request); "
+                "lower k or send fewer queries per request",
+            )
         if queries > cfg.max_queries_in_flight:
             raise RequestTooLargeError(
                 f"request has {queries} queries, over the server's limit of {cfg.max_queries_in_flight} "

@@ -28,12 +28,15 @@ without an active exception`` (SIGABRT) even though every request was answered.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Final
 
@@ -41,6 +44,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from esmsearch.protocol import SERVICE_NAME as _SERVICE_NAME
 from esmsearch.server.admission import Admission
 from esmsearch.server.batcher import DynamicBatcher
 from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, ServerConfig
@@ -49,7 +53,7 @@ from esmsearch.server.health import HealthServicer
 from esmsearch.server.metrics import ServerMetrics
 from esmsearch.server.reload import IndexReloader
 from esmsearch.server.rpc import RpcObserver
-from esmsearch.server.security import TokenAuthInterceptor
+from esmsearch.server.security import auth_interceptors
 from esmsearch.server.servicer import HomologSearchServicer
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -61,14 +65,18 @@ __all__ = [
     "DEFAULT_MAX_WORKERS",
     "SERVICE_NAME",
     "SearchServer",
+    "ServerParts",
     "create_server",
     "serve",
 ]
 
 log = logging.getLogger("esmsearch.server")
 
-#: Fully-qualified name of the search service (also its health-check service name).
+#: Fully-qualified name of the search service (also its health-check service name);
+#: :mod:`esmsearch.protocol` holds it for the client too.
 SERVICE_NAME: Final = search_pb2.DESCRIPTOR.services_by_name["HomologSearch"].full_name
+if SERVICE_NAME != _SERVICE_NAME:  # pragma: no cover - the proto and the constant drifted apart
+    raise ImportError(f"esmsearch.protocol.SERVICE_NAME is {_SERVICE_NAME!r}, search.proto says {SERVICE_NAME!r}")
 #: Seconds to wait for a thread gRPC started to end after the server terminated.
 _THREAD_JOIN_S: Final = 10.0
 
@@ -77,13 +85,60 @@ def _new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t not in before and t is not threading.current_thread()]
 
 
+@dataclass(frozen=True)
+class ServerParts:
+    """The parts a :class:`SearchServer` is composed of, built by :func:`create_server`.
+
+    Attributes:
+        grpc_server: the ``grpc.Server`` (ports added, not started).
+        executor: its RPC thread pool.
+        port: the bound gRPC port, 1..65535.
+        engine: the loaded model + served index.
+        batcher: the model scheduler (admission, deadlines, batching).
+        servicer: the ``HomologSearch`` servicer.
+        health: the ``grpc.health.v1`` servicer.
+        reloader: follows ``ROOT/current`` of a versioned root; ``None`` for a fixed index.
+        metrics: the Prometheus metrics (always collected).
+        metrics_port: port of the ``/metrics`` HTTP endpoint, or ``None`` when not exposed.
+        http: the HTTP/JSON API and web page server, or ``None``.
+
+    Raises:
+        ValueError: ``port`` is not a bound port, or the servicer does not use ``engine``
+            and ``batcher``.
+    """
+
+    grpc_server: grpc.Server
+    executor: futures.ThreadPoolExecutor
+    port: int
+    engine: SearchEngine
+    batcher: DynamicBatcher
+    servicer: HomologSearchServicer
+    health: HealthServicer
+    reloader: IndexReloader | None
+    metrics: ServerMetrics
+    metrics_port: int | None = None
+    http: HttpServer | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ValueError(f"port must be a bound port in 1..65535, got {self.port!r}")
+        if self.servicer.engine is not self.engine or self.servicer.batcher is not self.batcher:
+            raise ValueError("the servicer must serve the server's own engine and batcher")
+
+
 class SearchServer:
     """A running search server: the ``grpc.Server`` and the parts it serves, composed.
 
-    Built by :func:`create_server`; every attribute is set here, never afterwards.
+    Built by :func:`create_server` from one frozen :class:`ServerConfig` and the
+    :class:`ServerParts` built from it; every attribute is set here, never afterwards.
+
+    Args:
+        config: the configuration it was built from.
+        parts: the composed parts.
 
     Attributes:
         config: the configuration it was built from.
+        parts: the composed parts (also reachable one by one below).
         port: the bound gRPC port.
         engine: the loaded model + served index.
         batcher: the model scheduler (admission, deadlines, batching).
@@ -96,35 +151,21 @@ class SearchServer:
         http_port: its bound port, or ``None``.
     """
 
-    def __init__(
-        self,
-        *,
-        config: ServerConfig,
-        grpc_server: grpc.Server,
-        executor: futures.ThreadPoolExecutor,
-        port: int,
-        engine: SearchEngine,
-        batcher: DynamicBatcher,
-        servicer: HomologSearchServicer,
-        health_servicer: health.HealthServicer,
-        reloader: IndexReloader | None,
-        metrics: ServerMetrics,
-        metrics_port: int | None,
-        http: HttpServer | None = None,
-    ) -> None:
+    def __init__(self, config: ServerConfig, parts: ServerParts) -> None:
         self.config = config
-        self.port = port
-        self.engine = engine
-        self.batcher = batcher
-        self.servicer = servicer
-        self.health = health_servicer
-        self.reloader = reloader
-        self.metrics = metrics
-        self.metrics_port = metrics_port
-        self.http = http
-        self.http_port = http.port if http is not None else None
-        self._grpc = grpc_server
-        self._executor = executor
+        self.parts = parts
+        self.port = parts.port
+        self.engine = parts.engine
+        self.batcher = parts.batcher
+        self.servicer = parts.servicer
+        self.health = parts.health
+        self.reloader = parts.reloader
+        self.metrics = parts.metrics
+        self.metrics_port = parts.metrics_port
+        self.http = parts.http
+        self.http_port = parts.http.port if parts.http is not None else None
+        self._grpc = parts.grpc_server
+        self._executor = parts.executor
         self._grpc_threads: list[threading.Thread] = []
         self._stop_lock = threading.Lock()
         self._grpc_done: threading.Event | None = None
@@ -259,27 +300,32 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
             device=config.device,
             toks_per_batch=config.toks_per_batch,
             mmap=config.mmap_index,
+            evalue_db_size=config.evalue_db_size,
         )
-    metrics = ServerMetrics()
-    observer = RpcObserver(metrics)
-    parts: list[object] = []  # closed in reverse if anything below fails
-    http: HttpServer | None = None
-    try:
+    with contextlib.ExitStack() as rollback:  # closes what was built, in reverse, if anything fails
+        rollback.callback(engine.close)
+        metrics = ServerMetrics()
+        rollback.callback(metrics.stop_http)
+        observer = RpcObserver(metrics)
         reloader = (
             IndexReloader(engine, root, poll_s=config.reload_poll_s, mmap=config.mmap_index)
             if root is not None
             else None
         )
         batcher = DynamicBatcher(engine, config.batching, admission=Admission(config.admission), metrics=metrics)
-        parts.append(batcher)
+        rollback.callback(batcher.close)
         executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="esmsearch-rpc")
-        parts.append(executor)
-        tokens = config.security.tokens
-        interceptors: list[grpc.ServerInterceptor] = [TokenAuthInterceptor(tokens, observer=observer)] if tokens else []
+        rollback.callback(executor.shutdown, wait=True)
+        tokens = config.security.read_call_tokens  # HTTP /v1: read and admin tokens
+        interceptors = auth_interceptors(config.security, observer)  # read/admin roles, mTLS
+        max_message_bytes = _max_message_bytes(config, engine.index.manifest.dim)
         grpc_server = grpc.server(
             executor,
-            options=[("grpc.max_receive_message_length", _max_message_bytes(config, engine.index.manifest.dim))],
+            options=[("grpc.max_receive_message_length", max_message_bytes)],
             interceptors=interceptors,
+            # Beyond it gRPC answers RESOURCE_EXHAUSTED before reading the request (see
+            # ServerConfig.max_concurrent_requests for the formula).
+            maximum_concurrent_rpcs=config.max_concurrent_requests,
         )
         servicer = HomologSearchServicer(
             engine, batcher, limits=config.effective_limits, reloader=reloader, observer=observer
@@ -305,43 +351,44 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
                 metrics_port = metrics.start_http(config.metrics_port)
             except OSError as exc:
                 raise OSError(f"cannot bind the metrics port {config.metrics_port}: {exc}") from exc
+        http: HttpServer | None = None
         if config.http_port is not None:
             from esmsearch.server.httpapi import HttpServer, create_http_app
 
             app = create_http_app(
                 servicer,
                 tokens=tokens,
-                max_body_bytes=_max_message_bytes(config, engine.index.manifest.dim),
+                max_body_bytes=max_message_bytes,
+                max_requests=config.max_concurrent_requests,
             )
             try:
-                http = HttpServer(app, host=config.host, port=config.http_port, tls=config.security.tls)
+                http = HttpServer(
+                    app,
+                    host=config.host,
+                    port=config.http_port,
+                    tls=config.security.tls,
+                    limit_concurrency=config.http_limit_concurrency,
+                )
             except OSError as exc:
                 raise OSError(f"cannot bind the HTTP port {config.http_port}: {exc}") from exc
-    except BaseException:
-        metrics.stop_http()
-        for part in reversed(parts):
-            if isinstance(part, DynamicBatcher):
-                part.close()
-            elif isinstance(part, futures.ThreadPoolExecutor):
-                part.shutdown(wait=True)
-        if http is not None:
-            http.stop(time.monotonic())  # never started: closes its socket
-        engine.close()
-        raise
-    server = SearchServer(
-        config=config,
-        grpc_server=grpc_server,
-        executor=executor,
-        port=port,
-        engine=engine,
-        batcher=batcher,
-        servicer=servicer,
-        health_servicer=health_servicer,
-        reloader=reloader,
-        metrics=metrics,
-        metrics_port=metrics_port,
-        http=http,
-    )
+            rollback.callback(http.stop, 0.0)  # never started: closes its socket
+        server = SearchServer(
+            config,
+            ServerParts(
+                grpc_server=grpc_server,
+                executor=executor,
+                port=port,
+                engine=engine,
+                batcher=batcher,
+                servicer=servicer,
+                health=health_servicer,
+                reloader=reloader,
+                metrics=metrics,
+                metrics_port=metrics_port,
+                http=http,
+            ),
+        )
+        rollback.pop_all()  # built: from here on the server owns and stops every part
     try:
         server.start()
     except BaseException:
@@ -384,6 +431,12 @@ def serve(config: ServerConfig) -> int:
         if stop_requested.is_set():
             return 0
         server, bound = create_server(config)
+        # What is alive once the server has started (torch, the model, the index) stays alive:
+        # move it out of the cyclic collector's sight (gc.freeze), so that its full passes stop
+        # walking it with the GIL held (120-145 ms stalls of every thread, /readyz included, in
+        # benchmarks/readyz_under_load.py).
+        gc.collect()
+        gc.freeze()
         try:
             reloader = server.reloader
             if reloader is not None:

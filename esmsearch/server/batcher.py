@@ -12,10 +12,17 @@ taken; with batching off, every request is its own batch. Right before the forwa
 pass, the deadline and cancellation of every request of the batch are checked again
 and dead ones are dropped (:class:`~esmsearch.errors.RequestExpiredError`), so no
 model time goes to callers that have left. One :meth:`SearchEngine.embed` call
-embeds the batch, one FAISS search serves all of its searching requests (with the
-largest ``k`` among them), the E-values of all their hits come from one matrix
-product of the batch's query vectors with the index's decoys
-(:meth:`esmsearch.store.Index.evalues`), and each request's future gets its own rows.
+embeds the batch and one FAISS search serves all of its searching requests, at the
+largest ``k`` among them (one search of the batch's query matrix costs less than one
+per distinct ``k``: for exact search the query x database product dominates and ``k``
+only sizes the heaps). From there on each request gets only its own ``k`` columns:
+its hits, metadata and E-values (:meth:`esmsearch.store.Index.evalues`, fitted per
+query, so splitting the batch by request changes no value) are built for its first
+``k`` columns alone, and its future gets its own rows.
+
+SearchByEmbedding needs no model: :meth:`DynamicBatcher.search_vectors` admits it
+through the same :class:`~esmsearch.server.admission.Admission` and searches in the
+caller's thread, so every RPC that does work counts against the same bounds.
 
 So there is one bounded admission path whether batching is on or off; "off" only
 means "never merge".
@@ -45,7 +52,7 @@ import numpy as np
 
 from esmsearch.errors import ConfigError, EvaluesUnavailableError, RequestExpiredError, ServerClosingError
 from esmsearch.server.admission import Admission, Ticket
-from esmsearch.server.engine import EngineHit, EngineResult, SearchEngine, hits_from_scores
+from esmsearch.server.engine import EngineResult, HitList, SearchEngine, hits_from_scores
 
 if TYPE_CHECKING:
     from esmsearch.server.metrics import ServerMetrics
@@ -112,6 +119,7 @@ class _Request:
     future: Future[Any]
     enqueued_at: float = field(default_factory=time.perf_counter)
     max_evalue: float | None = None
+    evalue_db_size: int | None = None  # None: the engine's default (SearchEngine.evalue_db_size_for)
 
     @property
     def toks(self) -> int:
@@ -194,15 +202,25 @@ class DynamicBatcher:
         is_active: Callable[[], bool] | None,
         timeout_s: float | None,
         max_evalue: float | None = None,
+        evalue_db_size: int | None = None,
     ) -> Future[Any]:
         seqs = list(sequences)
         if self._closed.is_set():
             raise ServerClosingError("the server is shutting down")
-        ticket = self.admission.admit(len(seqs), sum(len(s) for s in seqs))
+        hits = 0 if k is None else len(seqs) * k
+        ticket = self.admission.admit(len(seqs), sum(len(s) for s in seqs), hits)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         future: Future[Any] = Future()
         request = _Request(
-            seqs, k, min_score, is_active or _always_active, deadline, ticket, future, max_evalue=max_evalue
+            seqs,
+            k,
+            min_score,
+            is_active or _always_active,
+            deadline,
+            ticket,
+            future,
+            max_evalue=max_evalue,
+            evalue_db_size=evalue_db_size,
         )
         with self._submit_lock:
             if self._closed.is_set():
@@ -236,6 +254,7 @@ class DynamicBatcher:
         max_evalue: float | None = None,
         is_active: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
+        evalue_db_size: int | None = None,
     ) -> EngineResult:
         """Embed and search validated ``sequences`` as part of a batch; block for the answer.
 
@@ -248,6 +267,9 @@ class DynamicBatcher:
                 ``context.is_active``); such a request is dropped before embedding.
             timeout_s: the caller's remaining deadline in seconds (``None`` = none):
                 the longest wait, and past it the request is dropped before embedding.
+            evalue_db_size: database size this request's E-values are scaled to, >= 1;
+                ``None``: :meth:`SearchEngine.evalue_db_size_for`. Each request of a
+                batch gets its own.
 
         Returns:
             An :class:`EngineResult` (hits in input order, the index version, and the
@@ -263,7 +285,13 @@ class DynamicBatcher:
                 batch ran on has no decoys.
         """
         future = self.submit_search(
-            sequences, k, min_score, max_evalue=max_evalue, is_active=is_active, timeout_s=timeout_s
+            sequences,
+            k,
+            min_score,
+            max_evalue=max_evalue,
+            is_active=is_active,
+            timeout_s=timeout_s,
+            evalue_db_size=evalue_db_size,
         )
         result = self._wait(future, timeout_s)
         assert isinstance(result, EngineResult)
@@ -278,6 +306,7 @@ class DynamicBatcher:
         max_evalue: float | None = None,
         is_active: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
+        evalue_db_size: int | None = None,
     ) -> Future[Any]:
         """Queue a search without waiting: the future resolves to an :class:`EngineResult`.
 
@@ -286,7 +315,7 @@ class DynamicBatcher:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return self._submit(sequences, k, min_score, is_active, timeout_s, max_evalue)
+        return self._submit(sequences, k, min_score, is_active, timeout_s, max_evalue, evalue_db_size)
 
     def submit_embed(
         self,
@@ -301,6 +330,55 @@ class DynamicBatcher:
             ServerBusyError, RequestTooLargeError, ServerClosingError: the request was not queued.
         """
         return self._submit(sequences, None, None, is_active, timeout_s)
+
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        min_score: float | None = None,
+        *,
+        max_evalue: float | None = None,
+        index: Index | None = None,
+        evalue_db_size: int | None = None,
+    ) -> list[HitList]:
+        """Search validated query vectors in the caller's thread, admitted like every request.
+
+        No model work, so no queue: the request is admitted (``len(vectors)`` queries,
+        no residues, ``len(vectors) * k`` hits), searched with
+        :meth:`SearchEngine.search_vectors`, and released.
+
+        Args:
+            vectors: float32 ``[q, dim]``, L2-normalised.
+            k: hits per query, >= 1.
+            min_score: drop hits with cosine score below this; ``None`` keeps all.
+            max_evalue: drop hits with E-value above this, >= 0; ``None`` keeps all.
+            index: the (leased) index version to search; default the current one.
+            evalue_db_size: database size the E-values are scaled to, >= 1; ``None``:
+                :meth:`SearchEngine.evalue_db_size_for`.
+
+        Returns:
+            One list of hits per query, by descending cosine score.
+
+        Raises:
+            Reject: INVALID_ARGUMENT: more hits asked for than the admission allows.
+            ServerBusyError: admission is full now (``retry_after_s`` says when to retry).
+            RequestTooLargeError: the request alone exceeds an admission bound.
+            ServerClosingError: the scheduler is closed.
+            EvaluesUnavailableError: ``max_evalue`` given for an index without decoys.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self._closed.is_set():
+            raise ServerClosingError("the server is shutting down")
+        n = int(vectors.shape[0])
+        ticket = self.admission.admit(n, 0, n * k)
+        self._publish_load()
+        try:
+            return self.engine.search_vectors(
+                vectors, k, min_score, max_evalue=max_evalue, index=index, evalue_db_size=evalue_db_size
+            )
+        finally:
+            self._release(ticket)
 
     def embed(
         self,
@@ -441,29 +519,33 @@ class DynamicBatcher:
         searching = [i for i, r in enumerate(batch) if r.k is not None]
         offsets = np.cumsum([0] + [len(r.sequences) for r in batch])
         search_s = 0.0
-        hits_of: dict[int, list[list[EngineHit]]] = {}
+        hits_of: dict[int, list[HitList]] = {}
         failed: dict[int, Exception] = {}
         if searching:
             t0 = time.perf_counter()
+            # One FAISS search for the batch at its largest k (see the module docstring) ...
             k_max = max(int(batch[i].k or 1) for i in searching)
             k_eff = max(1, min(k_max, index.count))
             sel = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in searching])
             queries = np.ascontiguousarray(vectors[sel])
             scores, rows = index.search(queries, k_eff)
-            # One matrix product with the decoys for the whole batch (and its extreme-value fits).
-            evalues = index.evalues(queries, scores) if index.has_evalues else None
             at = 0
             for i in searching:
                 n = len(batch[i].sequences)
                 req = batch[i]
+                # ... then hits, metadata and E-values of this request's own k columns only.
+                k_own = max(1, min(int(req.k or 1), k_eff))
+                own_scores, own_rows = scores[at : at + n, :k_own], rows[at : at + n, :k_own]
                 try:
+                    db_size = self.engine.evalue_db_size_for(req.evalue_db_size, index)
+                    evalues = index.evalues(queries[at : at + n], own_scores, db_size) if index.has_evalues else None
                     hits_of[i] = hits_from_scores(
                         index,
-                        scores[at : at + n],
-                        rows[at : at + n],
-                        int(req.k or 1),
+                        own_scores,
+                        own_rows,
+                        k_own,
                         req.min_score,
-                        evalues=None if evalues is None else evalues[at : at + n],
+                        evalues=evalues,
                         max_evalue=req.max_evalue,
                     )
                 except EvaluesUnavailableError as exc:  # this request alone: the version has no decoys

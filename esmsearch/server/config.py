@@ -26,7 +26,8 @@ __all__ = ["DEFAULT_GRACE_S", "DEFAULT_MAX_WORKERS", "DEFAULT_PORT", "ServerConf
 #: Seconds in-flight requests get to finish after SIGTERM/SIGINT.
 DEFAULT_GRACE_S: Final = 10.0
 #: gRPC worker threads, i.e. RPCs handled at once. Each waits on the model scheduler
-#: (whose admission bounds bound the model work); RPCs beyond this wait in gRPC's queue.
+#: (whose admission bounds bound the model work); RPCs beyond this wait in gRPC's queue,
+#: up to :attr:`ServerConfig.max_concurrent_requests` RPCs in all.
 DEFAULT_MAX_WORKERS: Final = 64
 #: Default TCP port of ``esmsearch serve``.
 DEFAULT_PORT: Final = 50051
@@ -52,7 +53,9 @@ class ServerConfig:
             (``None``: only SIGHUP or the ``ReloadIndex`` RPC reload).
         batching: dynamic batching of concurrent requests.
         admission: bounds on queries in flight and queued residues (RESOURCE_EXHAUSTED
-            with ``retry-after-ms`` beyond them).
+            with ``grpc-retry-pushback-ms`` and ``retry-after-ms`` beyond them), and on
+            the hits of one request (queries x k; INVALID_ARGUMENT beyond it). The
+            transport caps are derived from them: :attr:`max_concurrent_requests`.
         security: TLS, bearer tokens, and whether a non-loopback host may be bound
             without them (refused otherwise, when the config is built).
         metrics_port: serve Prometheus metrics at ``http://127.0.0.1:PORT/metrics``
@@ -64,10 +67,14 @@ class ServerConfig:
         mmap_index: memory-map FAISS index files (served and reloaded versions) where
             FAISS allows it, so that a reload does not hold two private copies of the
             index; ``False`` reads them into the process's memory.
+        evalue_db_size: number of database sequences E-values are scaled to when a
+            request gives none (``--evalue-db-size``; HMMER's ``-Z``, BLAST's
+            ``-dbsize``), >= 1; ``None`` = the served version's count.
 
     Raises:
-        ConfigError: a value is out of range, or a non-loopback ``host`` without TLS or
-            tokens and without ``security.insecure_bind_any``.
+        ConfigError: a value is out of range, or a non-loopback ``host`` without both TLS
+            and caller authentication (tokens or a client CA) and without
+            ``security.insecure_bind_any``.
     """
 
     index: Path
@@ -86,6 +93,7 @@ class ServerConfig:
     http_port: int | None = None
     grace_s: float = DEFAULT_GRACE_S
     mmap_index: bool = True
+    evalue_db_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.index, Path):
@@ -113,6 +121,10 @@ class ServerConfig:
             raise ConfigError(f"grace_s must be a finite number of seconds >= 0, got {self.grace_s!r}")
         if not self.host:
             raise ConfigError("host must not be empty")
+        if self.evalue_db_size is not None and (
+            not isinstance(self.evalue_db_size, int) or isinstance(self.evalue_db_size, bool) or self.evalue_db_size < 1
+        ):
+            raise ConfigError(f"evalue_db_size must be a positive integer or None, got {self.evalue_db_size!r}")
         check_bind_host(self.host, self.security)
 
     @property
@@ -122,6 +134,36 @@ class ServerConfig:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        """Most requests in the server at once, per interface (gRPC, HTTP): the transport cap.
+
+        ``max_workers + admission.max_queries_in_flight``. Every admitted request holds
+        at least one query, so at most ``max_queries_in_flight`` requests can be
+        admitted at once; ``max_workers`` more leaves room for requests being validated
+        or refused and for the cheap ones that need no admission (GetIndexInfo, health,
+        ``GET /v1/index``). A request beyond the cap could only wait for room, so it is
+        refused at once, before its message or body is read: gRPC answers
+        RESOURCE_EXHAUSTED itself (``grpc.server(maximum_concurrent_rpcs=...)``; clients
+        with a retry policy back off and retry), HTTP answers 503 with ``Retry-After``.
+
+        Memory this bounds, worst case: gRPC reads at most ``max_workers`` request
+        messages at once (an RPC waiting for a worker thread has not read its message),
+        each at most the server's ``grpc.max_receive_message_length``; HTTP reads at most
+        this many bodies, each at most the same size.
+        """
+        return self.max_workers + self.admission.max_queries_in_flight
+
+    @property
+    def http_limit_concurrency(self) -> int:
+        """uvicorn's ``limit_concurrency``: ``2 * max_concurrent_requests``.
+
+        A backstop behind the HTTP request cap (:attr:`max_concurrent_requests`, answered
+        503 with ``Retry-After`` by the application): uvicorn counts open connections,
+        idle keep-alive ones included, and tasks, and answers a plain 503 beyond it.
+        """
+        return 2 * self.max_concurrent_requests
 
     @property
     def effective_limits(self) -> RequestLimits:

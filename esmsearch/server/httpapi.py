@@ -8,12 +8,12 @@ log line and Prometheus metrics -- with no second hop through gRPC:
 =========================  =====  =================================================================
 endpoint                   token  answer
 =========================  =====  =================================================================
-``POST /v1/search``        yes    hits as ``esmsearch search --format json`` prints them (the same
-                                  code writes both), or TSV (``?format=tsv`` or
-                                  ``Accept: text/tab-separated-values``)
+``POST /v1/search``        yes    hits as compact JSON, or with ``?pretty`` as ``esmsearch search
+                                  --format json`` prints them (the same code writes both), or TSV
+                                  (``?format=tsv`` or ``Accept: text/tab-separated-values``)
 ``GET /v1/index``          yes    the served index, its model and the request limits (``GetIndexInfo``)
 ``GET /healthz``           no     200 while the process serves HTTP
-``GET /readyz``            no     200 once model and index are loaded, 503 while draining
+``GET /readyz``            no     200 once model and index are loaded, 503 while draining (only that)
 ``GET /openapi.json``      no     the OpenAPI 3.1 document; ``/docs`` (Swagger UI) and ``/redoc``
 ``GET /``                  no     the web page (``esmsearch/server/web/``); it asks for a token
                                   when ``/v1/index`` answers 401
@@ -36,7 +36,10 @@ internet access, like the web page, whose HTML, CSS and JavaScript are package d
 Threading: uvicorn runs one asyncio event loop in the thread ``esmsearch-http``.
 Handlers never block it: model work goes to the :class:`DynamicBatcher` and is awaited
 through its future; a client that disconnects marks its request inactive, so the
-scheduler drops it before embedding, as it drops a cancelled gRPC call.
+scheduler drops it before embedding, as it drops a cancelled gRPC call. A search
+answer is converted and encoded in a worker thread (:func:`encode_answer`, query by
+query), so that a large answer does not hold up ``/readyz`` and ``/healthz``
+(``benchmarks/readyz_under_load.py``).
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import math
 import socket
 import ssl
+import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -63,25 +68,27 @@ import grpc
 import uvicorn
 from fastapi import APIRouter, FastAPI, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message, Receive
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import esmsearch
-from esmsearch.client.formats import write_json, write_tsv
+from esmsearch.client.formats import results_to_jsonable, write_tsv
 from esmsearch.client.types import IndexInfo, QueryResult
-from esmsearch.errors import RequestExpiredError, ServerClosingError
+from esmsearch.errors import RequestExpiredError, ServerBusyError, ServerClosingError
 from esmsearch.sequences import records_from_text
 from esmsearch.server.engine import EngineResult
 from esmsearch.server.rpc import Reject, RpcRecord, Status
 from esmsearch.server.security import bearer_token_ok
 from esmsearch.server.servicer import fill_results
-from esmsearch.server.validation import check_k, check_max_evalue, check_queries
+from esmsearch.server.validation import check_evalue_db_size, check_k, check_max_evalue, check_queries
 from esmsearch.v1 import search_pb2
 
 if TYPE_CHECKING:
@@ -176,7 +183,10 @@ class QueryIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="record id of the query, unique within the request (1..1000 bytes of UTF-8)")
+    id: str = Field(
+        description="record id of the query, unique within the request: 1..256 printable characters, "
+        "no whitespace (FASTA's first word)"
+    )
     sequence: str = Field(
         description="protein sequence: the 20 standard amino acids and X B Z U O, any case, "
         "one trailing '*' allowed; no gaps or digits",
@@ -210,6 +220,11 @@ class SearchBody(BaseModel):
         None,
         description="drop hits whose E-value is above this (lower = more significant); "
         "needs a server that computes E-values (409 otherwise)",
+    )
+    evalue_db_size: StrictInt | None = Field(
+        None,
+        description="number of database sequences the E-values are scaled to (HMMER's -Z, BLAST's "
+        "-dbsize), a positive integer; default: the server's --evalue-db-size, else the index's count",
     )
     timeout_s: float | None = Field(
         None,
@@ -263,16 +278,114 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+# -- transport limits -------------------------------------------------------------------------
+
+#: Paths the request cap never refuses: probes must answer while the server is full.
+_PROBES: Final = frozenset({"/healthz", "/readyz"})
+#: Retry-After of a request refused by the request cap (seconds, RFC 9110).
+_CAP_RETRY_AFTER_S: Final = 1.0
+
+
+class _TransportLimits:
+    """ASGI middleware: the HTTP request cap and the body size limit, before routing and
+    before any byte of the body is read.
+
+    * A request whose ``Content-Length`` is over ``max_body_bytes`` is answered 413 at
+      once (``Connection: close``; its body is never read). A body without
+      ``Content-Length`` (chunked) is cut off at the limit while it is read
+      (:func:`_read_body`, 413 as well).
+    * Beyond ``max_requests`` requests in flight (``ServerConfig.max_concurrent_requests``;
+      the probes ``/healthz`` and ``/readyz`` are not counted and always answered) a
+      request is answered 429 with ``Retry-After`` at once, as a busy admission is.
+
+    Both refusals are logged and counted by the servicer's observer like every request.
+    uvicorn's own ``limit_concurrency`` stays behind this as a backstop on connections.
+    """
+
+    def __init__(self, app: ASGIApp, *, ctx: _Context) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = self.ctx
+        length = b""
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                length = value
+        if length.isdigit() and int(length) > ctx.max_body_bytes:
+            refusal = Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_large(ctx.max_body_bytes))
+            await self._refuse(refusal, scope, receive, send)
+            return
+        if scope.get("path") in _PROBES:
+            await self.app(scope, receive, send)  # never counted nor refused
+            return
+        if not ctx.traffic.open_request(ctx.max_requests):
+            busy = ServerBusyError(
+                f"server busy: {ctx.traffic.requests} HTTP requests in flight, the limit is {ctx.max_requests}; "
+                f"retry after {_CAP_RETRY_AFTER_S:.0f} s",
+                retry_after_s=_CAP_RETRY_AFTER_S,
+            )
+            await self._refuse(busy, scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ctx.traffic.close_request()
+
+    async def _refuse(self, refusal: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+        observer = self.ctx.servicer.observer
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else ""
+        rec = observer.begin(f"http:{scope.get('method', '')} {scope.get('path', '')}", peer)
+        status = observer.resolve(rec, refusal)
+        response = _error_response(status)
+        response.headers["Connection"] = "close"  # an unread body must not be parsed as the next request
+        observer.finish(rec)
+        await response(scope, receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"request body is larger than the limit of {limit} bytes; split the queries into several requests"
+
+
 # -- shared state ---------------------------------------------------------------------------
 
 
 class _Traffic:
-    """API requests in flight, and whether the server drains (thread-safe)."""
+    """API requests in flight, all HTTP requests in flight (probes aside), and whether the
+    server drains (thread-safe)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._in_flight = 0
+        self._requests = 0
         self._draining = False
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests in flight, probes aside (what the request cap counts)."""
+        return self._requests
+
+    def open_request(self, limit: int) -> bool:
+        """Count one HTTP request in; ``False`` (not counted) when ``limit`` are in flight."""
+        with self._cond:
+            if self._requests >= limit:
+                return False
+            self._requests += 1
+            return True
+
+    def close_request(self) -> None:
+        with self._cond:
+            self._requests -= 1
+            self._cond.notify_all()
+
+    def wait_requests(self, at_most: int, timeout_s: float) -> bool:
+        """Wait until at most ``at_most`` HTTP requests are in flight; ``False`` on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._requests <= at_most, timeout=max(0.0, timeout_s))
 
     @property
     def draining(self) -> bool:
@@ -306,6 +419,7 @@ class _Context:
     servicer: HomologSearchServicer
     tokens: frozenset[str]
     max_body_bytes: int
+    max_requests: int
     traffic: _Traffic
     started: threading.Event
 
@@ -338,17 +452,20 @@ def _validation_message(exc: RequestValidationError, request: Request) -> str:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) beyond ``limit`` bytes before more of it is read."""
-    too_large = f"request body is larger than the limit of {limit} bytes; split the queries into several requests"
+    too_large = _too_large(limit)
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)
+            chunks.append(chunk)
+    except ClientDisconnect as exc:  # gone before its body arrived: not a server fault
+        raise RequestExpiredError("the client disconnected before its request body was read") from exc
     return b"".join(chunks)
 
 
@@ -483,6 +600,74 @@ def _wants_tsv(fmt: str | None, accept: str) -> bool:
     return "text/tab-separated-values" in accept.lower()
 
 
+def _indent(pretty: str | None) -> int | None:
+    """JSON indentation asked by the ``pretty`` query parameter: 2, or ``None`` (compact)."""
+    if pretty is None or pretty.strip().lower() in ("false", "0", "no", "off"):
+        return None
+    if pretty.strip().lower() in ("", "true", "1", "yes", "on"):
+        return 2
+    raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"pretty must be true or false (or bare ?pretty), got {pretty!r}")
+
+
+def encode_answer(
+    result: EngineResult,
+    ids: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    tsv: bool = False,
+    indent: int | None = None,
+) -> list[bytes]:
+    """The body of a search answer, in pieces: TSV, or a JSON list with one object per query.
+
+    Each query goes through the gRPC answer's own conversion
+    (:func:`~esmsearch.server.servicer.fill_results`) and then the CLI's writers
+    (:func:`~esmsearch.client.formats.write_tsv`,
+    :func:`~esmsearch.client.formats.results_to_jsonable`), so HTTP, gRPC and the CLI
+    share one shape. Query by query, straight into UTF-8 bytes, because every step that
+    holds the GIL stalls the event loop for as long as it runs: no object per hit
+    outlives its query (the garbage collector never walks a million of them), and no call
+    encodes, joins or copies the whole answer at once (json's C encoder, ``str.encode``
+    and the event loop's socket buffer would, for hundreds of MB): the pieces, one per
+    query, are sent one after another. Meant for a worker thread: it takes seconds for a
+    million hits.
+
+    Args:
+        result: the engine's answer.
+        ids: query ids, in request order.
+        lengths: query lengths in residues.
+        tsv: TSV with a header line instead of JSON.
+        indent: JSON indentation: ``2`` gives byte for byte ``esmsearch search --format
+            json``'s output; ``None`` is compact (no spaces, one line).
+
+    Returns:
+        UTF-8 text ending with a newline, in pieces (``b"".join`` them for the whole).
+    """
+    out: list[bytes] = []
+    text = io.StringIO()
+    if tsv:
+        write_tsv([], text)  # the header line
+    else:
+        text.write("[")
+    for i, (qid, length, hits) in enumerate(zip(ids, lengths, result.hits, strict=True)):
+        message = search_pb2.SearchResponse()
+        fill_results(message, [qid], [length], [hits])
+        query = QueryResult.from_proto(message.results[0], result.index_version)
+        if tsv:
+            write_tsv([query], text, header=False)
+        elif indent is None:
+            text.write(("," if i else "") + json.dumps(results_to_jsonable([query])[0], separators=(",", ":")))
+        else:  # as one json.dump(..., indent=indent) of the whole list writes each element
+            element = json.dumps(results_to_jsonable([query])[0], indent=indent)
+            text.write((",\n" if i else "\n") + textwrap.indent(element, " " * indent, lambda _line: True))
+        out.append(text.getvalue().encode())
+        text.seek(0)
+        text.truncate()
+    if not tsv:
+        text.write("\n]\n" if indent is not None and ids else "]\n")
+    out.append(text.getvalue().encode())
+    return out
+
+
 router = APIRouter(route_class=_ApiRoute, dependencies=[Security(HTTPBearer(auto_error=False))])
 
 
@@ -506,12 +691,21 @@ async def search(
         Literal["json", "tsv"] | None,
         Query(alias="format", description="json (default) or tsv; also Accept: text/tab-separated-values"),
     ] = None,
+    pretty: Annotated[
+        str | None,
+        Query(
+            description="`?pretty` or `?pretty=true`: JSON indented by 2 spaces, byte for byte what "
+            "`esmsearch search --format json` prints; default (or `false`): compact JSON on one line"
+        ),
+    ] = None,
 ) -> Response:
     """Embed the queries and return each one's ``k`` nearest database sequences by cosine score.
 
     The queries go through the same validation, limits, admission bounds and model
-    scheduler as gRPC ``Search``; the JSON is byte for byte what
-    ``esmsearch search --format json`` writes.
+    scheduler as gRPC ``Search``. The answer is compact JSON, or with ``?pretty`` byte
+    for byte what ``esmsearch search --format json`` writes; it is converted and encoded
+    in a worker thread, so that a large answer never holds up ``/readyz``, ``/healthz``
+    or other requests on the event loop.
     """
     rec = _record(request)
     servicer = _context(request).servicer
@@ -521,7 +715,9 @@ async def search(
     min_score = check_k(body.k, body.min_score, servicer.limits)
     # Checked against the index served now; the batch re-checks the version it runs on.
     max_evalue = check_max_evalue(body.max_evalue, servicer.engine.index)
+    evalue_db_size = check_evalue_db_size(body.evalue_db_size, zero_is_unset=False)
     timeout_s = _check_timeout(body.timeout_s)
+    indent = _indent(pretty)
     rec.residues = sum(len(s) for s in sequences)
     gone = threading.Event()
     future = servicer.batcher.submit_search(
@@ -531,20 +727,21 @@ async def search(
         max_evalue=max_evalue,
         is_active=lambda: not gone.is_set(),
         timeout_s=timeout_s,
+        evalue_db_size=evalue_db_size,
     )
     result = await _model_result(future, request.receive, gone, timeout_s)
     assert isinstance(result, EngineResult)
     rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
-    # The gRPC answer's own conversion, then the CLI's writers: one JSON/TSV shape.
-    response = search_pb2.SearchResponse(index_version=result.index_version)
-    fill_results(response, [q.query_id for q in queries], [len(s) for s in sequences], result.hits)
-    results = [QueryResult.from_proto(r, response.index_version) for r in response.results]
-    out = io.StringIO()
-    if _wants_tsv(fmt, request.headers.get("accept", "")):
-        write_tsv(results, out)
-        return Response(out.getvalue(), media_type=TSV_MEDIA_TYPE)
-    write_json(results, out)
-    return Response(out.getvalue(), media_type="application/json")
+    tsv = _wants_tsv(fmt, request.headers.get("accept", ""))
+    ids, lengths = [q.query_id for q in queries], [len(s) for s in sequences]
+    # Off the event loop: a million hits take seconds to convert and encode.
+    pieces = await run_in_threadpool(encode_answer, result, ids, lengths, tsv=tsv, indent=indent)
+    media_type = TSV_MEDIA_TYPE if tsv else "application/json"
+    if len(pieces) <= 2:
+        return Response(b"".join(pieces), media_type=media_type)
+    # Sent piece by piece (each a thread hop away from the loop), with the length known.
+    length = str(sum(len(p) for p in pieces))
+    return StreamingResponse(iter(pieces), media_type=media_type, headers={"content-length": length})
 
 
 @router.get("/v1/index", summary="The served index and the request limits", response_model=IndexInfo, responses=_ERRORS)
@@ -562,6 +759,7 @@ def create_http_app(
     *,
     tokens: frozenset[str] = frozenset(),
     max_body_bytes: int = 4 << 20,
+    max_requests: int = 1024,
 ) -> FastAPI:
     """The ASGI application: the ``/v1`` API over ``servicer``'s engine and scheduler, health, docs, page.
 
@@ -569,7 +767,10 @@ def create_http_app(
         servicer: the gRPC servicer whose engine, scheduler, limits and observer
             (logs, metrics, status mapping) the API shares.
         tokens: accepted bearer tokens; empty = no token needed.
-        max_body_bytes: largest request body; beyond it -> 413.
+        max_body_bytes: largest request body; beyond it -> 413, by ``Content-Length``
+            before the body is read, else while it is read.
+        max_requests: most requests in flight (probes not counted); beyond it -> 429
+            with ``Retry-After`` (``ServerConfig.max_concurrent_requests``).
 
     Returns:
         A FastAPI application (``app.state.esmsearch`` holds the shared parts).
@@ -593,10 +794,17 @@ def create_http_app(
         lifespan=lifespan,
         swagger_ui_parameters={"validatorUrl": None},  # no request to swagger.io's validator
     )
-    app.state.esmsearch = _Context(
-        servicer=servicer, tokens=frozenset(tokens), max_body_bytes=max_body_bytes, traffic=_Traffic(), started=started
+    ctx = _Context(
+        servicer=servicer,
+        tokens=frozenset(tokens),
+        max_body_bytes=max_body_bytes,
+        max_requests=max_requests,
+        traffic=_Traffic(),
+        started=started,
     )
+    app.state.esmsearch = ctx
     app.include_router(router)
+    app.add_middleware(_TransportLimits, ctx=ctx)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -622,7 +830,8 @@ def create_http_app(
         if ctx.traffic.draining:
             status = Status(grpc.StatusCode.UNAVAILABLE, "the server is draining for shutdown")
             return _error_response(status)
-        return JSONResponse({"status": "ready", "index_version": ctx.servicer.engine.index.version})
+        # Readiness only: no index version, no paths (probes need no token; GET /v1/index has them).
+        return JSONResponse({"status": "ready"})
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -666,6 +875,8 @@ class HttpServer:
         port: TCP port, 0 = a free one.
         tls: the gRPC server's TLS material (same certificate, key and client CA), or
             ``None`` for plain HTTP.
+        limit_concurrency: uvicorn's cap on open connections and tasks (a plain 503
+            beyond it; ``ServerConfig.http_limit_concurrency``), ``None`` = none.
 
     Attributes:
         port: the bound port.
@@ -676,7 +887,15 @@ class HttpServer:
         ssl.SSLError: the TLS files cannot be used.
     """
 
-    def __init__(self, app: FastAPI, *, host: str, port: int, tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        *,
+        host: str,
+        port: int,
+        tls: TlsConfig | None = None,
+        limit_concurrency: int | None = None,
+    ) -> None:
         self._app = app
         self._ctx = app.state.esmsearch
         assert isinstance(self._ctx, _Context)
@@ -691,6 +910,7 @@ class HttpServer:
                 proxy_headers=False,  # log the real peer
                 server_header=False,
                 lifespan="on",
+                limit_concurrency=limit_concurrency,
                 http="h11",
                 loop="asyncio",
                 ssl_certfile=str(tls.cert_file) if tls is not None else None,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from esmsearch.errors import EsmsearchError, IndexNotFoundError
+from esmsearch.server.rpc import new_error_id, public_reason
 from esmsearch.versions import IndexRoot
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class IndexReloader:
         # Target of the last failed attempt: polling does not retry it.
         self._failed_dir: str | None = None
         self._last_error = ""
+        self._last_detail = ""  # the logged text behind _last_error
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,7 +99,9 @@ class IndexReloader:
     @property
     def last_error(self) -> str:
         """Why the last attempt to load a new version failed; ``""`` if it did not
-        (or ``current`` names the served version again)."""
+        (or ``current`` names the served version again). Safe to show clients: the
+        version names, a reason by the error's class and an error id, never server
+        paths; the server log has the full text under the same id."""
         return self._last_error
 
     def start(self) -> None:
@@ -160,7 +164,7 @@ class IndexReloader:
                 raise
             if target == self._served_dir:
                 self._failed_dir = None
-                self._last_error = ""
+                self._last_error = self._last_detail = ""
                 return ReloadOutcome(False, previous, previous)
             if target == self._failed_dir and not force:
                 return ReloadOutcome(False, previous, previous)
@@ -183,7 +187,7 @@ class IndexReloader:
                 raise
             self._served_dir = target
             self._failed_dir = None
-            self._last_error = ""
+            self._last_error = self._last_detail = ""
             log.info(
                 "index reloaded: now serving version %s (%d sequences) from %s, was %s",
                 index.version,
@@ -194,10 +198,16 @@ class IndexReloader:
             return ReloadOutcome(True, index.version, previous)
 
     def _fail(self, target: str | None, exc: BaseException) -> None:
-        message = (
-            f"not serving {target or 'current'} of {self.root.path}: {exc}; still serving {self.engine.index.version}"
-        )
-        if message != self._last_error:
-            log.error("index reload refused: %s", message)
+        # The log gets the full text (paths, the OS's and FAISS's messages); last_error,
+        # which clients see, only a reason by the error's class and the log line's id.
+        served = self.engine.index.version
+        detail = f"not serving {target or 'current'} of {self.root.path}: {exc}; still serving {served}"
+        if detail != self._last_detail:
+            error_id = new_error_id()
+            log.error("index reload refused (error_id=%s): %s", error_id, detail)
+            self._last_detail = detail
+            self._last_error = (
+                f"not serving index version {target or 'current'!r}: {public_reason(exc)}; "
+                f"still serving {served!r}; error id {error_id} (the server log has the details)"
+            )
         self._failed_dir = target
-        self._last_error = message

@@ -14,54 +14,73 @@ exception                                          status
 :class:`Reject` (validation in the servicer)       its own code and details
 :class:`~esmsearch.errors.InvalidSequenceError`    INVALID_ARGUMENT
 :class:`~esmsearch.errors.FastaFormatError`        INVALID_ARGUMENT (FASTA text sent over HTTP)
-:class:`~esmsearch.errors.ServerBusyError`         RESOURCE_EXHAUSTED + ``retry-after-ms``
-:class:`~esmsearch.errors.RequestTooLargeError`    RESOURCE_EXHAUSTED (no retry-after)
+:class:`~esmsearch.errors.ServerBusyError`         RESOURCE_EXHAUSTED + pushback/``retry-after-ms``
+:class:`~esmsearch.errors.RequestTooLargeError`    RESOURCE_EXHAUSTED + pushback ``-1``
 :class:`~esmsearch.errors.RequestExpiredError`     DEADLINE_EXCEEDED
 :class:`~esmsearch.errors.ServerClosingError`      UNAVAILABLE
-:class:`~esmsearch.errors.IndexDirectoryError`     FAILED_PRECONDITION (reloads)
+:class:`~esmsearch.errors.EvaluesUnavailableError` FAILED_PRECONDITION, its own message
+:class:`~esmsearch.errors.IndexDirectoryError`     FAILED_PRECONDITION, a reason + an error id
 anything else                                      INTERNAL, details = an error id
 =================================================  ==================================
 
-An INTERNAL answer never carries exception text (it could hold server paths): its
-details are ``internal error <id>``, and the server log has the same id next to the
-traceback, so an operator can find it from a user's report.
+Client-facing details never carry exception text from the filesystem, FAISS, SQLite
+or the model loader (it holds server paths): messages esmsearch composes about the
+request itself (a bad residue, a limit, a deadline) are sent as they are, because they
+tell the caller what to fix; anything else is answered with a reason chosen by the
+exception's class (:func:`public_reason`) and an error id (:func:`new_error_id`), and
+the server log has the same id next to the full text (and, for INTERNAL, the
+traceback), so an operator can find it from a user's report.
 
-``retry-after-ms`` (trailing metadata, an integer number of milliseconds as ASCII
-digits) is set only on RESOURCE_EXHAUSTED answers that a retry can succeed, as
-qdrant-client and HTTP's ``Retry-After`` do; answers over a permanent limit never
-carry it. The HTTP API turns these gRPC codes into HTTP statuses with one table
+A busy server's RESOURCE_EXHAUSTED carries the time to wait twice in its trailing
+metadata (integer milliseconds as ASCII digits): gRPC's standard
+``grpc-retry-pushback-ms`` (gRFC A6; what every gRPC client's ``retryPolicy`` obeys)
+and esmsearch's ``retry-after-ms`` (as qdrant-client and HTTP's ``Retry-After``; kept
+for earlier clients). An answer over a permanent limit carries pushback ``-1`` (A6:
+"do not retry") and no ``retry-after-ms``; see :mod:`esmsearch.protocol`.
+The HTTP API turns these gRPC codes into HTTP statuses with one table
 (``esmsearch.server.httpapi.HTTP_STATUS``) and the retry hint into ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import grpc
 
 from esmsearch.errors import (
+    EvaluesUnavailableError,
     FastaFormatError,
     IndexDirectoryError,
+    IndexFormatError,
+    IndexMismatchError,
+    IndexNotFoundError,
     InvalidSequenceError,
     RequestExpiredError,
     RequestTooLargeError,
     ServerBusyError,
     ServerClosingError,
 )
+from esmsearch.protocol import NO_RETRY_PUSHBACK, RETRY_AFTER_KEY, RETRY_PUSHBACK_KEY
 
 if TYPE_CHECKING:
     from esmsearch.server.metrics import ServerMetrics
 
-__all__ = ["RETRY_AFTER_KEY", "Reject", "RpcObserver", "RpcRecord", "Status", "status_for"]
+__all__ = [
+    "RETRY_AFTER_KEY",
+    "Reject",
+    "RpcObserver",
+    "RpcRecord",
+    "Status",
+    "new_error_id",
+    "public_reason",
+    "status_for",
+]
 
 log = logging.getLogger("esmsearch.server")
-
-#: Trailing-metadata key of the retry hint on RESOURCE_EXHAUSTED (milliseconds, ASCII digits).
-RETRY_AFTER_KEY: Final = "retry-after-ms"
 
 
 class Reject(Exception):
@@ -114,27 +133,71 @@ class Status:
     position: int | None = None
 
 
+#: Settings an index and the served model must share (``Embedder.check_manifest``): the
+#: names a model-mismatch reason may show the client.
+_MODEL_SETTINGS: Final = ("checkpoint_sha256", "layer", "pooling", "normalisation", "precision", "dim")
+
+
+def new_error_id() -> str:
+    """A fresh error id: 12 random hex digits, shown to the client and logged with the details."""
+    return secrets.token_hex(6)
+
+
+def public_reason(exc: BaseException) -> str:
+    """Why ``exc`` happened, in words safe for a client: chosen by its class, never its text.
+
+    An index-directory error's text names server paths (``/srv/index/versions/...``), the
+    model's file and the OS's or FAISS's own message; the reason names only the kind of
+    failure and, for a model mismatch, which of :data:`_MODEL_SETTINGS` differ.
+    """
+    if isinstance(exc, EvaluesUnavailableError):
+        return str(exc)  # composed from the request and the index version only
+    if isinstance(exc, IndexMismatchError):
+        text = str(exc)
+        differing = [name for name in _MODEL_SETTINGS if f"{name}:" in text]
+        where = f" (differing: {', '.join(differing)})" if differing else ""
+        return f"the index version was built with other model settings than the served model{where}"
+    if isinstance(exc, IndexNotFoundError):
+        return "the index version is missing (not published, or deleted by retention)"
+    if isinstance(exc, IndexFormatError):
+        return "the index version failed verification (manifest, checksums or row counts)"
+    if isinstance(exc, IndexDirectoryError):
+        return "the index directory cannot be used"
+    return "internal error"
+
+
 def status_for(exc: BaseException) -> Status:
     """The status a failed RPC answers with (the table in the module docstring)."""
     codes = grpc.StatusCode
     if isinstance(exc, Reject):
-        return Status(exc.code, exc.details, record_id=exc.record_id, position=exc.position)
+        # Validation's RESOURCE_EXHAUSTED is over a permanent limit: pushback -1 (gRFC A6).
+        never = ((RETRY_PUSHBACK_KEY, NO_RETRY_PUSHBACK),) if exc.code == codes.RESOURCE_EXHAUSTED else ()
+        return Status(exc.code, exc.details, never, record_id=exc.record_id, position=exc.position)
     if isinstance(exc, InvalidSequenceError):
         return Status(codes.INVALID_ARGUMENT, str(exc), record_id=exc.record_id, position=exc.position)
     if isinstance(exc, FastaFormatError):
         return Status(codes.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, ServerBusyError):
         ms = max(1, round(exc.retry_after_s * 1e3))
-        return Status(codes.RESOURCE_EXHAUSTED, str(exc), ((RETRY_AFTER_KEY, str(ms)),), retry_after_s=ms / 1e3)
+        hints = ((RETRY_PUSHBACK_KEY, str(ms)), (RETRY_AFTER_KEY, str(ms)))
+        return Status(codes.RESOURCE_EXHAUSTED, str(exc), hints, retry_after_s=ms / 1e3)
     if isinstance(exc, RequestTooLargeError):
-        return Status(codes.RESOURCE_EXHAUSTED, str(exc))
+        # A negative pushback tells gRPC clients with a retry policy not to retry (gRFC A6).
+        return Status(codes.RESOURCE_EXHAUSTED, str(exc), ((RETRY_PUSHBACK_KEY, NO_RETRY_PUSHBACK),))
     if isinstance(exc, RequestExpiredError):
         return Status(codes.DEADLINE_EXCEEDED, str(exc))
     if isinstance(exc, ServerClosingError):
         return Status(codes.UNAVAILABLE, str(exc))
-    if isinstance(exc, IndexDirectoryError):
+    if isinstance(exc, EvaluesUnavailableError):  # composed from the request and the index version
         return Status(codes.FAILED_PRECONDITION, str(exc))
-    error_id = uuid.uuid4().hex[:12]
+    if isinstance(exc, IndexDirectoryError):
+        error_id = new_error_id()
+        return Status(
+            codes.FAILED_PRECONDITION,
+            f"{public_reason(exc)}; error id {error_id} (the server log has the details)",
+            error_id=error_id,
+        )
+    error_id = new_error_id()
     return Status(
         codes.INTERNAL,
         f"internal error {error_id}; the server log has its details under this id",
@@ -180,14 +243,17 @@ class RpcObserver:
     def resolve(self, rec: RpcRecord, exc: BaseException) -> Status:
         """The status ``exc`` is answered with (:func:`status_for`), noted in ``rec``.
 
-        Unexpected exceptions are logged with their traceback and an error id here;
-        the client sees only the id.
+        Failures answered with an error id are logged here with that id and the
+        exception's text (unexpected ones with their traceback); the client sees only
+        a reason and the id.
         """
         status = status_for(exc)
         rec.code = status.code
         rec.error_id = status.error_id
-        if status.error_id:
+        if status.error_id and status.code == grpc.StatusCode.INTERNAL:
             log.error("rpc=%s error_id=%s failed", rec.rpc, status.error_id, exc_info=exc)
+        elif status.error_id:
+            log.error("rpc=%s error_id=%s code=%s: %s", rec.rpc, status.error_id, status.code.name, exc)
         return status
 
     def fail(self, context: grpc.ServicerContext, rec: RpcRecord, exc: BaseException, prefix: str = "") -> NoReturn:

@@ -28,6 +28,7 @@ from esmsearch.server.validation import (
     MAX_RESIDUES_PER_REQUEST,
     RequestLimits,
     check_embeddings,
+    check_evalue_db_size,
     check_k,
     check_max_evalue,
     check_queries,
@@ -125,8 +126,9 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
 
     Args:
         engine: the loaded model + index.
-        batcher: the model scheduler every Search, SearchStream message and Embed
-            goes through (admission, deadlines, batching).
+        batcher: the scheduler every Search, SearchStream message and Embed goes
+            through (admission, deadlines, batching), and whose admission every
+            SearchByEmbedding passes too (:meth:`DynamicBatcher.search_vectors`).
         limits: request limits to enforce (and report in ``GetIndexInfo``).
         reloader: follows a versioned root's ``current``; ``None`` = fixed index.
         observer: logs, metrics and status mapping of every RPC.
@@ -159,6 +161,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         min_score = check_k(request.k, _min_score(request), self.limits)
         # Checked against the index served now; the batch re-checks the version it runs on.
         max_evalue = check_max_evalue(_max_evalue(request), self.engine.index)
+        evalue_db_size = check_evalue_db_size(request.evalue_db_size)
         rec.residues = sum(len(s) for s in sequences)
         result = self.batcher.search(
             sequences,
@@ -167,6 +170,7 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             max_evalue=max_evalue,
             is_active=context.is_active,
             timeout_s=_remaining_s(context),
+            evalue_db_size=evalue_db_size,
         )
         rec.queue_s, rec.embed_s, rec.search_s = result.queue_s, result.embed_s, result.search_s
         response = search_pb2.SearchResponse(index_version=result.index_version)
@@ -203,8 +207,12 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
             vectors = check_embeddings(request.embeddings, index.manifest.dim, self.limits)
             min_score = check_k(request.k, _min_score(request), self.limits)
             max_evalue = check_max_evalue(_max_evalue(request), index)
+            evalue_db_size = check_evalue_db_size(request.evalue_db_size)
             t0 = time.perf_counter()
-            hits = self.engine.search_vectors(vectors, request.k, min_score, max_evalue=max_evalue, index=index)
+            # Admitted like Search (queries, hits = queries x k), searched in this thread.
+            hits = self.batcher.search_vectors(
+                vectors, request.k, min_score, max_evalue=max_evalue, index=index, evalue_db_size=evalue_db_size
+            )
             rec.search_s = time.perf_counter() - t0
         response = search_pb2.SearchResponse(index_version=index.version)
         ids = [e.query_id for e in request.embeddings]
@@ -286,7 +294,9 @@ class HomologSearchServicer(search_pb2_grpc.HomologSearchServicer):
         try:
             outcome = reloader.reload(force=True)
         except IndexDirectoryError as exc:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, reloader.last_error or str(exc)) from exc
+            if not reloader.last_error:
+                raise  # answered by status_for: a reason and an error id, never the text
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, reloader.last_error) from exc  # client-safe
         return search_pb2.ReloadIndexResponse(
             reloaded=outcome.reloaded,
             index_version=outcome.index_version,

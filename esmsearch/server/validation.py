@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from esmsearch.errors import InvalidSequenceError
+from esmsearch.protocol import DEFAULT_MAX_HITS_PER_REQUEST
 from esmsearch.sequences import validate_sequence
 from esmsearch.server.rpc import Reject
 from esmsearch.v1 import search_pb2
@@ -33,16 +34,19 @@ __all__ = [
     "MAX_K",
     "MAX_QUERIES_PER_REQUEST",
     "MAX_QUERY_ID_BYTES",
+    "MAX_QUERY_ID_CHARS",
     "MAX_RESIDUES_PER_QUERY",
     "MAX_RESIDUES_PER_REQUEST",
     "QueryLike",
     "RequestLimits",
     "check_count",
     "check_embeddings",
+    "check_evalue_db_size",
     "check_ids",
     "check_k",
     "check_max_evalue",
     "check_queries",
+    "id_problem",
 ]
 
 #: Default largest ``k`` (hits per query). Larger values give INVALID_ARGUMENT.
@@ -53,7 +57,10 @@ MAX_QUERIES_PER_REQUEST: Final = 1000
 MAX_RESIDUES_PER_QUERY: Final = 40_000
 #: Default most residues in one Search request (about 3,000 average proteins).
 MAX_RESIDUES_PER_REQUEST: Final = 1_000_000
-#: Longest query id in bytes of UTF-8.
+#: Longest query id in characters (Unicode code points).
+MAX_QUERY_ID_CHARS: Final = 256
+#: Longest query id in bytes of UTF-8 (also checked; a 256-character id of 4-byte
+#: characters would exceed it).
 MAX_QUERY_ID_BYTES: Final = 1000
 
 
@@ -76,6 +83,9 @@ class RequestLimits:
         max_queries_per_request: most queries per request; above -> RESOURCE_EXHAUSTED.
         max_residues_per_query: longest query in residues; above -> RESOURCE_EXHAUSTED.
         max_residues_per_request: most residues per request; above -> RESOURCE_EXHAUSTED.
+        max_hits_per_request: most hits (queries x k) per request, as admission enforces
+            it (:class:`~esmsearch.server.admission.AdmissionConfig`); reported so that
+            clients split to fit.
 
     Raises:
         ValueError: a limit is below 1.
@@ -85,6 +95,7 @@ class RequestLimits:
     max_queries_per_request: int = MAX_QUERIES_PER_REQUEST
     max_residues_per_query: int = MAX_RESIDUES_PER_QUERY
     max_residues_per_request: int = MAX_RESIDUES_PER_REQUEST
+    max_hits_per_request: int = DEFAULT_MAX_HITS_PER_REQUEST
 
     def __post_init__(self) -> None:
         for name in (
@@ -92,6 +103,7 @@ class RequestLimits:
             "max_queries_per_request",
             "max_residues_per_query",
             "max_residues_per_request",
+            "max_hits_per_request",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -109,6 +121,7 @@ class RequestLimits:
             max_queries_per_request=min(self.max_queries_per_request, admission.max_queries_in_flight),
             max_residues_per_query=min(self.max_residues_per_query, admission.max_queued_residues),
             max_residues_per_request=min(self.max_residues_per_request, admission.max_queued_residues),
+            max_hits_per_request=min(self.max_hits_per_request, admission.max_hits_per_request),
         )
 
     def to_proto(self) -> search_pb2.RequestLimits:
@@ -117,6 +130,7 @@ class RequestLimits:
             max_queries_per_request=self.max_queries_per_request,
             max_residues_per_query=self.max_residues_per_query,
             max_residues_per_request=self.max_residues_per_request,
+            max_hits_per_request=self.max_hits_per_request,
         )
 
 
@@ -156,19 +170,49 @@ def check_count(n: int, limits: RequestLimits, what: str) -> None:
         )
 
 
+def _show_id(qid: str) -> str:
+    """A query id for a message: ``repr``-escaped (tabs, newlines, control characters
+    visible) and cut to 40 characters."""
+    return repr(qid[:40]) + ("..." if len(qid) > 40 else "")
+
+
+def id_problem(qid: str) -> str | None:
+    """What makes ``qid`` unusable as a query id, or ``None`` when it is fine.
+
+    A query id is what FASTA's first-word rule gives (BLAST and MMseqs2 read ids the
+    same way): 1..:data:`MAX_QUERY_ID_CHARS` printable characters (``str.isprintable``:
+    no control, format or separator characters) and no whitespace, so that it survives
+    a round trip through FASTA and through one-record-per-line TSV.
+    """
+    if not qid:
+        return "query_id is empty; every query needs a unique id"
+    if len(qid) > MAX_QUERY_ID_CHARS:
+        return f"query_id has {len(qid)} characters, over the limit of {MAX_QUERY_ID_CHARS}"
+    if len(qid.encode("utf-8", "surrogatepass")) > MAX_QUERY_ID_BYTES:
+        return f"query_id is longer than {MAX_QUERY_ID_BYTES} bytes of UTF-8"
+    for pos, char in enumerate(qid, start=1):
+        if char.isspace():
+            return f"query_id holds whitespace ({char!r} at character {pos}); ids are one word, as in FASTA"
+        if not char.isprintable():
+            return f"query_id holds a non-printable character ({char!r} at character {pos})"
+    return None
+
+
 def check_ids(ids: Sequence[str]) -> None:
-    """Non-empty, bounded (:data:`MAX_QUERY_ID_BYTES`), unique query ids.
+    """Valid (:func:`id_problem`), unique query ids.
 
     Raises:
-        Reject: INVALID_ARGUMENT naming the query (by number when its id is empty).
+        Reject: INVALID_ARGUMENT naming the query by its 1-based number and its id
+            (``repr``-escaped, cut to 40 characters), with ``record_id`` set.
     """
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     seen: dict[str, int] = {}
     for i, qid in enumerate(ids, start=1):
         if not qid:
             raise Reject(invalid, f"query #{i} has an empty query_id; every query needs a unique id")
-        if len(qid.encode("utf-8")) > MAX_QUERY_ID_BYTES:
-            raise Reject(invalid, f"query #{i}: query_id is longer than {MAX_QUERY_ID_BYTES} bytes")
+        problem = id_problem(qid)
+        if problem is not None:
+            raise Reject(invalid, f"query #{i} ({_show_id(qid)}): {problem}", record_id=qid)
         if qid in seen:
             raise Reject(
                 invalid,
@@ -293,3 +337,28 @@ def check_max_evalue(max_evalue: float | None, index: Index) -> float | None:
 
         raise evalues_unavailable(index)
     return max_evalue
+
+
+def check_evalue_db_size(value: int | None, *, zero_is_unset: bool = True) -> int | None:
+    """Validate a request's ``evalue_db_size`` (database size its E-values are scaled to).
+
+    Args:
+        value: the requested number of database sequences, or ``None`` for the
+            server's default.
+        zero_is_unset: 0 means unset too (proto3's default of the gRPC field); the
+            HTTP API, where the field can be left out, passes ``False``.
+
+    Returns:
+        The size, >= 1, or ``None`` when unset.
+
+    Raises:
+        Reject: INVALID_ARGUMENT unless ``value`` is unset or a positive integer.
+    """
+    if value is None or (zero_is_unset and type(value) is int and value == 0):
+        return None
+    if type(value) is not int or value < 1:
+        raise Reject(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"evalue_db_size must be a positive integer (a number of database sequences), got {value!r}",
+        )
+    return value
