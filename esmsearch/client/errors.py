@@ -144,8 +144,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SearchError]] = {
 }
 
 
-def retry_after_s(exc: grpc.RpcError) -> float | None:
-    """The ``retry-after-ms`` hint of a failed call in seconds, or ``None`` when absent or malformed."""
+def trailer_text(exc: grpc.RpcError, name: str) -> str | None:
+    """The first trailing-metadata value ``name`` of a failed call as text, or ``None`` when absent."""
     trailing = getattr(exc, "trailing_metadata", None)
     if not callable(trailing):
         return None
@@ -154,11 +154,15 @@ def retry_after_s(exc: grpc.RpcError) -> float | None:
     except Exception:  # noqa: BLE001 - some RpcError shapes cannot report metadata
         return None
     for key, value in metadata:
-        if key == RETRY_AFTER_KEY:
-            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-            if text.isdigit():
-                return int(text) / 1e3
+        if key == name:
+            return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     return None
+
+
+def retry_after_s(exc: grpc.RpcError) -> float | None:
+    """The ``retry-after-ms`` hint of a failed call in seconds, or ``None`` when absent or malformed."""
+    text = trailer_text(exc, RETRY_AFTER_KEY)
+    return int(text) / 1e3 if text is not None and text.isdigit() else None
 
 
 def error_from_rpc(exc: grpc.RpcError) -> SearchError:

@@ -61,7 +61,7 @@ from typing import Final, TypeVar
 
 import grpc
 
-from esmsearch.client.errors import retry_after_s
+from esmsearch.client.errors import retry_after_s, trailer_text
 from esmsearch.errors import ConfigError
 from esmsearch.protocol import RETRY_PUSHBACK_KEY
 
@@ -102,18 +102,10 @@ def pushback_ms(exc: grpc.RpcError) -> int | None:
         The milliseconds to wait (>= 0); ``-1`` when the server said not to retry
         (a negative or malformed value, as gRFC A6 reads it); ``None`` without one.
     """
-    trailing = getattr(exc, "trailing_metadata", None)
-    if not callable(trailing):
+    text = trailer_text(exc, RETRY_PUSHBACK_KEY)
+    if text is None:
         return None
-    try:
-        metadata = trailing() or ()
-    except Exception:  # noqa: BLE001 - some RpcError shapes cannot report metadata
-        return None
-    for key, value in metadata:
-        if key == RETRY_PUSHBACK_KEY:
-            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-            return int(text) if text.isdigit() else -1
-    return None
+    return int(text) if text.isdigit() else -1
 
 
 @dataclass(frozen=True)
