@@ -516,6 +516,20 @@ class _ApiRoute(APIRoute):
                 status = observer.resolve(
                     rec, Reject(grpc.StatusCode.INVALID_ARGUMENT, _validation_message(exc, request))
                 )
+            except StarletteHTTPException as exc:
+                # FastAPI's own answer to a body it cannot parse (json.loads raising
+                # UnicodeDecodeError on non-UTF-8 bytes, gzip included, or RecursionError
+                # on deep nesting): the client's fault, never INTERNAL.
+                if exc.status_code != 400:
+                    raise
+                status = observer.resolve(
+                    rec,
+                    Reject(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "the request body is not a JSON document this API can read: send UTF-8 JSON "
+                        "(not compressed), nested at most a few levels deep",
+                    ),
+                )
             except Exception as exc:  # noqa: BLE001 - every failure is answered, INTERNAL with an id
                 status = observer.resolve(rec, exc)
             finally:
