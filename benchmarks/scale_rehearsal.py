@@ -290,11 +290,51 @@ def serve_and_measure(index_dir: Path, queries: list[str], nulls: list[str], wor
         for res, ids in zip(served, exact_ids, strict=True)
     ]
     out["recall_at_10"] = float(np.mean(recalls))
+    out["nprobe_sweep"] = nprobe_sweep(index_dir, np.asarray(vectors, dtype=np.float32), rows)
     evalues = [h.evalue for res in null_results for h in res.hits if h.evalue is not None]
     out["evalue_zero_hits"] = sum(1 for e in evalues if e == 0.0)
     out["calibration"] = {
         str(t): {"observed": sum(1 for e in evalues if e <= t), "expected": t * len(nulls)} for t in EVALUE_THRESHOLDS
     }
+    return out
+
+
+def nprobe_sweep(index_dir: Path, vectors: np.ndarray, exact_rows: np.ndarray) -> list[dict[str, float]]:
+    """recall@10 and single-query p50 (ms) in-process at the stored nprobe and 2x/4x/8x it.
+
+    Same search path as the server (``store.Index.search``, re-ranking for PQ); only
+    the IVF ``nprobe`` is changed, so one run shows what a stored nprobe would need
+    to reach a recall target. Empty for indexes without inverted lists.
+    """
+    import faiss
+
+    from esmsearch.store import Index
+
+    out: list[dict[str, float]] = []
+    with Index.open(index_dir, mmap=True) as index:
+        try:
+            ivf = faiss.extract_index_ivf(index._faiss)
+        except RuntimeError:
+            return out
+        stored = int(ivf.nprobe)
+        for nprobe in sorted({min(ivf.nlist, stored * f) for f in (1, 2, 4, 8)}):
+            ivf.nprobe = nprobe
+            _, rows = index.search(vectors, 10)
+            recall = float(
+                np.mean(
+                    [
+                        len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, int((b >= 0).sum()))
+                        for a, b in zip(rows, exact_rows, strict=True)
+                    ]
+                )
+            )
+            lat = []
+            for v in vectors[:100]:
+                t = time.perf_counter()
+                index.search(v[None, :], 10)
+                lat.append((time.perf_counter() - t) * 1000)
+            out.append({"nprobe": nprobe, "recall_at_10": recall, "p50_ms": statistics.median(lat)})
+        ivf.nprobe = stored
     return out
 
 
@@ -410,6 +450,11 @@ def print_table(r: dict[str, Any]) -> None:
             f"{tag}\t{s['rss_after_start_mib']['VmRSS']:.0f}\t{s['p50_ms_1']:.1f}/{s['p99_ms_1']:.1f}\t"
             f"{s['p50_ms_8']:.1f}/{s['p99_ms_8']:.1f}\t{s['recall_at_10']:.3f}\t{s['evalue_zero_hits']}\t{cal}"
         )
+        for row in s.get("nprobe_sweep", []):
+            print(
+                f"  {tag} in-process nprobe {row['nprobe']}: "
+                f"recall@10 {row['recall_at_10']:.3f}, p50 {row['p50_ms']:.2f} ms"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
