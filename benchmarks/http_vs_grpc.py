@@ -14,7 +14,7 @@ Printed: p50 and p90 latency in ms of each, the ratios HTTP/gRPC and each transp
 over the floor, the CPU (from /proc/cpuinfo) and the load average at start and end.
 The client runs in the server's process (one GIL for both sides, for both transports).
 
-Model: whatever the index was built with; the README's figures use a seeded
+Model: whatever the index was built with; the figures in docs/http-api.md use a seeded
 random-weight ``esm2_t6_8M_UR50D`` (speed is real, rankings are not).
 
 Usage::

@@ -99,7 +99,7 @@ to 20,000 sequences gave 0.35 hits per query with E <= 10 and 0.015 with E <= 1 
 and 67x too few). Gumbel on ``u`` gave 0.96, 0.49 and 0.15 times the expected hits at
 E <= 10, 1 and 0.1, still 7x too few at 0.1; a GEV with a free shape per query fitted an end point below the null's
 largest scores, so null hits got E = 0. One shape per index, location and scale per
-query, came within a factor of 2 at E = 0.01 .. 100 (table in the README).
+query, came within a factor of 2 at E = 0.01 .. 100 (table in docs/evalues.md).
 
 Sources: Coles S (2001) An Introduction to Statistical Modeling of Extreme Values,
 Springer (GEV and GPD families, the Gumbel/exponential limit ``xi -> 0``, end points of

@@ -83,7 +83,7 @@ class BatchingConfig:
             same admission bounds). On by default on every device: with packed
             (unpadded) batches it measured no slower than off on a 2-core CPU at 1, 8
             and 32 clients (1.07x, 1.11x, 1.18x the requests/s of off;
-            ``benchmarks/serve_load.py``, README "Performance").
+            ``benchmarks/serve_load.py``, docs/performance.md).
         max_wait_ms: longest wait in ms for more requests after the first one of a
             batch was taken, >= 0; only while other queries are admitted (a lone
             request never waits).
