@@ -10,6 +10,8 @@
     esmsearch index info INDEX_DIR [--verify] [--json]
     esmsearch serve INDEX_DIR [--host 127.0.0.1] [--port 50051] [--http-port 8080]
     esmsearch search QUERY.fasta|- [--server HOST:PORT] [-k 10] [-e MAX_EVALUE] [--format tsv|json]
+    esmsearch easy-search QUERY.fasta TARGET.fasta|INDEX_DIR|ROOT [-o OUT] [-k 10] [-e MAX_EVALUE]
+                          [--format tsv|json] [--cache-dir DIR] [--model NAME|PATH] [--device auto|cpu|cuda]
     esmsearch models [--json]
 
 Each subcommand is a plain function of the Python API (``esmsearch.indexer.build_index``,
@@ -375,7 +377,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from esmsearch.client import SearchClient, UnavailableError
     from esmsearch.client.channel import TOKEN_ENV, ClientCredentials, read_token_file
-    from esmsearch.client.formats import write_json, write_tsv
 
     _configure_logging(args.verbose)
     credentials = ClientCredentials(
@@ -399,6 +400,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                 exc.code,
                 f"cannot reach an esmsearch server at {args.server} (is `esmsearch serve` running?): {exc.details}",
             ) from exc
+    _write_results(results, args)
+    return 0
+
+
+def _write_results(results: Any, args: argparse.Namespace) -> None:
+    from esmsearch.client.formats import write_json, write_tsv
+
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         if args.format == "json":
@@ -408,6 +416,32 @@ def cmd_search(args: argparse.Namespace) -> int:
     finally:
         if args.output:
             out.close()
+
+
+def cmd_easy_search(args: argparse.Namespace) -> int:
+    from esmsearch.easy_search import EasySearchConfig, easy_search
+
+    _configure_logging(args.verbose)
+    config = EasySearchConfig(
+        model=args.model,
+        layer=args.layer,
+        precision=args.precision,
+        device=args.device,
+        decoys=args.decoys,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    results = easy_search(
+        args.query,
+        args.target,
+        k=args.k,
+        min_score=args.min_score,
+        max_evalue=args.max_evalue,
+        evalue_db_size=args.evalue_db_size,
+        config=config,
+        default_model=DEFAULT_MODEL,
+    )
+    _write_results(results, args)
     return 0
 
 
@@ -467,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Protein remote-homology search with ESM-2 embeddings (index, serve, search).",
     )
     parser.add_argument("--version", action="version", version=f"esmsearch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{index,serve,search,models}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{index,serve,search,easy-search,models}")
 
     index = sub.add_parser("index", help="build or inspect an index")
     isub = index.add_subparsers(dest="index_command", required=True, metavar="{build,info,versions,rollback}")
@@ -820,6 +854,67 @@ def build_parser() -> argparse.ArgumentParser:
     _refuse_secret_flag(q, "--token", "--token-file FILE or the ESMSEARCH_TOKEN environment variable")
     q.add_argument("-v", "--verbose", action="count", default=0)
     q.set_defaults(func=cmd_search)
+
+    es = sub.add_parser(
+        "easy-search",
+        help="search query sequences against a FASTA, index or root in this process (no server; "
+        "a FASTA target is indexed once into a cache)",
+        description="MMseqs2's easy-search habit: QUERY against TARGET without a server. A FASTA TARGET is "
+        "indexed once (E-values on) into a cache keyed by its sha256, the model, layer and precision; later "
+        "calls reuse it. An index directory or root is searched as it is. Same output as `esmsearch search`.",
+    )
+    es.add_argument("query", help="query FASTA file (plain or .gz), - for stdin, FASTA text, or one bare sequence")
+    es.add_argument("target", type=Path, help="target FASTA (plain or .gz), index directory or index root")
+    es.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
+    es.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    es.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
+    es.add_argument(
+        "-e",
+        "--max-evalue",
+        type=_evalue,
+        default=None,
+        metavar="E",
+        help="drop hits with E-value above this (like MMseqs2's -e). Default: keep all",
+    )
+    es.add_argument(
+        "--evalue-db-size",
+        type=_db_size,
+        default=None,
+        metavar="N",
+        help="scale E-values to N database sequences (HMMER's -Z). Default: the target's count",
+    )
+    es.add_argument("--format", choices=["tsv", "json"], default="tsv")
+    es.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where FASTA targets are indexed (default $ESMSEARCH_CACHE_DIR, else $XDG_CACHE_HOME/esmsearch, "
+        "else ~/.cache/esmsearch)",
+    )
+    es.add_argument(
+        "--model",
+        default=None,
+        help=f"model for indexing a FASTA target (default {DEFAULT_MODEL}); for an index target, overrides "
+        "the source of its own model (same checkpoint)",
+    )
+    es.add_argument("--layer", type=int, default=None, help="representation layer for a FASTA target (default: last)")
+    es.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16", "int8", "auto"],
+        help="compute precision for a FASTA target (default fp32); queries use the index's",
+    )
+    es.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    es.add_argument(
+        "--decoys",
+        type=_non_negative_int,
+        default=DEFAULT_DECOYS,
+        metavar="N",
+        help=f"decoys for a FASTA target's E-values (default {DEFAULT_DECOYS:,}; 0 = no E-values)",
+    )
+    es.add_argument("--no-progress", action="store_true", help="no progress bar while indexing a FASTA target")
+    es.add_argument("-v", "--verbose", action="count", default=0)
+    es.set_defaults(func=cmd_easy_search)
     return parser
 
 
