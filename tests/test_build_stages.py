@@ -69,9 +69,15 @@ def test_plan_reuse_of_a_matching_version(tiny_embedder: Embedder, small_index: 
     assert isinstance(previous, PreviousVectors)
     assert (previous.version, previous.count) == (live.version, 40)
     np.testing.assert_array_equal(np.asarray(previous.embeddings), stored)
-    for row, record_id, _desc, _length, sha in metadata:
-        assert previous.sha_by_id[record_id] == sha
-        assert stored[previous.row_by_sha[sha]].tolist() == stored[row].tolist()  # identical sequences may share
+    rows = previous.rows_of([sha for *_, sha in metadata] + ["0" * 64])
+    assert rows[-1] is None  # a sequence the version does not hold
+    for (row, _id, _desc, _length, _sha), found in zip(metadata, rows[:-1], strict=True):
+        assert found is not None and found <= row  # the first row holding that sequence
+        assert stored[found].tolist() == stored[row].tolist()  # identical sequences may share
+    # Every record unchanged: nothing added, changed or removed; twice (the table is rebuilt).
+    same = [(record_id, sha) for _r, record_id, _d, _l, sha in metadata]
+    assert previous.changes(iter(same)) == previous.changes(same) == (0, 0, 0)
+    previous.close()
 
 
 @pytest.mark.parametrize(

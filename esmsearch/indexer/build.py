@@ -410,14 +410,13 @@ def count_changes(
     """
     if previous is None:
         return ReuseCounts(reused=outcome.reused, embedded=outcome.embedded, reused_residues=outcome.reused_residues)
-    new_ids = dict(rows)
-    old = previous.sha_by_id
+    added, changed, removed = previous.changes(rows)  # in SQLite: memory flat in the row count
     return ReuseCounts(
         reused=outcome.reused,
         embedded=outcome.embedded,
-        added=sum(1 for rid in new_ids if rid not in old),
-        changed=sum(1 for rid, sha in new_ids.items() if rid in old and old[rid] != sha),
-        removed=sum(1 for rid in old if rid not in new_ids),
+        added=added,
+        changed=changed,
+        removed=removed,
         reused_residues=outcome.reused_residues,
     )
 
@@ -872,7 +871,11 @@ def build_version(
         if reuse and live is not None:
             with Index.open(index_root.current_path(), mmap=True) as live_index:
                 previous = plan_reuse(prep.embedder, live_index, cfg.store_dtype)
-        built = _build_in(index_root.partial_dir, prep, cfg, previous, t_start)
+        try:
+            built = _build_in(index_root.partial_dir, prep, cfg, previous, t_start)
+        finally:
+            if previous is not None:
+                previous.close()
         path = publish_version(index_root, index_root.partial_dir, built.manifest.version, keep_versions=keep_versions)
     return _result(built, path, prep, t_start, live)
 

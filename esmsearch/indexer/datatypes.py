@@ -8,6 +8,7 @@ output (:class:`Prepared`, :class:`PreviousVectors`, :class:`EmbedOutcome`,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import numpy as np
 
 from esmsearch.errors import ConfigError
 from esmsearch.significance import DEFAULT_DECOY_SEED, DEFAULT_DECOYS, DecoySettings
-from esmsearch.store import DECOYS_FILE, STORE_DTYPES, Index, Manifest
+from esmsearch.store import DECOYS_FILE, METADATA_FILE, STORE_DTYPES, Index, Manifest
 
 if TYPE_CHECKING:
     from esmsearch.embedding import Embedder
@@ -185,20 +186,32 @@ class Prepared:
 class PreviousVectors:
     """Output of :func:`plan_reuse`: a previous version's vectors, looked up by sequence.
 
+    Memory does not grow with the previous version's row count: its vectors and
+    decoys stay memory-mapped, and the two lookups a rebuild needs (sequence sha256 ->
+    row, for reuse; record id -> sha256, for the added/changed/removed counts) run in
+    SQLite, against the version's own ``metadata.sqlite`` (attached read-only; its
+    ``record_id`` is UNIQUE, so indexed) and a private temporary database
+    (``sqlite3.connect("")``: on disk, removed by :meth:`close`) holding a
+    ``sha256 -> first row`` table keyed by its B-tree. (Before, two Python dicts over
+    every live row: hundreds of bytes per row in the build's heap.)
+
     Attributes:
         version: the previous version's id.
         count: its number of rows.
         embeddings: ``[count, dim]`` in ``store_dtype``, memory-mapped read-only.
         store_dtype: the previous version's ``Manifest.store_dtype``.
-        row_by_sha: sequence sha256 -> first row holding it.
-        sha_by_id: record id -> sequence sha256.
         residues_per_s: embedding speed the previous build recorded (or None).
         decoy_settings: its decoy set (None without decoys).
         decoys: its decoy vectors, float32 ``[decoys.count, dim]``, memory-mapped
             read-only (None without decoys).
     """
 
+    #: Host parameters per ``IN (...)`` query (below SQLite's historic limit of 999).
+    _BATCH = 900
+
     def __init__(self, index: Index) -> None:
+        import sqlite3
+
         self.version = index.version
         self.count = index.count
         self.embeddings = index.embeddings()
@@ -207,12 +220,66 @@ class PreviousVectors:
         if self.decoy_settings is not None:
             self.decoys = np.load(index.path / DECOYS_FILE, mmap_mode="r")
         self.store_dtype = index.manifest.store_dtype
-        self.row_by_sha: dict[str, int] = {}
-        self.sha_by_id: dict[str, str] = {}
-        for row, record_id, _desc, _length, sha in index.iter_metadata():
-            self.row_by_sha.setdefault(sha, row)
-            self.sha_by_id[record_id] = sha
         self.residues_per_s: float | None = index.manifest.build.get("residues_per_s")
+        # "" = a private temporary database on disk; uri=True lets ATTACH take a read-only URI.
+        self._db = sqlite3.connect("", uri=True, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA cache_size = -16384")  # 16 MiB page cache, the rest on disk
+            uri = (index.path / METADATA_FILE).resolve().as_uri() + "?mode=ro"
+            self._db.execute("ATTACH DATABASE ? AS live", (uri,))
+            self._db.execute("CREATE TABLE by_sha (sha256 TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID")
+            # First row per sequence: a GROUP BY sorts (external merge sort, bounded memory).
+            self._db.execute("INSERT INTO by_sha SELECT sha256, MIN(row) FROM live.sequences GROUP BY sha256")
+            self._db.commit()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def rows_of(self, shas: list[str]) -> list[int | None]:
+        """The previous version's row holding each sequence (by sha256), or None, in order."""
+        found: dict[str, int] = {}
+        unique = list(dict.fromkeys(shas))
+        for start in range(0, len(unique), self._BATCH):
+            part = unique[start : start + self._BATCH]
+            marks = ",".join("?" * len(part))
+            found.update(self._db.execute(f"SELECT sha256, row FROM by_sha WHERE sha256 IN ({marks})", part))
+        return [found.get(sha) for sha in shas]
+
+    def changes(self, rows: Iterable[tuple[str, str]]) -> tuple[int, int, int]:
+        """``(added, changed, removed)`` record ids of a new version against this one.
+
+        Args:
+            rows: ``(record_id, sequence_sha256)`` of every new row, streamed (kept in
+                the temporary database, not in memory); record ids unique.
+        """
+        db = self._db
+        db.execute("DROP TABLE IF EXISTS new_rows")
+        db.execute("CREATE TABLE new_rows (record_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL) WITHOUT ROWID")
+        batch: list[tuple[str, str]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= 10_000:
+                db.executemany("INSERT INTO new_rows VALUES (?, ?)", batch)
+                batch.clear()
+        db.executemany("INSERT INTO new_rows VALUES (?, ?)", batch)
+        ((added,),) = db.execute(
+            "SELECT COUNT(*) FROM new_rows n WHERE NOT EXISTS "
+            "(SELECT 1 FROM live.sequences o WHERE o.record_id = n.record_id)"
+        )
+        ((changed,),) = db.execute(
+            "SELECT COUNT(*) FROM new_rows n JOIN live.sequences o ON o.record_id = n.record_id "
+            "WHERE o.sha256 != n.sha256"
+        )
+        ((removed,),) = db.execute(
+            "SELECT COUNT(*) FROM live.sequences o WHERE NOT EXISTS "
+            "(SELECT 1 FROM new_rows n WHERE n.record_id = o.record_id)"
+        )
+        db.execute("DROP TABLE new_rows")
+        return int(added), int(changed), int(removed)
+
+    def close(self) -> None:
+        """Close the lookups (the temporary database is removed); idempotent."""
+        self._db.close()
 
 
 @dataclass(frozen=True)

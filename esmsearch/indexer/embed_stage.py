@@ -128,8 +128,8 @@ def embed_chunks(
                     bar.update(sum(len(r.sequence) for r in chunk))
                 continue
             plan = _ChunkPlan(number, chunk, [sequence_sha256(r.sequence) for r in chunk], [], [])
-            for i, sha in enumerate(plan.shas):
-                row = previous.row_by_sha.get(sha) if previous else None
+            previous_rows = previous.rows_of(plan.shas) if previous else [None] * len(chunk)
+            for i, row in enumerate(previous_rows):
                 if row is None:
                     plan.to_embed.append(i)
                 else:
