@@ -181,6 +181,7 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
 # -- index info ---------------------------------------------------------------------------
 def cmd_index_info(args: argparse.Namespace) -> int:
     from esmsearch.store import Index
+    from esmsearch.vector_index import RERANK_MIN_CANDIDATES
     from esmsearch.versions import IndexRoot
 
     path = args.index_dir
@@ -194,7 +195,8 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         else:
             source = "manifest" if "k_factor" in m.search_params else "default; the manifest predates k_factor"
             rerank = (
-                f"k_factor {index.k_factor} ({source}): {index.k_factor} x k candidates from the compressed index "
+                f"k_factor {index.k_factor} ({source}): max({index.k_factor} x k, {RERANK_MIN_CANDIDATES}) candidates "
+                f"from the compressed index "
                 f"are re-scored exactly against embeddings.npy ({m.store_dtype}), so scores are exact cosines"
             )
         if args.json:

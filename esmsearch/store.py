@@ -887,7 +887,7 @@ class Index:
 
         The one search path of the engine, the batcher and every RPC. For a FAISS
         index with lossy codes (PQ, SQ; :attr:`k_factor` is set), FAISS proposes
-        ``k_factor * k`` candidates (at the manifest's nprobe/efSearch) and they are
+        ``max(k_factor * k, RERANK_MIN_CANDIDATES)`` candidates (at the manifest's nprobe/efSearch) and they are
         re-ranked exactly against ``embeddings.npy``
         (:func:`esmsearch.vector_index.search_reranked`; only candidate rows are read
         from the memory map), so every score is the exact cosine of the query and the

@@ -189,9 +189,11 @@ def test_manifest_without_k_factor_loads_with_the_default(
 
 
 def test_stored_k_factor_and_open_override_are_used(
-    tmp_path: Path, db: np.ndarray, queries: np.ndarray, pq_faiss: faiss.Index
+    tmp_path: Path, db: np.ndarray, queries: np.ndarray, pq_faiss: faiss.Index, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # k_factor=1 re-scores FAISS's own top k: the same rows, exact scores, exact order.
+    # Without the candidate floor, k_factor=1 re-scores FAISS's own top k: the same
+    # rows, exact scores, exact order.
+    monkeypatch.setattr(vi, "RERANK_MIN_CANDIDATES", 0)
     params = {"nprobe": vi.default_nprobe(64), "k_factor": 1}
     one = _write(tmp_path, "one", db, pq_faiss, params, PQ_FACTORY)
     _, pq_rows = _plain_pq(one, queries)
@@ -291,3 +293,22 @@ def test_index_info_shows_k_factor(
     assert default.startswith(f"k_factor {vi.DEFAULT_K_FACTOR} (default") and "float16" in default
     flat = _write(tmp_path, "flat", db, vi.build(db, vi.IndexSpec("Flat")), {}, "Flat")
     assert _info_fields(flat, capsys)["re-ranking"].startswith("none")
+
+
+def test_candidate_floor_deepens_small_k(
+    db: np.ndarray, queries: np.ndarray, pq_faiss: faiss.Index, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """max(k_factor x k, RERANK_MIN_CANDIDATES) candidates: at k_factor 1 the floor alone
+    lifts recall above FAISS's own top k, and every returned score stays exact."""
+    truth = _truth(db, queries)
+    monkeypatch.setattr(vi, "RERANK_MIN_CANDIDATES", 0)
+    _, shallow = vi.search_reranked(pq_faiss, queries, K, db, 1)
+    monkeypatch.setattr(vi, "RERANK_MIN_CANDIDATES", 50 * K)
+    scores, deep = vi.search_reranked(pq_faiss, queries, K, db, 1)
+    assert _recall(deep, truth) > _recall(shallow, truth)
+    assert _recall(deep, truth) >= 0.95
+    np.testing.assert_allclose(scores, _exact_scores(queries, db, deep), atol=1e-5, rtol=0)
+    # The floor never exceeds the database: a tiny k over a small index still works.
+    monkeypatch.setattr(vi, "RERANK_MIN_CANDIDATES", 10 * pq_faiss.ntotal)
+    _, everything = vi.search_reranked(pq_faiss, queries, K, db, 1)
+    assert _recall(everything, truth) >= _recall(deep, truth)
