@@ -291,8 +291,9 @@ def test_rerank_renormalises_float16_rows(db: np.ndarray, held_out: np.ndarray, 
 
 
 def test_search_reranked_scores_k_factor_times_k_candidates(
-    db: np.ndarray, held_out: np.ndarray, built: dict[str, faiss.Index]
+    db: np.ndarray, held_out: np.ndarray, built: dict[str, faiss.Index], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(vi, "RERANK_MIN_CANDIDATES", 0)  # k_factor x k alone (the floor: test_rerank)
     index = built["IVF64,PQ8"]
     _, truth = _exact_top_k(db, held_out, 10)
     scores, rows = vi.search_reranked(index, held_out, 10, db, 10)
