@@ -28,9 +28,9 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from esmsearch import __version__
 from esmsearch.protocol import DEFAULT_MAX_HITS_PER_REQUEST, DEFAULT_MAX_QUERIES_IN_FLIGHT, DEFAULT_MAX_QUEUED_RESIDUES
@@ -389,35 +389,40 @@ def cmd_search(args: argparse.Namespace) -> int:
         token=(read_token_file(args.token_file) if args.token_file else None) or os.environ.get(TOKEN_ENV) or None,
     )
     with SearchClient(args.server, timeout_s=args.timeout_s, credentials=credentials) as client:
+        # Hits are written as each RPC answers (the next one is being searched meanwhile).
+        results = client.iter_search(
+            args.query,
+            k=args.k,
+            min_score=args.min_score,
+            max_evalue=args.max_evalue,
+            evalue_db_size=args.evalue_db_size,
+        )
         try:
-            results = client.search(
-                args.query,
-                k=args.k,
-                min_score=args.min_score,
-                max_evalue=args.max_evalue,
-                evalue_db_size=args.evalue_db_size,
-            )
+            _write_results(results, args)
         except UnavailableError as exc:
             raise UnavailableError(
                 exc.code,
                 f"cannot reach an esmsearch server at {args.server} (is `esmsearch serve` running?): {exc.details}",
             ) from exc
-    _write_results(results, args)
     return 0
 
 
-def _write_results(results: Any, args: argparse.Namespace) -> None:
+def _write_results(results: Iterable[Any], args: argparse.Namespace) -> None:
+    """Write results to ``-o`` (atomically: a failure part-way leaves no file) or stdout."""
     from esmsearch.client.formats import write_json, write_tsv
+    from esmsearch.fsutil import open_text_atomic
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
+    def write(out: IO[str]) -> None:
         if args.format == "json":
             write_json(results, out)
         else:
             write_tsv(results, out)
-    finally:
-        if args.output:
-            out.close()
+
+    if args.output:
+        with open_text_atomic(args.output) as out:
+            write(out)
+    else:
+        write(sys.stdout)
 
 
 def cmd_easy_search(args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ One home for what the indexer, the index store and versioned roots each need:
   entries (a rename into it), durable. POSIX makes a ``rename(2)`` atomic but not
   durable: until the directory holding the new name is fsynced, a power cut can
   bring the old name back.
-* :func:`write_text_atomic` -- write a small file beside its destination, fsync it,
-  ``os.replace`` it into place and fsync the directory.
+* :func:`write_text_atomic`, :func:`open_text_atomic` -- write a file (whole, or
+  streamed) beside its destination, fsync it, ``os.replace`` it into place and
+  fsync the directory.
 * :func:`exchange` -- swap two paths atomically with Linux's
   ``renameat2(RENAME_EXCHANGE)`` (glibc >= 2.28, Linux >= 3.15; ext4, xfs, btrfs,
   tmpfs; not every network or FUSE filesystem), so that a path holds the old or
@@ -24,14 +25,16 @@ need torch or faiss) uses :func:`file_sha256`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 __all__ = [
     "ExchangeNotSupportedError",
@@ -39,6 +42,7 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "fsync_file",
+    "open_text_atomic",
     "sqlite_uri",
     "write_text_atomic",
 ]
@@ -119,10 +123,29 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     Raises:
         OSError: a write, fsync or rename fails (the temporary file is removed).
     """
+    with open_text_atomic(path) as stream:
+        stream.write(text)
+
+
+@contextlib.contextmanager
+def open_text_atomic(path: str | os.PathLike[str]) -> Iterator[TextIO]:
+    """A UTF-8 text stream that replaces ``path`` atomically and durably when the block ends.
+
+    What is written goes to ``<path>.tmp`` beside it; when the ``with`` block exits
+    normally the file is flushed, fsynced, renamed over ``path`` and the directory
+    fsynced. When the block raises (an error, ``KeyboardInterrupt``), the temporary
+    file is removed and ``path`` is left as it was: a failed search never leaves a
+    half-written output file behind.
+
+    Raises:
+        OSError: the temporary file cannot be created, or a write, fsync or rename
+            fails (the temporary file is removed).
+    """
     dest = Path(path)
     tmp = dest.with_name(dest.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as stream:
+            yield stream
         fsync_file(tmp)
         os.replace(tmp, dest)
     except BaseException:

@@ -406,3 +406,69 @@ def test_cli_search_evalue_db_size(server, tmp_path: Path, db) -> None:  # type:
         for ha, hb in zip(a["hits"], b["hits"], strict=True):
             assert hb["evalue"] == pytest.approx(100 * ha["evalue"], rel=1e-2)
     assert main(["search", str(fasta), "--server", server[0], "--evalue-db-size", "0"]) == 2
+
+
+def test_iter_search_keeps_two_rpcs_in_flight_and_the_input_order(own_server, db) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from esmsearch.client import PIPELINED_REQUESTS
+
+    _, client = own_server
+    picked = [r for r in db if len(r) < 120][:7]  # 2 queries per request: 4 RPCs
+    expected = client.search({r.record_id: r.sequence for r in picked}, k=2)
+    real_search = client.stub.Search
+    lock, second_started = threading.Lock(), threading.Event()
+    in_flight, most = [0], [0]
+
+    def counting_search(request, **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            if in_flight[0] >= 2:
+                second_started.set()
+        # The first RPC answers only once the second one is out (or after 10 s, when the
+        # client sends one at a time and the assertion below fails).
+        second_started.wait(10.0)
+        try:
+            return real_search(request, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    client.stub.Search = counting_search
+    try:
+        results = client.iter_search({r.record_id: r.sequence for r in picked}, k=2)
+        assert most[0] == 0  # nothing is sent before iteration starts
+        got = list(results)
+    finally:
+        client.stub.Search = real_search
+    assert most[0] == PIPELINED_REQUESTS == 2
+    assert got == expected
+    assert [r.query_id for r in got] == [r.record_id for r in picked]
+
+
+def test_iter_search_rejects_invalid_queries_at_the_call(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidSequenceError):
+        client.iter_search(["MKV", "MK#V"], k=1)  # raised without iterating
+    with pytest.raises(ValueError, match="max_evalue"):
+        client.iter_search(["MKV"], k=1, max_evalue=-1.0)
+
+
+def test_cli_search_output_file_is_not_left_half_written(own_server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from esmsearch.cli import main
+
+    _, client = own_server
+    fasta = tmp_path / "q.fasta"
+    # RPC 1 (two short queries) succeeds; RPC 2 (201 residues, over the server's
+    # per-query limit of 200) fails RESOURCE_EXHAUSTED after RPC 1's hits were converted.
+    fasta.write_text(">a\nMKVLAAGIVG\n>b\nMKTAYIAKQR\n>c\n" + "M" * 201 + "\n")
+    out = tmp_path / "hits.tsv"
+    assert main(["search", str(fasta), "--server", client.address, "-k", "1", "-o", str(out)]) == 1
+    assert "201 residues, over the limit of 200" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.fasta"]
+    out.write_text("earlier results\n")
+    assert main(["search", str(fasta), "--server", client.address, "-k", "1", "-o", str(out)]) == 1
+    assert out.read_text() == "earlier results\n"
+    fasta.write_text(">a\nMKVLAAGIVG\n>b\nMKTAYIAKQR\n>c\nMKV\n")
+    assert main(["search", str(fasta), "--server", client.address, "-k", "1", "-o", str(out)]) == 0
+    assert [line.split("\t")[0] for line in out.read_text().splitlines()] == ["query_id", "a", "b", "c"]

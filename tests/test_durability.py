@@ -477,3 +477,21 @@ def test_index_in_a_directory_named_with_uri_characters(
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", "index.faiss", "embeddings.npy", "metadata.sqlite", "decoys.npy"]
     )
+
+
+def test_open_text_atomic_leaves_no_file_when_the_writer_fails(tmp_path: Path) -> None:
+    path = tmp_path / "hits.tsv"
+    with pytest.raises(RuntimeError, match="mid-way"), fsutil.open_text_atomic(path) as out:
+        out.write("query_id\ttarget_id\n")
+        raise RuntimeError("mid-way")
+    assert list(tmp_path.iterdir()) == []
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt), fsutil.open_text_atomic(path) as out:
+        out.write("new")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.tsv"]
+    with fsutil.open_text_atomic(path) as out:
+        out.write("new")
+        assert path.read_text() == "old"  # not visible until the block ends
+    assert path.read_text() == "new"

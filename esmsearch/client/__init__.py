@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from esmsearch.client.aio import AsyncSearchClient
 from esmsearch.client.channel import TOKEN_ENV, ClientCredentials
-from esmsearch.client.client import DEFAULT_ADDRESS, SearchClient
+from esmsearch.client.client import DEFAULT_ADDRESS, PIPELINED_REQUESTS, SearchClient
 from esmsearch.client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -45,6 +45,7 @@ from esmsearch.client.types import (
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "PIPELINED_REQUESTS",
     "TOKEN_ENV",
     "TSV_COLUMNS",
     "AsyncSearchClient",

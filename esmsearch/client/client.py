@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from types import TracebackType
 from typing import Any, Final
 
@@ -22,10 +25,14 @@ from esmsearch.client.types import Embeddings, IndexInfo, QueryResult, ReloadRes
 from esmsearch.sequences import records_from
 from esmsearch.v1 import search_pb2, search_pb2_grpc
 
-__all__ = ["DEFAULT_ADDRESS", "SearchClient"]
+__all__ = ["DEFAULT_ADDRESS", "PIPELINED_REQUESTS", "SearchClient"]
 
 #: Address a client connects to when none is given.
 DEFAULT_ADDRESS: Final = "127.0.0.1:50051"
+#: ``Search`` RPCs :meth:`SearchClient.iter_search` keeps in flight when the queries
+#: need several (400 queries at k = 2,000 are 8 RPCs under the default hit limit): the
+#: server has the next request queued while this process converts the previous answer.
+PIPELINED_REQUESTS: Final = 2
 
 
 class _Default:
@@ -281,6 +288,47 @@ class SearchClient:
             ValueError: the client is closed, ``min_score`` is NaN, ``max_evalue``
                 is negative or NaN, or ``evalue_db_size`` is not a positive integer.
         """
+        return list(
+            self.iter_search(
+                queries,
+                k=k,
+                min_score=min_score,
+                max_evalue=max_evalue,
+                timeout_s=timeout_s,
+                split_requests=split_requests,
+                evalue_db_size=evalue_db_size,
+            )
+        )
+
+    def iter_search(
+        self,
+        queries: Queries,
+        *,
+        k: int = 10,
+        min_score: float | None = None,
+        max_evalue: float | None = None,
+        timeout_s: float | None | _Default = _DEFAULT,
+        split_requests: bool = True,
+        evalue_db_size: int | None = None,
+    ) -> Iterator[QueryResult]:
+        """:meth:`search`, yielding each query's result as soon as its RPC has answered.
+
+        The queries are validated (errors raise here, from this call) and split as
+        :meth:`search` does; the RPCs start when iteration starts. Up to
+        :data:`PIPELINED_REQUESTS` ``Search`` RPCs are in flight at once, so the server
+        searches the next request while this process converts (and the caller
+        writes) the hits of the previous one; the overlap shortens the wall time when
+        client and server do not share the same busy cores. Results come in input
+        order. Stopping early (``break``, an exception in the caller) cancels the
+        RPCs not yet sent.
+
+        Args and Raises: as for :meth:`search`; invalid queries and arguments raise
+        from the call, a failed RPC when the iteration reaches its queries (results
+        of earlier RPCs have been yielded).
+
+        Yields:
+            One :class:`QueryResult` per query, in input order.
+        """
         deadline = self._timeout(timeout_s)
         check_bounds(min_score, max_evalue)
         check_db_size_arg(evalue_db_size)
@@ -290,12 +338,31 @@ class SearchClient:
             chunks = _split(queries_pb, self._limits(deadline), k)
         else:
             chunks = [queries_pb]
-        results: list[QueryResult] = []
-        for chunk in chunks:
-            request = search_request(chunk, k, min_score, max_evalue, evalue_db_size=evalue_db_size)
-            response = self._unary(self.stub.Search, request, deadline)
-            results.extend(QueryResult.from_proto(r, response.index_version) for r in response.results)
-        return results
+        requests = [search_request(c, k, min_score, max_evalue, evalue_db_size=evalue_db_size) for c in chunks]
+        return self._pipelined_search(requests, deadline)
+
+    def _pipelined_search(
+        self, requests: list[search_pb2.SearchRequest], deadline: float | None
+    ) -> Iterator[QueryResult]:
+        if len(requests) == 1:
+            response = self._unary(self.stub.Search, requests[0], deadline)
+            yield from (QueryResult.from_proto(r, response.index_version) for r in response.results)
+            return
+        # The blocking RPCs wait in worker threads (gRPC releases the GIL while waiting);
+        # converting protobuf hits happens here, overlapping the next RPC.
+        pool = ThreadPoolExecutor(max_workers=PIPELINED_REQUESTS, thread_name_prefix="esmsearch-search")
+        try:
+            later = iter(requests)
+            pending: deque[Future[Any]] = deque(
+                pool.submit(self._unary, self.stub.Search, r, deadline) for r in islice(later, PIPELINED_REQUESTS)
+            )
+            while pending:
+                response = pending.popleft().result()
+                if (request := next(later, None)) is not None:
+                    pending.append(pool.submit(self._unary, self.stub.Search, request, deadline))
+                yield from (QueryResult.from_proto(r, response.index_version) for r in response.results)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _limits(self, deadline: float | None) -> RequestLimits:
         if self._cached_limits is None:

@@ -66,17 +66,18 @@ def fill_results(
         hits: the engine's hits per query, by descending cosine score.
     """
     for qid, length, query_hits in zip(ids, lengths, hits, strict=True):
-        qr = response.results.add(query_id=qid, query_length=length)
+        add = response.results.add(query_id=qid, query_length=length).hits.add
         for h in query_hits:
-            hit = qr.hits.add(
+            # One call per hit (the hot path of large answers); evalue=None leaves the
+            # optional field unset, so HasField("evalue") is False for an index without decoys.
+            add(
                 target_id=h.target_id,
                 target_description=h.target_description,
                 cosine_score=h.cosine_score,
                 rank=h.rank,
                 target_length=h.target_length,
+                evalue=h.evalue,
             )
-            if h.evalue is not None:
-                hit.evalue = h.evalue
 
 
 _Req = TypeVar("_Req")
