@@ -13,13 +13,16 @@ side in the same run and server:
 * **worker thread** -- now: converted and encoded in a worker thread, compact JSON, sent
   one piece per query.
 
-The big request's client runs in its own process; the prober runs in the server's.
+The big request's client and the prober each run in their own process (a prober in
+the server's process would wait for the server's GIL itself, as no real probe does). A
+first row probes for 10 s with no request at all: the machine's own noise (a shared
+VM's steal time shows there).
 
-``--gc-freeze`` calls ``gc.freeze()`` after the server has started: the objects of
-start-up (torch, the model, the index; hundreds of thousands) then leave the cyclic
-garbage collector's generations, whose full collections -- 100+ ms each with them,
-holding the GIL, several during a 1M-hit answer -- are what remains of ``/readyz``'s
-worst case in the worker-thread row. The server does not do this itself (yet).
+``--gc-freeze`` calls ``gc.freeze()`` after the server has started, as ``esmsearch
+serve`` does (``create_server``, used here, does not): the objects of start-up (torch,
+the model, the index; hundreds of thousands) then leave the cyclic garbage collector's
+generations, whose full collections -- 100+ ms each with them, holding the GIL,
+several during a 1M-hit answer -- were the worst case of the worker-thread row.
 
 Printed per way: wall seconds of the big request, the number of probes, p50 / p99 / max
 ``/readyz`` latency in ms (target: answers within 50 ms), and the CPU with the load
@@ -41,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,36 +71,44 @@ print(len(r.content), sum(len(q["hits"]) for q in r.json()))
 """
 
 
-def probe_while(base_url: str, busy: Callable[[], Any]) -> tuple[float, list[tuple[float, float]]]:
-    """Run ``busy()`` while a thread times ``GET /readyz`` back to back.
+#: The prober, in its own process as a load balancer's or kubelet's probe is (inside the
+#: server's process its own GIL waits would be charged to the server). argv: base URL,
+#: stop-file path. Prints one "start_s latency_s" line per probe, times from its start.
+_PROBER = """
+import os, sys, time, httpx
+base, stop = sys.argv[1], sys.argv[2]
+with httpx.Client(base_url=base, timeout=120) as client:
+    client.get("/readyz")  # connect first: the connection is not what is measured
+    print("ready", flush=True)
+    begin, out = time.perf_counter(), []
+    while not os.path.exists(stop):
+        t0 = time.perf_counter()
+        r = client.get("/readyz")
+        out.append((t0 - begin, time.perf_counter() - t0))
+        assert r.status_code == 200, r.text
+print("\\n".join(f"{a} {b}" for a, b in out))
+"""
+
+
+def probe_while(base_url: str, busy: Callable[[], Any], work: Path) -> tuple[float, list[tuple[float, float]]]:
+    """Run ``busy()`` while another process times ``GET /readyz`` back to back.
 
     Returns:
-        ``(busy seconds, [(start of the probe in s since busy() began, latency s), ...])``.
+        ``(busy seconds, [(start of the probe in s since probing began, latency s), ...])``.
     """
-    import httpx
-
-    done = threading.Event()
-    probes: list[tuple[float, float]] = []
-    t_begin = time.perf_counter()
-
-    def probe() -> None:
-        with httpx.Client(base_url=base_url, timeout=120) as client:
-            client.get("/readyz")  # connect first: the connection is not what is measured
-            while not done.is_set():
-                t0 = time.perf_counter()
-                response = client.get("/readyz")
-                probes.append((t0 - t_begin, time.perf_counter() - t0))
-                assert response.status_code == 200, response.text
-
-    prober = threading.Thread(target=probe, daemon=True)
-    prober.start()
+    stop = work / "stop-probing"
+    stop.unlink(missing_ok=True)
+    prober = subprocess.Popen([sys.executable, "-c", _PROBER, base_url, str(stop)], stdout=subprocess.PIPE, text=True)
+    assert prober.stdout is not None
+    assert prober.stdout.readline().strip() == "ready"
     t_begin = time.perf_counter()
     try:
         busy()
     finally:
         busy_s = time.perf_counter() - t_begin
-        done.set()
-        prober.join(120)
+        stop.touch()
+        out, _ = prober.communicate(timeout=120)
+    probes = [(float(a), float(b)) for a, b in (line.split() for line in out.splitlines() if line.strip())]
     return busy_s, probes
 
 
@@ -178,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = []
         try:
+            # Baseline: the same probing with no request at all (the machine's own noise).
+            busy_s, probes = probe_while(base_url, lambda: time.sleep(10.0), work)
+            rows.append(("idle (no request)", busy_s, 0, probes))
             ways: list[tuple[str, Any, dict[str, str]]] = [
                 ("on loop", on_loop, {"pretty": "true"}),
                 ("worker thread", real_run_in_threadpool, {}),
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [sys.executable, "-c", _CLIENT, base_url + "/v1/search", json.dumps(params), str(body)]
                     answer.append(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
-                busy_s, probes = probe_while(base_url, big)
+                busy_s, probes = probe_while(base_url, big, work)
                 size, got = (int(x) for x in answer[0].split())
                 assert got == n_hits, (got, n_hits)
                 rows.append((name, busy_s, size, probes))
@@ -202,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         f"\none request of {args.queries} queries x k={args.k} = {n_hits} hits; /readyz probed back to back meanwhile"
     )
     print(
-        f"{'answer built':<14} {'request s':>9} {'MB':>6} {'probes':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'answer built':<18} {'request s':>9} {'MB':>6} {'probes':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
         f"{'> 50 ms':>7}  slowest (at s: ms)"
     )
     for name, busy_s, size, probes in rows:
         lat = [latency for _at, latency in probes]
         slowest = sorted(probes, key=lambda p: -p[1])[:3]
         print(
-            f"{name:<14} {busy_s:9.1f} {size / 1e6:6.1f} {len(lat):6d} {statistics.median(lat) * 1e3:8.1f} "
+            f"{name:<18} {busy_s:9.1f} {size / 1e6:6.1f} {len(lat):6d} {statistics.median(lat) * 1e3:8.1f} "
             f"{_pct(lat, 99):8.1f} {max(lat) * 1e3:8.1f} {sum(x > 0.05 for x in lat):7d}  "
             + ", ".join(f"{at:.1f}: {latency * 1e3:.0f}" for at, latency in slowest)
         )

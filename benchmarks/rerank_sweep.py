@@ -28,14 +28,13 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model  # noqa: E402
-from scale_rehearsal import exact_top, fragment, read_sources  # noqa: E402
+from scale_rehearsal import exact_top, fragment, read_sources, recall_and_latency  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,20 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             stored_nprobe = int(ivf.nprobe)
             for f in (int(x) for x in args.nprobe_factors.split(",")):
                 ivf.nprobe = min(ivf.nlist, stored_nprobe * f)
-                _, rows = index.search(vectors, 10)
-                recall = float(
-                    np.mean(
-                        [
-                            len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, int((b >= 0).sum()))
-                            for a, b in zip(rows, exact, strict=True)
-                        ]
-                    )
-                )
-                lat = []
-                for v in vectors[:100]:
-                    t = time.perf_counter()
-                    index.search(v[None, :], 10)
-                    lat.append((time.perf_counter() - t) * 1000)
+                recall, lat = recall_and_latency(index, vectors, exact)
                 p50, p99 = statistics.median(lat), float(np.percentile(lat, 99))
                 baseline = baseline or p50
                 print(

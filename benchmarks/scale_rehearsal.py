@@ -302,6 +302,26 @@ def serve_and_measure(index_dir: Path, queries: list[str], nulls: list[str], wor
     return out
 
 
+def recall_and_latency(index: Any, vectors: np.ndarray, exact_rows: np.ndarray) -> tuple[float, list[float]]:
+    """recall@10 of ``index.search`` (a ``store.Index``: the server's search path) against
+    ``exact_rows`` over all ``vectors``, and single-query search latencies (ms) of the first 100."""
+    _, rows = index.search(vectors, 10)
+    recall = float(
+        np.mean(
+            [
+                len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, int((b >= 0).sum()))
+                for a, b in zip(rows, exact_rows, strict=True)
+            ]
+        )
+    )
+    lat = []
+    for v in vectors[:100]:
+        t = time.perf_counter()
+        index.search(v[None, :], 10)
+        lat.append((time.perf_counter() - t) * 1000)
+    return recall, lat
+
+
 def nprobe_sweep(index_dir: Path, vectors: np.ndarray, exact_rows: np.ndarray) -> list[dict[str, float]]:
     """recall@10 and single-query p50 (ms) in-process at the stored nprobe and 2x/4x/8x it.
 
@@ -322,20 +342,7 @@ def nprobe_sweep(index_dir: Path, vectors: np.ndarray, exact_rows: np.ndarray) -
         stored = int(ivf.nprobe)
         for nprobe in sorted({min(ivf.nlist, stored * f) for f in (1, 2, 4, 8)}):
             ivf.nprobe = nprobe
-            _, rows = index.search(vectors, 10)
-            recall = float(
-                np.mean(
-                    [
-                        len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, int((b >= 0).sum()))
-                        for a, b in zip(rows, exact_rows, strict=True)
-                    ]
-                )
-            )
-            lat = []
-            for v in vectors[:100]:
-                t = time.perf_counter()
-                index.search(v[None, :], 10)
-                lat.append((time.perf_counter() - t) * 1000)
+            recall, lat = recall_and_latency(index, vectors, exact_rows)
             out.append({"nprobe": nprobe, "recall_at_10": recall, "p50_ms": statistics.median(lat)})
         ivf.nprobe = stored
     return out

@@ -502,6 +502,21 @@ def _refuse_secret_flag(parser: argparse.ArgumentParser, flag: str, alternative:
     parser.add_argument(flag, nargs="?", action=Refuse, help=argparse.SUPPRESS)
 
 
+#: ``--precision`` values of ``index build`` and ``easy-search``.
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8", "auto")
+
+
+def _add_result_arguments(p: argparse.ArgumentParser, *, evalue_help: str, db_size_help: str) -> None:
+    """The hit filters and output flags ``search`` and ``easy-search`` share (one definition
+    of their types and defaults): -k, --min-score, -e, --evalue-db-size, --format, -o."""
+    p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
+    p.add_argument("-e", "--max-evalue", type=_evalue, default=None, metavar="E", help=evalue_help)
+    p.add_argument("--evalue-db-size", type=_db_size, default=None, metavar="N", help=db_size_help)
+    p.add_argument("--format", choices=["tsv", "json"], default="tsv")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esmsearch",
@@ -536,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16", "int8", "auto"],
+        choices=PRECISION_CHOICES,
         help="compute precision, recorded in the manifest; the server embeds queries at it "
         "(default fp32; auto = bf16 on CUDA with bf16 support and on CPUs with AMX, fp32 elsewhere; "
         "int8 = dynamic int8 GEMMs on the CPU, for models of 150M parameters and up)",
@@ -823,27 +838,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT, or replicas as dns:///HOST:PORT or ipv4:A:PORT,B:PORT (round_robin over the healthy ones; "
         "default 127.0.0.1:50051)",
     )
-    q.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
-    q.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
-    q.add_argument(
-        "-e",
-        "--max-evalue",
-        type=_evalue,
-        default=None,
-        metavar="E",
-        help="drop hits with E-value above this (of the k nearest; like BLAST's -evalue, MMseqs2's -e); "
+    _add_result_arguments(
+        q,
+        evalue_help="drop hits with E-value above this (of the k nearest; like BLAST's -evalue, MMseqs2's -e); "
         "the index needs decoys. Default: keep all",
-    )
-    q.add_argument(
-        "--evalue-db-size",
-        type=_db_size,
-        default=None,
-        metavar="N",
-        help="scale E-values to N database sequences (like HMMER's -Z, BLAST's -dbsize). "
+        db_size_help="scale E-values to N database sequences (like HMMER's -Z, BLAST's -dbsize). "
         "Default: the server's --evalue-db-size, else the index's count",
     )
-    q.add_argument("--format", choices=["tsv", "json"], default="tsv")
-    q.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
     q.add_argument("--timeout-s", type=float, default=300.0, help="per-call deadline in seconds (default 300)")
     q.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     q.add_argument(
@@ -872,25 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("query", help="query FASTA file (plain or .gz), - for stdin, FASTA text, or one bare sequence")
     es.add_argument("target", type=Path, help="target FASTA (plain or .gz), index directory or index root")
-    es.add_argument("-o", "--output", type=Path, default=None, help="write results here instead of stdout")
-    es.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
-    es.add_argument("--min-score", type=float, default=None, help="drop hits with cosine score below this")
-    es.add_argument(
-        "-e",
-        "--max-evalue",
-        type=_evalue,
-        default=None,
-        metavar="E",
-        help="drop hits with E-value above this (like MMseqs2's -e). Default: keep all",
+    _add_result_arguments(
+        es,
+        evalue_help="drop hits with E-value above this (like MMseqs2's -e). Default: keep all",
+        db_size_help="scale E-values to N database sequences (HMMER's -Z). Default: the target's count",
     )
-    es.add_argument(
-        "--evalue-db-size",
-        type=_db_size,
-        default=None,
-        metavar="N",
-        help="scale E-values to N database sequences (HMMER's -Z). Default: the target's count",
-    )
-    es.add_argument("--format", choices=["tsv", "json"], default="tsv")
     es.add_argument(
         "--cache-dir",
         type=Path,
@@ -908,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16", "int8", "auto"],
+        choices=PRECISION_CHOICES,
         help="compute precision for a FASTA target (default fp32); queries use the index's",
     )
     es.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

@@ -34,6 +34,7 @@ import numpy as np
 from esmsearch.client.types import Hit, QueryResult
 from esmsearch.errors import ConfigError
 from esmsearch.sequences import SequenceRecord, records_from
+from esmsearch.significance import DEFAULT_DECOYS
 
 __all__ = ["CACHE_ENV", "EasySearchConfig", "cache_key", "default_cache_dir", "easy_search", "resolve_target"]
 
@@ -67,7 +68,7 @@ class EasySearchConfig:
     layer: int | None = None
     precision: str = "fp32"
     device: str = "auto"
-    decoys: int = 10_000
+    decoys: int = DEFAULT_DECOYS
     cache_dir: Path | None = None
     progress: bool = False
 

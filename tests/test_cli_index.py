@@ -240,3 +240,14 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert "usage:" in err
     assert "Traceback" not in err
+
+
+def test_cli_defaults_repeated_for_a_light_import_match_their_sources() -> None:
+    from esmsearch import cli, significance
+    from esmsearch.easy_search import EasySearchConfig
+
+    assert cli.DEFAULT_DECOYS == significance.DEFAULT_DECOYS == EasySearchConfig().decoys
+    for command in (["index", "build", "x.fa", "-o", "out"], ["easy-search", "q.fa", "t.fa"]):
+        args = cli.build_parser().parse_args(command)
+        assert args.decoys == significance.DEFAULT_DECOYS
+        assert args.precision in cli.PRECISION_CHOICES
