@@ -11,9 +11,10 @@ Then, from ``--threads`` client threads, sends at least 2,000 generated bad requ
 
 * gRPC, raw bytes on a raw channel (no serializer): random bytes, truncated and
   bit-flipped requests, over-long varints and lengths, invalid UTF-8 in string fields;
-  to ``Search``, ``SearchByEmbedding`` and ``Embed``. A request that the local protobuf
-  library cannot decode must get INTERNAL (gRPC's own answer to an undecodable request
-  message, "Exception deserializing request!"); one that decodes, INVALID_ARGUMENT.
+  to ``Search``, ``SearchByEmbedding`` and ``Embed``: INVALID_ARGUMENT, whether the
+  local protobuf library decodes the bytes or not (for an undecodable message grpcio's
+  own answer would be INTERNAL, "Exception deserializing request!", and it would keep
+  the call's state forever: ``esmsearch.server.decoding``).
 * gRPC, well-formed but bad (the generated stub): k zero, negative, huge, queries x k
   over ``max_hits_per_request``; NaN / inf / out-of-range min_score, max_evalue,
   evalue_db_size; embeddings with NaN, inf, the wrong dimension, zero vectors, too many;
@@ -32,7 +33,7 @@ Then, from ``--threads`` client threads, sends at least 2,000 generated bad requ
 Meanwhile ``--valid-clients`` threads send valid searches (``SearchClient``, real E. coli
 sequences, k = 10) all the time, and a prober thread asks the gRPC health service
 (``Check``) every 100 ms. Expected answers: gRPC INVALID_ARGUMENT / RESOURCE_EXHAUSTED /
-UNAUTHENTICATED / DEADLINE_EXCEEDED, INTERNAL only for an undecodable message; HTTP 4xx
+UNAUTHENTICATED / DEADLINE_EXCEEDED, never INTERNAL; HTTP 4xx
 (504 for an expired ``timeout_s``, the API's documented answer), 429/503 only as "busy"
 (counted apart), never 500. Printed: a table per category (tried, expected, busy,
 unexpected), every unexpected answer, valid requests failed (target 0), the server's RSS
@@ -58,6 +59,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,7 +95,7 @@ G_EXHAUSTED = frozenset({"RESOURCE_EXHAUSTED"})
 G_BAD = G_INVALID | G_EXHAUSTED
 G_UNAUTH = frozenset({"UNAUTHENTICATED"})
 G_DEADLINE = frozenset({"DEADLINE_EXCEEDED"})
-G_UNDECODABLE = frozenset({"INTERNAL"})
+G_UNDECODABLE = G_INVALID  # see esmsearch.server.decoding
 H_400 = frozenset({"400"})
 H_413 = frozenset({"413"})
 H_401 = frozenset({"401"})
@@ -806,11 +808,32 @@ def slow_probes(n: int, pace_s: float, good: bytes) -> Iterator[Probe]:
 # -- the run -------------------------------------------------------------------------------------------
 
 
-def start_server(index: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[str], str, str]:
+#: ``--tracemalloc``: the server runs under this wrapper, which traces Python allocations
+#: (10 frames) and writes a snapshot to $ESMSEARCH_BENCH_SNAPSHOT.<n> at each SIGUSR2.
+TRACED_SERVER = """
+import os, signal, sys, tracemalloc
+tracemalloc.start(10)
+count = [0]
+def dump(_signum, _frame):
+    count[0] += 1
+    path = f"{os.environ['ESMSEARCH_BENCH_SNAPSHOT']}.{count[0]}"
+    tracemalloc.take_snapshot().dump(path + ".tmp")
+    os.replace(path + ".tmp", path)
+signal.signal(signal.SIGUSR2, dump)
+from esmsearch.cli import main
+sys.argv[0] = "esmsearch"
+sys.exit(main())
+"""
+
+
+def start_server(
+    index: Path, log: Path, extra: list[str], snapshot: Path | None = None
+) -> tuple[subprocess.Popen[str], str, str]:
+    launcher = ["-c", TRACED_SERVER] if snapshot is not None else ["-m", "esmsearch.cli"]
+    env = dict(os.environ, ESMSEARCH_BENCH_SNAPSHOT=str(snapshot)) if snapshot is not None else None
     cmd = [
         sys.executable,
-        "-m",
-        "esmsearch.cli",
+        *launcher,
         "serve",
         str(index),
         "--port",
@@ -822,7 +845,7 @@ def start_server(index: Path, log: Path, extra: list[str]) -> tuple[subprocess.P
         *extra,
     ]
     logf = log.open("w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, env=env)
     logf.close()
     assert proc.stdout is not None
     grpc_line = proc.stdout.readline()
@@ -896,6 +919,35 @@ def build_index(work: Path) -> Path:
     return index
 
 
+def take_snapshot(proc: subprocess.Popen[str], path: Path) -> Any:
+    """Ask a ``--tracemalloc`` server for a snapshot (SIGUSR2) and load it once written."""
+    import tracemalloc
+
+    proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + 120
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return tracemalloc.Snapshot.load(str(path))
+
+
+def snapshot_growth(first: Any, last: Any, top: int = 12) -> list[str]:
+    """The allocation sites whose traced Python memory grew most between two snapshots."""
+    diff = last.compare_to(first, "traceback")
+    total = sum(d.size_diff for d in diff)
+    lines = [
+        f"traced Python memory: {sum(s.size for s in first.statistics('filename')) / 2**20:.1f} MiB after round 1, "
+        f"{sum(s.size for s in last.statistics('filename')) / 2**20:.1f} MiB at the end ({total / 2**20:+.2f} MiB)",
+        f"largest growth by allocation site (top {top}):",
+    ]
+    for d in diff[:top]:
+        frame = d.traceback[-1] if len(d.traceback) else None
+        where = f"{frame.filename}:{frame.lineno}" if frame else "?"
+        lines.append(f"  {d.size_diff / 1024:+10.1f} KiB  {d.count_diff:+7d} blocks  {where}")
+        for fr in list(d.traceback)[-4:-1][::-1]:
+            lines.append(f"        from {fr.filename}:{fr.lineno}")
+    return lines
+
+
 def rss_mib(pid: int) -> tuple[float, float]:
     """``(VmRSS, RssAnon)`` of ``pid`` in MiB: resident in all, and its private (heap) part."""
     status = proc_status_kib(pid, ("VmRSS", "RssAnon"))
@@ -917,6 +969,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work", type=Path, default=None, help="directory for the index and logs (default: a temporary one)"
     )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the server's Python allocations; print which sites grew from round 1 to the end "
+        "(slows the server; RSS figures then include tracemalloc's own memory)",
+    )
     args = parser.parse_args(argv)
 
     print(
@@ -932,7 +990,8 @@ def main(argv: list[str] | None = None) -> int:
 
     db = read_fasta(FASTA)
     rng = random.Random(args.seed)
-    proc, address, url = start_server(index, work / "server.log", [])
+    snapshot = work / "server.tracemalloc" if args.tracemalloc else None
+    proc, address, url = start_server(index, work / "server.log", [], snapshot)
     tproc, taddress, turl = start_server(index, work / "token-server.log", ["--token-file", str(work / "tokens")])
     print(f"# servers: gRPC {address}, HTTP {url}; with tokens: gRPC {taddress}, HTTP {turl}", flush=True)
     stop = threading.Event()
@@ -1016,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
                     t.unexpected.append((probe.what, got))
 
         rss_rounds: list[tuple[float, float]] = []
+        snapshots: list[Any] = []
         for _round in range(args.rounds):  # the same requests again, in another order: growth per round = a leak
             rng.shuffle(probes)
             with (
@@ -1028,6 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
                 for f in slow_futures:
                     f.result()
             rss_rounds.append(rss_mib(proc.pid))
+            if snapshot is not None and _round == 0:
+                snapshots.append(take_snapshot(proc, Path(f"{snapshot}.1")))
         bad_s = time.perf_counter() - t_start
         stop.set()
         for th in background:
@@ -1037,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
         http.close()
         time.sleep(1.0)  # let the server finish what the clients abandoned before reading its RSS
         rss_after = rss_mib(proc.pid)
+        if snapshot is not None:
+            snapshots.append(take_snapshot(proc, Path(f"{snapshot}.2")))
         alive = proc.poll() is None and tproc.poll() is None
     finally:
         stop.set()
@@ -1084,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({rss_after[1]:.0f}), {rss_after[0] - rss_before[0]:+.0f} MiB"
     )
     print(f"servers alive at the end: {alive}")
+    if len(snapshots) == 2:
+        print("\n".join(snapshot_growth(*snapshots)))
     for name in ("server.log", "token-server.log"):
         lines = (work / name).read_text(encoding="utf-8", errors="replace").splitlines()
         errors = [ln for ln in lines if "Traceback" in ln or " ERROR " in ln or "INTERNAL" in ln]

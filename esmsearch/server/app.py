@@ -48,6 +48,7 @@ from esmsearch.protocol import SERVICE_NAME as _SERVICE_NAME
 from esmsearch.server.admission import Admission
 from esmsearch.server.batcher import DynamicBatcher
 from esmsearch.server.config import DEFAULT_GRACE_S, DEFAULT_MAX_WORKERS, ServerConfig
+from esmsearch.server.decoding import RequestDecodingInterceptor
 from esmsearch.server.engine import SearchEngine
 from esmsearch.server.health import HealthServicer
 from esmsearch.server.metrics import ServerMetrics
@@ -317,7 +318,8 @@ def create_server(config: ServerConfig, *, engine: SearchEngine | None = None) -
         executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="esmsearch-rpc")
         rollback.callback(executor.shutdown, wait=True)
         tokens = config.security.read_call_tokens  # HTTP /v1: read and admin tokens
-        interceptors = auth_interceptors(config.security, observer)  # read/admin roles, mTLS
+        # First: undecodable messages -> INVALID_ARGUMENT (grpcio leaks every call it fails to decode).
+        interceptors = [RequestDecodingInterceptor(observer), *auth_interceptors(config.security, observer)]
         max_message_bytes = _max_message_bytes(config, engine.index.manifest.dim)
         grpc_server = grpc.server(
             executor,
