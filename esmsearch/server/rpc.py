@@ -23,6 +23,9 @@ exception                                          status
 anything else                                      INTERNAL, details = an error id
 =================================================  ==================================
 
+A request message that does not decode never reaches this table: gRPC would answer
+INTERNAL (and keep the call); :mod:`esmsearch.server.decoding` answers INVALID_ARGUMENT.
+
 Client-facing details never carry exception text from the filesystem, FAISS, SQLite
 or the model loader (it holds server paths): messages esmsearch composes about the
 request itself (a bad residue, a limit, a deadline) are sent as they are, because they
