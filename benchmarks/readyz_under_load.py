@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="call gc.freeze() once the server has started (what start-up could do; see the module docstring)",
     )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also the worker-thread way with sys.setswitchinterval set to each of these (Python's default: 5 ms)",
+    )
     args = p.parse_args(argv)
     if args.db < args.k:
         p.error("--db must be >= -k")
@@ -187,16 +194,21 @@ def main(argv: list[str] | None = None) -> int:
             return func(*a, **kw)
 
         rows = []
+        default_switch = sys.getswitchinterval()
         try:
             # Baseline: the same probing with no request at all (the machine's own noise).
             busy_s, probes = probe_while(base_url, lambda: time.sleep(10.0), work)
             rows.append(("idle (no request)", busy_s, 0, probes))
-            ways: list[tuple[str, Any, dict[str, str]]] = [
-                ("on loop", on_loop, {"pretty": "true"}),
-                ("worker thread", real_run_in_threadpool, {}),
+            ways: list[tuple[str, Any, dict[str, str], float]] = [
+                ("on loop", on_loop, {"pretty": "true"}, default_switch),
+                ("worker thread", real_run_in_threadpool, {}, default_switch),
             ]
-            for name, runner, params in ways:
+            ways += [
+                (f"worker, switch {ms:g} ms", real_run_in_threadpool, {}, ms / 1e3) for ms in args.switch_interval_ms
+            ]
+            for name, runner, params, switch_s in ways:
                 httpapi.run_in_threadpool = runner  # type: ignore[assignment]
+                sys.setswitchinterval(switch_s)
                 answer: list[str] = []
 
                 def big(params: dict[str, str] = params, answer: list[str] = answer) -> None:
@@ -209,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, busy_s, size, probes))
         finally:
             httpapi.run_in_threadpool = real_run_in_threadpool
+            sys.setswitchinterval(default_switch)
             srv.stop(1.0)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(
