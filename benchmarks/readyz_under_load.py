@@ -24,6 +24,10 @@ the model, the index; hundreds of thousands) then leave the cyclic garbage colle
 generations, whose full collections -- 100+ ms each with them, holding the GIL,
 several during a 1M-hit answer -- were the worst case of the worker-thread row.
 
+``--switch-interval-ms 1 0.5`` adds worker-thread rows with ``sys.setswitchinterval`` set
+to each value (Python's default is 5 ms): whether the loop's waits for the GIL handover
+are what the slowest probes wait for.
+
 Printed per way: wall seconds of the big request, the number of probes, p50 / p99 / max
 ``/readyz`` latency in ms (target: answers within 50 ms), and the CPU with the load
 average (the machine's other load shows in these figures).
