@@ -95,10 +95,11 @@ __all__ = [
 #: (65,536 x 1,280 float32 = 320 MiB at ESM-2 650M's dim).
 ADD_CHUNK_ROWS = 65_536
 
-#: Largest corpus for which :func:`auto_spec` picks exact search. At 1M x 1,280
-#: float32 a Flat index is 5 GB and one query scans it in tens of ms on a
-#: few cores; beyond that approximate indexes pay off (DESIGN.md "Scale", and the
-#: 1M boundary autofaiss and the FAISS wiki "Guidelines to choose an index" use).
+#: Largest corpus for which :func:`auto_spec` picks exact search (the 1M boundary
+#: autofaiss and the FAISS wiki "Guidelines to choose an index" use; DESIGN.md "Scale").
+#: At 1M x 1,280 float32 a Flat index is 5 GB and one query scans all of it: 0.9 s per
+#: lone query on 2 cores (0.09 s at dim 128; benchmarks/flat_scan_latency.py), so on
+#: small CPUs an IVF index pays off well below this count at ESM-2 650M's width.
 FLAT_MAX_VECTORS = 1_000_000
 
 #: FAISS k-means warns below 39 training points per centroid
