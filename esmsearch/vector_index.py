@@ -69,16 +69,19 @@ __all__ = [
     "OutOfCoreBuild",
     "RERANK_MIN_CANDIDATES",
     "TRAIN_POINTS_PER_CENTROID",
+    "add_in_ram",
     "apply_search_params",
     "auto_spec",
     "build",
     "build_from_chunks",
     "build_out_of_core",
+    "builds_on_disk",
     "default_memory_budget_bytes",
     "default_nprobe",
     "default_training_sample_size",
     "estimate_index_bytes",
     "has_lossy_codes",
+    "memory_budget",
     "min_training_vectors",
     "ondisk_ivfdata_path",
     "read",
@@ -86,6 +89,7 @@ __all__ = [
     "rerank",
     "search",
     "search_reranked",
+    "train_on_sample",
     "training_sample",
     "validate_factory",
     "write",
@@ -1098,60 +1102,114 @@ def build_out_of_core(
     dim = _positive_int("dim", dim)
     if sample_size is not None:
         sample_size = _positive_int("sample_size", sample_size)
-    budget = (
-        default_memory_budget_bytes()
-        if memory_budget_bytes is None
-        else _positive_int("memory_budget_bytes", memory_budget_bytes)
-    )
+    budget = memory_budget(memory_budget_bytes)
     if ondisk is not None and not isinstance(ondisk, bool):
         raise ConfigError(f"ondisk must be True, False or None, got {ondisk!r}")
     if not callable(chunks):
         _chunk_iterable(chunks)  # rejects a one-shot iterator before any work
     out = Path(path)
     index = _instantiate(spec.factory, dim)
-    ivf = _extract_ivf(index)
-    list_bytes = n_total * (int(ivf.code_size) + _IVF_ID_BYTES) if ivf is not None else 0
-    if ondisk is None:
-        use_ondisk = ivf is not None and list_bytes > budget
-    elif ondisk:
-        if ivf is None:
-            raise InvalidIndexFactoryError(
-                f"index factory {spec.factory!r} has no inverted lists (IVF), so it cannot be built on disk"
-            )
-        use_ondisk = True
-    else:
-        use_ondisk = False
-
-    train_rows = 0
-    if not index.is_trained:
-        need = _training_centroids(index)
-        size = default_training_sample_size(spec, dim, n_total) if sample_size is None else sample_size
-        size = min(size, n_total)
-        if size < need:
-            raise InvalidIndexFactoryError(
-                f"index factory {spec.factory!r} needs at least {need} training vectors "
-                f"(FAISS recommends {FAISS_POINTS_PER_CENTROID * need}), got {size} "
-                f"(sample of {n_total} database vectors); use a smaller nlist/PQ or 'Flat' for a database this small"
-            )
-        sample = training_sample(chunks, n_total, dim, size, seed=seed)
-        train_rows = sample.shape[0]
-        _train(index, sample, spec, dim, seed)
-        del sample
-
+    use_ondisk = builds_on_disk(index, spec, n_total, ondisk, budget)
+    train_rows = train_on_sample(index, chunks, n_total, dim, spec, sample_size=sample_size, seed=seed)
     if use_ondisk:
         shards = _add_ondisk(index, chunks, n_total, dim, spec, out, work_dir, budget, on_rows)
         ivfdata: Path | None = out.with_suffix(".ivfdata")
     else:
-        for _start, x in _iter_chunks(chunks, n_total, dim):
-            for s in range(0, x.shape[0], ADD_CHUNK_ROWS):
-                index.add(np.ascontiguousarray(x[s : s + ADD_CHUNK_ROWS], dtype=np.float32))
-            if on_rows is not None:
-                on_rows(x.shape[0])
-            del x
+        add_in_ram(index, _arrays(_iter_chunks(chunks, n_total, dim)), on_rows)
         apply_search_params(index, spec)
         write(index, out)
         shards, ivfdata = 0, None
     return OutOfCoreBuild(path=out, ivfdata_path=ivfdata, ntotal=n_total, train_rows=train_rows, shards=shards)
+
+
+# -- the steps of an out-of-core build, shared with esmsearch.indexer.faiss_stage ---------------
+
+
+def memory_budget(memory_budget_bytes: int | None) -> int:
+    """Bytes the inverted lists may take in RAM: the argument, or :func:`default_memory_budget_bytes`.
+
+    Raises:
+        ConfigError: a budget that is not a positive integer.
+    """
+    if memory_budget_bytes is None:
+        return default_memory_budget_bytes()
+    return _positive_int("memory_budget_bytes", memory_budget_bytes)
+
+
+def builds_on_disk(index: faiss.Index, spec: IndexSpec, n_total: int, ondisk: bool | None, budget: int) -> bool:
+    """Whether ``index``'s inverted lists go on disk: ``ondisk``, or (None) when they exceed ``budget``.
+
+    The lists take ``n_total * (code bytes + 8 id bytes)``.
+
+    Raises:
+        InvalidIndexFactoryError: ``ondisk=True`` for an index without inverted lists (IVF).
+    """
+    ivf = _extract_ivf(index)
+    if ondisk and ivf is None:
+        raise InvalidIndexFactoryError(
+            f"index factory {spec.factory!r} has no inverted lists (IVF), so it cannot be built on disk"
+        )
+    if ondisk is not None:
+        return ondisk
+    return ivf is not None and n_total * (int(ivf.code_size) + _IVF_ID_BYTES) > budget
+
+
+def train_on_sample(
+    index: faiss.Index,
+    chunks: ChunkSource,
+    n_total: int,
+    dim: int,
+    spec: IndexSpec,
+    *,
+    sample_size: int | None = None,
+    seed: int = 0,
+) -> int:
+    """Train ``index`` (in place) on a seeded sample of ``chunks``, if it needs training.
+
+    The sample is :func:`training_sample` of ``sample_size`` rows (None =
+    :func:`default_training_sample_size`, capped at ``n_total``); training is seeded
+    with ``seed`` as :func:`build` does.
+
+    Returns:
+        The sample's rows (0 when ``index`` needs no training: Flat, HNSW).
+
+    Raises:
+        InvalidIndexFactoryError: fewer rows than the index needs to train (with the numbers).
+        ConfigError: see :func:`training_sample`.
+    """
+    if index.is_trained:
+        return 0
+    need = _training_centroids(index)
+    size = min(default_training_sample_size(spec, dim, n_total) if sample_size is None else sample_size, n_total)
+    if size < need:
+        raise InvalidIndexFactoryError(
+            f"index factory {spec.factory!r} needs at least {need} training vectors "
+            f"(FAISS recommends {FAISS_POINTS_PER_CENTROID * need}), got {size} "
+            f"(sample of {n_total} database vectors); use a smaller nlist/PQ or 'Flat' for a database this small"
+        )
+    sample = training_sample(chunks, n_total, dim, size, seed=seed)
+    _train(index, sample, spec, dim, seed)
+    return int(sample.shape[0])
+
+
+def _arrays(pairs: Iterator[tuple[int, np.ndarray]]) -> Iterator[np.ndarray]:
+    """The arrays of ``(start, array)`` pairs, holding none of them once the consumer moves on."""
+    for _start, x in pairs:
+        yield x
+        del x  # (a generator expression would keep the last one alive while the next is read)
+
+
+def add_in_ram(index: faiss.Index, blocks: Iterable[np.ndarray], on_rows: Callable[[int], object] | None) -> None:
+    """Add ``blocks`` (float ``[n_i, dim]``, in row order) to ``index`` in RAM, :data:`ADD_CHUNK_ROWS` per call.
+
+    ``on_rows`` (progress) is called with each block's rows once it is added.
+    """
+    for x in blocks:
+        for s in range(0, x.shape[0], ADD_CHUNK_ROWS):
+            index.add(np.ascontiguousarray(x[s : s + ADD_CHUNK_ROWS], dtype=np.float32))
+        if on_rows is not None:
+            on_rows(x.shape[0])
+        del x
 
 
 def _add_ondisk(

@@ -6,9 +6,10 @@ sample of ``embeddings.npy`` and writes it to ``trained.faiss``;
 ``index.faiss`` (with the inverted lists in ``index.ivfdata`` when they exceed the
 memory budget). Splitting the two lets a build killed while adding resume without
 training again. Together they do what
-:func:`esmsearch.vector_index.build_out_of_core` does, with the same sample, seed,
-FAISS calls and on-disk merge, so the index is the same (:func:`build_faiss` runs
-both).
+:func:`esmsearch.vector_index.build_out_of_core` does, through the same steps of
+:mod:`esmsearch.vector_index` (``builds_on_disk``, ``train_on_sample`` with the same
+sample and seed, ``add_in_ram`` or the on-disk merge), so the index is the same
+(:func:`build_faiss` runs both; ``tests/test_build_stages.py`` compares them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esmsearch.errors import ConfigError, IndexFormatError, InvalidIndexFactoryError
+from esmsearch.errors import IndexFormatError
 from esmsearch.store import unit_float32
 
 if TYPE_CHECKING:
@@ -160,18 +161,17 @@ def train_faiss(
     if index.is_trained:
         out.unlink(missing_ok=True)
         return Trained(None, 0)
-    need = vi._training_centroids(index)
-    size = min(vi.default_training_sample_size(spec, dim, rows) if sample_size is None else sample_size, rows)
-    if size < need:
-        raise InvalidIndexFactoryError(
-            f"index factory {spec.factory!r} needs at least {need} training vectors "
-            f"(FAISS recommends {vi.FAISS_POINTS_PER_CENTROID * need}), got {size} "
-            f"(sample of {rows} database vectors); use a smaller nlist/PQ or 'Flat' for a database this small"
-        )
-    sample = vi.training_sample(lambda: iter_stored_vectors(embeddings, block_rows), rows, dim, size, seed=TRAIN_SEED)
-    vi._train(index, sample, spec, dim, TRAIN_SEED)
+    train_rows = vi.train_on_sample(
+        index,
+        lambda: iter_stored_vectors(embeddings, block_rows),
+        rows,
+        dim,
+        spec,
+        sample_size=sample_size,
+        seed=TRAIN_SEED,
+    )
     vi.write(index, out)
-    return Trained(out, int(sample.shape[0]))
+    return Trained(out, train_rows)
 
 
 def add_faiss(
@@ -233,19 +233,8 @@ def add_faiss(
             f"{trained.path or spec.factory} is not an empty trained index of dim {dim} "
             f"(trained {index.is_trained}, dim {index.d}, {index.ntotal} vectors)"
         )
-    if memory_budget_bytes is None:
-        budget = vi.default_memory_budget_bytes()
-    elif memory_budget_bytes < 1:
-        raise ConfigError(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
-    else:
-        budget = memory_budget_bytes
-    ivf = vi._extract_ivf(index)
-    list_bytes = rows * (int(ivf.code_size) + vi._IVF_ID_BYTES) if ivf is not None else 0
-    if ondisk and ivf is None:
-        raise InvalidIndexFactoryError(
-            f"index factory {spec.factory!r} has no inverted lists (IVF), so it cannot be built on disk"
-        )
-    use_ondisk = (ivf is not None and list_bytes > budget) if ondisk is None else ondisk
+    budget = vi.memory_budget(memory_budget_bytes)
+    use_ondisk = vi.builds_on_disk(index, spec, rows, ondisk, budget)
     ivfdata = out.with_suffix(".ivfdata")
 
     def chunks() -> Iterator[np.ndarray]:
@@ -256,12 +245,7 @@ def add_faiss(
         return vi.OutOfCoreBuild(
             path=out, ivfdata_path=ivfdata, ntotal=rows, train_rows=trained.train_rows, shards=shards
         )
-    for x in chunks():
-        for s in range(0, x.shape[0], vi.ADD_CHUNK_ROWS):
-            index.add(np.ascontiguousarray(x[s : s + vi.ADD_CHUNK_ROWS], dtype=np.float32))
-        if on_rows is not None:
-            on_rows(x.shape[0])
-        del x
+    vi.add_in_ram(index, chunks(), on_rows)
     if index.ntotal != rows:  # pragma: no cover - the file changed under us
         raise IndexFormatError(f"{embeddings}: added {index.ntotal} vectors, expected {rows}")
     vi.apply_search_params(index, spec)
