@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import random
 import socket
 import time
@@ -167,8 +168,9 @@ def _live_rpc_states() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is _RPCState)  # type(): no attribute lookups
 
 
-def test_undecodable_messages_are_invalid_argument_and_leave_no_call_state_behind(server) -> None:  # type: ignore[no-untyped-def]
+def test_undecodable_messages_are_invalid_argument_and_leave_no_call_state_behind(server, caplog) -> None:  # type: ignore[no-untyped-def]
     """grpcio alone answers INTERNAL and keeps every such call alive (~19 KB each, forever)."""
+    caplog.set_level(logging.INFO, logger="esmsearch.server")
     address, _ = server
     bodies = [b"\x0b", b"\x0f", b"\x0a\x02\x0a", b"\x10" + b"\xff" * 11]
     assert not any(_decodes(b) for b in bodies)
@@ -207,6 +209,7 @@ def test_undecodable_messages_are_invalid_argument_and_leave_no_call_state_behin
         time.sleep(0.5)  # let the server's completion queue retire the calls
         after = _live_rpc_states()
     assert set(codes) == {"INVALID_ARGUMENT"}, sorted(set(codes))
+    assert "rpc=SearchByEmbedding code=INVALID_ARGUMENT" in caplog.text  # logged and counted like any RPC
     assert after - before < 20, f"{after - before} gRPC call states left behind by 204 undecodable requests"
 
 

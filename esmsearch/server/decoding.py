@@ -105,16 +105,13 @@ class RequestDecodingInterceptor(grpc.ServerInterceptor):
         observer = self._observer
 
         def refuse(bad: Undecodable, context: grpc.ServicerContext) -> None:
-            if observer is not None:  # the call's one log line and its metrics, like any other RPC
-                rec = observer.start(rpc, context)
-                rec.code = grpc.StatusCode.INVALID_ARGUMENT
-                observer.finish(rec)
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            details = f"the request message of {method} does not decode as that method's protocol buffer"
+            if observer is not None:  # the call's one log line and its metrics, like any other RPC; aborts
+                observer.refuse(rpc, context, code, details)
             else:
                 _log.info("%s: a request message of %d bytes does not decode (%s)", method, bad.size, bad.error)
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request message of {method} does not decode as that method's protocol buffer",
-            )
+                context.abort(code, details)
 
         def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             for request in requests:

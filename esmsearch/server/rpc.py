@@ -271,6 +271,21 @@ class RpcObserver:
         context.abort(status.code, prefix + status.details)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
+    def refuse(self, rpc: str, context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+        """Answer a call refused before any servicer code runs (a bad token, an undecodable message).
+
+        Writes the call's one log line and records its metrics with ``code``, then ends
+        it through ``context.abort(code, details)``.
+
+        Raises:
+            Exception: what ``context.abort`` raises to end the RPC (always).
+        """
+        rec = self.start(rpc, context)
+        rec.code = code
+        self.finish(rec)
+        context.abort(code, details)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
     def finish(self, rec: RpcRecord) -> None:
         """Write the request's log line and record its metrics."""
         total_s = time.perf_counter() - rec.t0

@@ -415,11 +415,10 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         code, message = refusal
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            if observer is not None:
-                rec = observer.start(rpc, context)
-                rec.code = code
-                observer.finish(rec)
-            context.abort(code, message)
+            if observer is not None:  # logged and counted; aborts
+                observer.refuse(rpc, context, code, message)
+            else:
+                context.abort(code, message)
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
