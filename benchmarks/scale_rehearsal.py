@@ -16,9 +16,14 @@ For each database size N (default 500,000, 1,000,000 and 2,000,000), in one run:
    also the driver: the rehearsal builds in one process). Stage times come from the
    manifest's ``build`` record.
 4. **Kills**: the same build into a standalone directory, ``kill -9`` (the whole process
-   group) at ``--kills`` seeded random moments within the first build's wall time, each
-   followed by ``--resume``; time lost per kill = (sum of every attempt's wall time - the
-   first build's wall time) / kills.
+   group) at ``--kills`` seeded random moments of the first build's timeline (sorted,
+   uniform in 5-95% of its wall time; attempt i is killed after the gap between moments
+   i-1 and i, so every kill lands before the build could finish), each followed by
+   ``--resume``; time lost per kill = (sum of every attempt's wall time - the first
+   build's wall time) / kills. The finished build is compared with the first build file
+   by file (the manifests' SHA-256 of embeddings, index, metadata, decoys).
+   ``--kills-only`` runs just this phase against a first build an earlier run left in
+   ``--work`` (its database, its ``build-first.usage.json`` and its version).
 5. **Nightly rebuild**: the 1%-changed FASTA into ROOT (same factory): wall time and
    peak RSS against the first build, sequences reused/embedded.
 6. **Explicit IVF-PQ**: the same FASTA into ROOT with ``--index-factory IVF<nlist>,PQ<m>``
@@ -48,6 +53,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -152,6 +158,14 @@ def measured(cmd: list[str], log: Path) -> dict[str, Any]:
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log}")
     return dict(result)
+
+
+def kill_delays(rng: random.Random, first_wall_s: float, kills: int) -> tuple[list[float], list[float]]:
+    """``kills`` sorted moments (s) uniform in 5-95% of the first build's wall time, and the
+    per-attempt delays that put each kill at its moment of the build's timeline (the gaps:
+    a resumed attempt skips what the killed ones journaled, so it picks up near there)."""
+    moments = sorted(rng.uniform(0.05, 0.95) * first_wall_s for _ in range(kills))
+    return moments, [b - a for a, b in zip([0.0, *moments], moments, strict=False)]
 
 
 def killed_build(cmd: list[str], kill_after_s: list[float], log: Path) -> dict[str, Any]:
@@ -357,6 +371,66 @@ def pq_factory(n: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
+def kill_phase(
+    n: int, args: argparse.Namespace, build: list[str], db: Path, work: Path, first_wall_s: float, reference: Path
+) -> dict[str, Any]:
+    """kill -9 the build of ``db`` at ``args.kills`` random moments, ``--resume`` after each,
+    and compare the finished build's files with ``reference`` (the uninterrupted first build)."""
+    moments, delays = kill_delays(random.Random(args.seed + n), first_wall_s, args.kills)
+    if args.kill_sizes is not None and n not in args.kill_sizes:
+        print(f"# kills: skipped at n={n:,} (--kill-sizes)", flush=True)
+        return {"moments_s": [], "delays_s": [], "attempts": [], "killed": 0, "lost_s_per_kill": 0.0, "same_rows": None}
+    out = work / "killed"
+    if out.exists():
+        shutil.rmtree(out)
+    killed = killed_build(
+        [*build, str(db), "-o", str(out), "--index-factory", "auto"], delays, work / "build-killed.log"
+    )
+    kills = sum(1 for a in killed["attempts"] if a["killed"])
+    ref, got = manifest(reference), manifest(out)
+    result = {
+        "moments_s": moments,
+        "delays_s": delays,
+        "attempts": killed["attempts"],
+        "killed": kills,
+        "wall_s": killed["wall_s"],
+        "first_wall_s": first_wall_s,
+        "lost_s_per_kill": (killed["wall_s"] - first_wall_s) / kills if kills else 0.0,
+        "same_rows": got["count"] == ref["count"],
+        "same_files": {name: got["files"].get(name) == digest for name, digest in ref["files"].items()},
+        "resumed_embedded_residues": got["build"].get("embedded_residues"),
+    }
+    print(f"# kills: {result}", flush=True)
+    return result
+
+
+def first_build_version(root: Path, db: Path) -> Path:
+    """The version in ``root`` built first from ``db`` (nothing reused): the rehearsal's first build."""
+    for version in sorted((root / "versions").iterdir()):
+        m = manifest(version)
+        if m.get("source_fasta") == str(db) and m["build"].get("reused_sequences") == 0:
+            return version
+    raise SystemExit(f"no first build of {db} left in {root}: run the whole rehearsal for this size")
+
+
+def kills_only(n: int, args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
+    """The kill phase alone, against the first build an earlier run left in ``args.work``."""
+    work = args.work / f"n{n}"
+    db = work / "db.fasta"
+    first = json.loads((work / "build-first.usage.json").read_text(encoding="utf-8"))
+    reference = first_build_version(work / "root", db)
+    build = [*ESMSEARCH, "index", "build", "--model", str(checkpoint), "--device", "cpu", "--no-progress"]
+    return {
+        "n": n,
+        "cpu": cpu_model(),
+        "model": checkpoint.stem,
+        "seed": args.seed,
+        "kills_only": True,
+        "first_build": {"wall_s": first["wall_s"], "version": reference.name},
+        "kills": kill_phase(n, args, build, db, work, first["wall_s"], reference),
+    }
+
+
 def rehearse(n: int, args: argparse.Namespace, checkpoint: Path, proteins: list[tuple[str, str]]) -> dict[str, Any]:
     work = args.work / f"n{n}"
     work.mkdir(parents=True, exist_ok=True)
@@ -382,27 +456,7 @@ def rehearse(n: int, args: argparse.Namespace, checkpoint: Path, proteins: list[
     }
     print(f"# first build: {result['first_build']}", flush=True)
 
-    rng = random.Random(args.seed + n)
-    delays = [rng.uniform(0.05, 0.95) * first["wall_s"] for _ in range(args.kills)]
-    if args.kill_sizes is not None and n not in args.kill_sizes:
-        print(f"# kills: skipped at n={n:,} (--kill-sizes)", flush=True)
-        delays = []
-    killed = (
-        {"attempts": [], "wall_s": 0.0}
-        if not delays
-        else killed_build(
-            [*build, str(db), "-o", str(work / "killed"), "--index-factory", "auto"], delays, work / "build-killed.log"
-        )
-    )
-    kills = sum(1 for a in killed["attempts"] if a["killed"])
-    result["kills"] = {
-        "delays_s": delays,
-        "attempts": killed["attempts"],
-        "killed": kills,
-        "lost_s_per_kill": (killed["wall_s"] - first["wall_s"]) / kills if kills else 0.0,
-        "same_rows": manifest(work / "killed")["count"] == m1["count"] if delays else None,
-    }
-    print(f"# kills: {result['kills']}", flush=True)
+    result["kills"] = kill_phase(n, args, build, db, work, first["wall_s"], v1)
 
     nightly = measured([*build, str(db2), "--root", str(root), "--index-factory", "auto"], work / "build-nightly.log")
     m2 = manifest(live_version(root))
@@ -445,6 +499,18 @@ def rehearse(n: int, args: argparse.Namespace, checkpoint: Path, proteins: list[
     return result
 
 
+def print_kills(k: dict[str, Any]) -> None:
+    if not k["killed"]:
+        print("kill -9 + --resume: not run at this size (--kill-sizes)")
+        return
+    moments = ", ".join(f"{m:.0f}" for m in k.get("moments_s", []))
+    print(
+        f"kill -9 x{k['killed']} (at {moments} s of the first build's timeline) + --resume: "
+        f"lost {k['lost_s_per_kill']:.0f} s per kill, same rows: {k['same_rows']}, "
+        f"same files: {k.get('same_files')}"
+    )
+
+
 def print_table(r: dict[str, Any]) -> None:
     fb, nb, pb = r["first_build"], r["nightly_1pct"], r["pq_build"]
     print(f"\n## n = {r['n']:,} ({r['model']}, random weights: speed/memory only), {r['cpu']}")
@@ -455,14 +521,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"  embeddings {emb / 2**20:.0f} MiB, index {idx / 2**20:.0f} MiB ({(emb + idx) / r['n']:.0f} bytes/sequence)"
     )
-    k = r["kills"]
-    if k["killed"]:
-        print(
-            f"kill -9 x{k['killed']} + --resume: lost {k['lost_s_per_kill']:.0f} s per kill, "
-            f"same rows: {k['same_rows']}"
-        )
-    else:
-        print("kill -9 + --resume: not run at this size (--kill-sizes)")
+    print_kills(r["kills"])
     print(
         f"nightly rebuild, 1% changed: {nb['wall_s']:.0f} s ({nb['wall_vs_first']:.2f}x first), peak RSS "
         f"{nb['peak_rss_mib']:.0f} MiB ({nb['peak_rss_mib'] / fb['peak_rss_mib']:.2f}x), embedded {nb['embedded']}"
@@ -501,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sizes at which the kill -9 / --resume phase runs (default: every size; it repeats the whole build)",
     )
+    parser.add_argument(
+        "--kills-only",
+        action="store_true",
+        help="only the kill -9 / --resume phase, against the first build an earlier run left in --work",
+    )
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="one tiny size (3,000), 20 queries, 1 kill")
@@ -521,12 +585,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     proteins = read_sources()
     for n in (int(s) for s in args.sizes.split(",")):
-        r = rehearse(n, args, checkpoint, proteins)
+        r = kills_only(n, args, checkpoint) if args.kills_only else rehearse(n, args, checkpoint, proteins)
         r["load_average_end"] = os.getloadavg()
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "a", encoding="utf-8") as out:
             out.write(json.dumps(r) + "\n")
-        print_table(r)
+        if args.kills_only:
+            print(f"\n## n = {n:,} ({r['model']}, random weights), {r['cpu']}: kills only")
+            print_kills(r["kills"])
+        else:
+            print_table(r)
     print(f"# load average at end {os.getloadavg()}")
     return 0
 
