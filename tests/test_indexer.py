@@ -138,6 +138,26 @@ def test_duplicate_at_end_fails_before_model_load(tmp_path: Path, ecoli_fasta: P
     assert embed_calls == []
 
 
+def test_build_keeps_no_record_id_set_in_memory(
+    tmp_path: Path, ecoli_fasta: Path, tiny_embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every record id in a dict is ~150 bytes of heap per sequence (300 MB at 2M,
+    # measured in the scale rehearsal's rebuild): validation checks ids on disk, and the
+    # stages that re-read the validated FASTA (embed, decoys) keep no id set at all.
+    from esmsearch import sequences
+
+    kinds: list[bool] = []
+    original = sequences.RecordIdSet.__init__
+
+    def recording(self: sequences.RecordIdSet, *, on_disk: bool = False) -> None:
+        kinds.append(on_disk)
+        original(self, on_disk=on_disk)
+
+    monkeypatch.setattr(sequences.RecordIdSet, "__init__", recording)
+    build_index(ecoli_fasta, tmp_path / "idx", model="unused", embedder=tiny_embedder)
+    assert kinds == [True]  # validation's, on disk; none for the re-reads
+
+
 def test_empty_fasta_rejected(tmp_path: Path, tiny_embedder: Embedder) -> None:
     empty = tmp_path / "empty.fasta"
     empty.write_text("")

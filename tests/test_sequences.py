@@ -17,6 +17,7 @@ from esmsearch import sequences
 from esmsearch.errors import DuplicateRecordError, FastaFormatError, InvalidSequenceError
 from esmsearch.sequences import (
     RESIDUE_ALPHABET,
+    RecordIdSet,
     SequenceRecord,
     check_unique_ids,
     file_sha256,
@@ -185,6 +186,60 @@ def test_duplicate_ids_rejected_naming_id(tmp_path: Path) -> None:
     assert err.record_id == "a"
     assert (err.first_index, err.second_index) == (1, 3)
     assert "'a'" in str(err)
+
+
+@pytest.mark.parametrize("unique_ids", ["memory", "disk"])
+def test_duplicate_ids_found_on_disk_as_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique_ids: str
+) -> None:
+    # 30 records, commits every 7 on disk: the duplicate's first occurrence sits in an
+    # earlier, committed transaction and the check must still name both records.
+    monkeypatch.setattr(RecordIdSet, "_COMMIT_EVERY", 7)
+    text = "".join(f">r{i}\nMKT\n" for i in range(30)) + ">r3 again\nGGG\n>r31\nACD\n"
+    path = _write(tmp_path, text)
+    seen: list[str] = []
+    with pytest.raises(DuplicateRecordError) as ei:
+        for rec in read_fasta(path, unique_ids=unique_ids):  # type: ignore[arg-type]
+            seen.append(rec.record_id)
+    assert (ei.value.record_id, ei.value.first_index, ei.value.second_index) == ("r3", 4, 31)
+    assert seen == [f"r{i}" for i in range(30)]  # raised at the duplicate, not later
+
+
+def test_unique_ids_none_reads_a_validated_file_without_the_check(tmp_path: Path) -> None:
+    path = _write(tmp_path, ">a\nMKT\n>a\nACD\n")
+    assert [r.sequence for r in read_fasta(path, unique_ids=None)] == ["MKT", "ACD"]
+
+
+def test_record_id_set_on_disk_keeps_no_python_objects_per_id() -> None:
+    # The point of the on-disk set: its memory does not grow with the number of ids.
+    # tracemalloc sees every Python object (the in-memory dict's keys, values and table)
+    # and none of SQLite's page cache, which is bounded by CACHE_KIB.
+    import tracemalloc
+
+    def traced_growth(on_disk: bool) -> int:
+        ids = RecordIdSet(on_disk=on_disk)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for n in range(1, 50_001):
+                ids.add(f"UniRef50_A0A{n:07d}", n)
+            return tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+            ids.close()
+
+    in_memory, on_disk = traced_growth(False), traced_growth(True)
+    assert in_memory > 50_000 * 80  # a dict: well over 80 bytes per id
+    assert on_disk < 256 * 1024  # SQLite: nothing per id in Python's heap
+
+
+def test_record_id_set_close_removes_the_ids() -> None:
+    ids = RecordIdSet(on_disk=True)
+    ids.add("a", 1)
+    ids.close()
+    ids.close()  # idempotent
+    with pytest.raises(Exception, match="closed"):
+        ids.add("b", 2)
 
 
 def test_text_before_first_header_rejected(tmp_path: Path) -> None:

@@ -170,11 +170,14 @@ STATE_FILE = JOURNAL_FILE
 def scan_fasta(path: Path) -> FastaSummary:
     """Validate every record of ``path`` and count sequences and residues.
 
+    The duplicate-id check keeps the ids on disk (:class:`~esmsearch.sequences.RecordIdSet`),
+    so memory does not grow with the database.
+
     Raises:
         FileNotFoundError, FastaFormatError, InvalidSequenceError, DuplicateRecordError.
     """
     n = residues = longest = 0
-    for rec in read_fasta(path):
+    for rec in read_fasta(path, unique_ids="disk"):
         n += 1
         residues += len(rec.sequence)
         longest = max(longest, len(rec.sequence))
