@@ -838,22 +838,106 @@ def shape_sensitivity(
         shapes: ``(where the shape comes from, xi)`` pairs.
         block: decoys per block; n: the database size.
     """
-    from esmsearch.significance import GevFit, block_maxima, evalues_from_fit, fit_gev, tail_transform
-
-    m = block_maxima(tail_transform(decoy_scores), block)
     lines = [
         "| regional shape from | xi | " + " | ".join(f"E <= {x:g}" for x in THRESHOLDS) + " |",
         "|---|---:|" + "---:|" * len(THRESHOLDS),
     ]
     for name, shape in shapes:
-        mu, sig = fit_gev(m, shape)
-        scale = np.maximum(sig, 1e-9)
-        ev = []
-        for i, h in enumerate(hit_scores):
-            one = GevFit(mu[i : i + 1], scale[i : i + 1], shape, block)
-            ev.append(evalues_from_fit(np.asarray(h, dtype=np.float64)[None, :], one, n)[0])
+        ev = evalues_at(hit_scores, decoy_scores, shape, block, n)
         lines.append(f"| {name} | {shape:+.4f} | " + " | ".join(f"{r:.2f}" for r in ratio_row(ev)) + " |")
     return lines
+
+
+def decoy_count_sensitivity(
+    args: argparse.Namespace,
+    index_dir: Path,
+    model: Path,
+    db_fasta: Path,
+    query_vectors: np.ndarray,
+    hit_scores: Sequence[np.ndarray],
+) -> list[str]:
+    """The same hits, observed / expected, with larger decoy sets than the index's.
+
+    For each count in ``args.decoy_counts``: that many decoys made as a build makes them
+    (:func:`esmsearch.significance.decoy_sequences`, the index's seed), embedded offline
+    with the index's model (cached in ``args.work``), the regional shape estimated from
+    the index's pseudo-queries as a build does (:meth:`DecoyNull.estimate_shape`), and
+    each query's GEV (+ tangent tail) fitted to its block maxima at block sizes 100 and
+    1,000. A larger block puts the fitted block maxima further into the tail that
+    E <= 1 at this N needs (per-sequence probability 1 / N), so less is extrapolated.
+    """
+    from esmsearch.embedding import Embedder
+    from esmsearch.sequences import read_fasta as read_records
+    from esmsearch.significance import (
+        DecoyNull,
+        DecoySettings,
+        decoy_sequences,
+        pseudo_query_rows,
+        sample_decoy_rows,
+    )
+    from esmsearch.store import Index, Manifest
+
+    m = Manifest.read(index_dir)
+    assert m.decoys is not None
+    rows = pseudo_query_rows(m.count, m.decoys.seed)
+    with Index.open(index_dir) as index:
+        pseudo = np.asarray(index.embeddings()[rows], dtype=np.float32)
+    lines = [
+        "| decoys | block size | blocks per query | regional shape | "
+        + " | ".join(f"E <= {x:g}" for x in THRESHOLDS)
+        + " | decoy scoring per query |",
+        "|---:|---:|---:|---:|" + "---:|" * len(THRESHOLDS) + "---:|",
+    ]
+    embedder = None
+    for count in args.decoy_counts:
+        cache = args.work / f"decoys-{count}-seed{m.decoys.seed}-{index_dir.name}.npy"
+        if cache.is_file():
+            decoys = np.load(cache)
+        else:
+            if embedder is None:
+                embedder = Embedder(str(model), layer=m.layer, device=args.device)
+            settings = DecoySettings(count=count, seed=m.decoys.seed)
+            sequences = decoy_sequences(
+                (r.sequence for r in read_records(db_fasta, unique_ids=None)), m.count, settings
+            )
+            t0 = time.perf_counter()
+            decoys = embedder.embed(sequences)
+            print(f"[decoys] embedded {count:,} decoys in {time.perf_counter() - t0:.0f} s", flush=True)
+            np.save(cache, decoys)
+        t0 = time.perf_counter()
+        decoy_scores = (query_vectors @ decoys.T).astype(np.float64)
+        per_query_ms = (time.perf_counter() - t0) * 1000 / len(query_vectors)
+        for block in (100, 1000):
+            if count // block < 30:
+                continue
+            settings = DecoySettings(count=count, seed=m.decoys.seed, block_size=block)
+            column_of = {int(row): j for j, row in enumerate(sample_decoy_rows(m.count, settings))}
+            own = np.array([column_of.get(int(r), -1) for r in rows], dtype=np.int64)
+            shape = DecoyNull(decoys, settings).estimate_shape(pseudo, own)
+            ev = evalues_at(hit_scores, decoy_scores, shape, block, m.count)
+            lines.append(
+                f"| {count:,} | {block:,} | {count // block:,} | {shape:+.4f} | "
+                + " | ".join(f"{r:.2f}" for r in ratio_row(ev))
+                + f" | {per_query_ms:.2f} ms |"
+            )
+    return lines
+
+
+def evalues_at(
+    hit_scores: Sequence[np.ndarray], decoy_scores: np.ndarray, shape: float, block: int, n: int
+) -> list[np.ndarray]:
+    """Per query, the E-values of its hits under the index's method (GEV + tangent tail)."""
+    from esmsearch.significance import GevFit, block_maxima, evalues_from_fit, fit_gev, tail_transform
+
+    maxima = block_maxima(tail_transform(decoy_scores), block)
+    mu, sig = fit_gev(maxima, shape)
+    scale = np.maximum(sig, 1e-9)
+    return [
+        evalues_from_fit(
+            np.asarray(h, dtype=np.float64)[None, :], GevFit(mu[i : i + 1], scale[i : i + 1], shape, block), n
+        )[0]
+        for i, h in enumerate(hit_scores)
+    ]
 
 
 def real_windows(n: int, seed: int, min_len: int, max_len: int) -> list[tuple[str, str]]:
@@ -964,6 +1048,15 @@ def null_run(args: argparse.Namespace) -> int:
         "",
         *shape_sensitivity(hit_scores, decoy_scores, shapes, m.decoys.block_size, m.count),
     ]
+    if args.decoy_counts:
+        lines += [
+            "",
+            "Decoy-count sensitivity: the same hits, observed / expected, with larger decoy sets made and "
+            "embedded as a build does (same seed), the shape re-estimated from the index's pseudo-queries, "
+            "at block sizes 100 and 1,000:",
+            "",
+            *decoy_count_sensitivity(args, index_dir, model, db_fasta, vectors, hit_scores),
+        ]
     wall = time.perf_counter() - t_start
     command = "python benchmarks/evalue_calibration.py " + " ".join(args.argv)
     lines += [
@@ -1033,6 +1126,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="N",
         help="only the null-database calibration at N short shuffled sequences (>= 1,000,000 for the real run)",
+    )
+    p.add_argument(
+        "--decoy-counts",
+        type=lambda t: [int(x) for x in t.split(",") if x],
+        default=[],
+        help="--null-db: also re-score the hits with these larger decoy sets (e.g. 100000), embedded offline",
     )
     p.add_argument("--null-min-len", type=int, default=30, help="shortest null sequence / query window")
     p.add_argument("--null-max-len", type=int, default=150, help="longest null sequence / query window")
