@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import os
 import random
 import shutil
@@ -364,9 +363,9 @@ def nprobe_sweep(index_dir: Path, vectors: np.ndarray, exact_rows: np.ndarray) -
 
 # -- one size ------------------------------------------------------------------------------------------
 def pq_factory(n: int, dim: int) -> str:
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    while n < 39 * nlist and nlist > 16:
-        nlist //= 2
+    from esmsearch.vector_index import auto_nlist
+
+    nlist = auto_nlist(n)
     m = max(d for d in range(1, dim // 4 + 1) if dim % d == 0 and d <= 32)
     return f"IVF{nlist},PQ{m}"
 

@@ -64,6 +64,7 @@ __all__ = [
     "ChunkSource",
     "DEFAULT_K_FACTOR",
     "FLAT_MAX_VECTORS",
+    "FLAT_SCAN_WARN_BYTES",
     "FAISS_POINTS_PER_CENTROID",
     "IndexSpec",
     "OutOfCoreBuild",
@@ -71,6 +72,7 @@ __all__ = [
     "TRAIN_POINTS_PER_CENTROID",
     "add_in_ram",
     "apply_search_params",
+    "auto_nlist",
     "auto_spec",
     "build",
     "build_from_chunks",
@@ -105,6 +107,12 @@ ADD_CHUNK_ROWS = 65_536
 #: lone query on 2 cores (0.09 s at dim 128; benchmarks/flat_scan_latency.py), so on
 #: small CPUs an IVF index pays off well below this count at ESM-2 650M's width.
 FLAT_MAX_VECTORS = 1_000_000
+
+#: Size of a Flat index (``4 x dim x n`` bytes, all scanned by every query) above which
+#: an index build warns that queries will be slow and names the faster choices: 1 GiB is
+#: ~170 ms per lone query on 2 CPU cores (1,000,000 x 1,280 float32, 4.8 GiB, took
+#: 901 ms; benchmarks/flat_scan_latency.py, Intel Xeon, 2 cores).
+FLAT_SCAN_WARN_BYTES = 1 << 30
 
 #: FAISS k-means warns below 39 training points per centroid
 #: (``faiss/Clustering.cpp``, ``min_points_per_centroid``) and subsamples above
@@ -575,6 +583,16 @@ def estimate_index_bytes(factory: str, n_vectors: int, dim: int) -> int:
     raise InvalidIndexFactoryError(f"cannot estimate the size of index factory {factory!r}")
 
 
+def auto_nlist(n_vectors: int) -> int:
+    """Inverted lists for ``n_vectors``: the power of two nearest ``4 sqrt(n)`` (FAISS wiki
+    "Guidelines to choose an index": 4..16 sqrt(n)), halved until k-means has the 39
+    training points per centroid FAISS asks for (:data:`FAISS_POINTS_PER_CENTROID`); >= 1."""
+    nlist = 1 << max(0, round(math.log2(4 * math.sqrt(max(1, n_vectors)))))
+    while nlist > 1 and n_vectors < FAISS_POINTS_PER_CENTROID * nlist:
+        nlist //= 2
+    return nlist
+
+
 def auto_spec(n_vectors: int, dim: int, *, memory_budget_bytes: int | None = None) -> IndexSpec:
     """Picks an index type from corpus size and memory budget (after autofaiss).
 
@@ -639,9 +657,7 @@ def auto_spec(n_vectors: int, dim: int, *, memory_budget_bytes: int | None = Non
     if n_vectors <= FLAT_MAX_VECTORS and fits("Flat"):
         return validate_factory("Flat", dim)
 
-    nlist = 1 << max(0, round(math.log2(4 * math.sqrt(n_vectors))))
-    while nlist > 1 and n_vectors < FAISS_POINTS_PER_CENTROID * nlist:
-        nlist //= 2
+    nlist = auto_nlist(n_vectors)
     ivf = f"IVF{nlist}" + ("_HNSW32" if nlist >= _AUTO_HNSW_QUANTIZER_MIN_NLIST else "")
 
     if fits(f"{ivf},Flat"):

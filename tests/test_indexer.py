@@ -158,6 +158,31 @@ def test_build_keeps_no_record_id_set_in_memory(
     assert kinds == [True]  # validation's, on disk; none for the re-reads
 
 
+def test_large_flat_index_warns_that_every_query_scans_it(
+    tmp_path: Path,
+    ecoli_fasta: Path,
+    tiny_embedder: Embedder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from esmsearch import vector_index
+
+    n = sum(1 for _ in read_fasta(ecoli_fasta))
+    flat_bytes = 4 * tiny_embedder.dim * n
+    monkeypatch.setattr(vector_index, "FLAT_SCAN_WARN_BYTES", flat_bytes - 1)
+    with caplog.at_level("WARNING", logger="esmsearch.indexer.build"):
+        build_index(ecoli_fasta, tmp_path / "flat", model="unused", embedder=tiny_embedder)
+    warned = [r.getMessage() for r in caplog.records if "every query scans" in r.getMessage()]
+    assert len(warned) == 1
+    assert f"{n} x {tiny_embedder.dim} float32" in warned[0]
+    assert f"IVF{vector_index.auto_nlist(n)},Flat" in warned[0]
+    caplog.clear()
+    monkeypatch.setattr(vector_index, "FLAT_SCAN_WARN_BYTES", flat_bytes)  # at the limit: no warning
+    with caplog.at_level("WARNING", logger="esmsearch.indexer.build"):
+        build_index(ecoli_fasta, tmp_path / "flat2", model="unused", embedder=tiny_embedder)
+    assert not [r for r in caplog.records if "every query scans" in r.getMessage()]
+
+
 def test_empty_fasta_rejected(tmp_path: Path, tiny_embedder: Embedder) -> None:
     empty = tmp_path / "empty.fasta"
     empty.write_text("")

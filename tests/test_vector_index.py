@@ -501,3 +501,13 @@ def test_auto_spec_choice_builds_and_searches() -> None:
     index = vi.build(x, spec)
     _, rows = vi.search(index, x[:100], 10)
     assert np.mean((rows == np.arange(100)[:, None]).any(axis=1)) >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("n", "nlist"),
+    [(1, 1), (9_984, 256), (10_000, 256), (100_000, 1024), (1_000_000, 4096), (2_000_000, 4096), (60_000_000, 32768)],
+)
+def test_auto_nlist_is_about_4_sqrt_n_with_39_points_per_list(n: int, nlist: int) -> None:
+    got = vi.auto_nlist(n)
+    assert got == nlist
+    assert got == 1 or n >= vi.FAISS_POINTS_PER_CENTROID * got
